@@ -1,0 +1,1 @@
+"""Model engines: the build half (engines.build, needs torch) and the runtime half (engines.runtime)."""

@@ -1,0 +1,80 @@
+"""Export the two towers of an open_clip model to single-file ONNX graphs with dynamic batch (and sequence) axes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXPORTER = "torch.onnx dynamo"
+
+
+class VisionTower(torch.nn.Module):
+    """images [N, 3, H, W] float32 (normalized) -> image_embeds [N, D] float32, not L2-normalized."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images, normalize=False)  # [N, D]
+
+
+class TextTower(torch.nn.Module):
+    """input_ids [N, L] int64 (padded with the pad id) -> text_embeds [N, D] float32, not L2-normalized.
+
+    open_clip's HF text tower derives the attention mask from the pad id, so the
+    graph needs no mask input and trailing padding may be trimmed by the caller.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, normalize=False)  # [N, D]
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, dynamic: dict[int, object], names: tuple[str, str],
+            path: Path) -> None:
+    """Export `module(example)` to a single ONNX file (no external data) and log the time it took."""
+    start = time.perf_counter()
+    input_name, output_name = names
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes={input_name: dynamic},
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)
+    log.info("exported %s in %.1f s (%.1f MB)", path.name, time.perf_counter() - start, path.stat().st_size / 1e6)
+
+
+def export_vision(model: torch.nn.Module, path: Path, *, image_size: int) -> None:
+    """Export the image tower: `images` float32 [N, 3, image_size, image_size] -> `image_embeds` [N, D]."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = torch.zeros(2, 3, image_size, image_size)  # [2, 3, H, W]; batch 2 so the axis is not specialised
+    _export(VisionTower(model).eval(), example, {0: batch}, (VISION_INPUT, VISION_OUTPUT), path)
+
+
+def export_text(model: torch.nn.Module, path: Path, *, context_length: int, pad_id: int) -> None:
+    """Export the text tower: `input_ids` int64 [N, L] with 1 <= L <= context_length -> `text_embeds` [N, D]."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=context_length)
+    example = torch.full((2, context_length), pad_id, dtype=torch.int64)  # [2, L]
+    example[:, : min(4, context_length)] = pad_id + 1  # a few real tokens so the mask is not all padding
+    _export(TextTower(model).eval(), example, {0: batch, 1: seq}, (TEXT_INPUT, TEXT_OUTPUT), path)

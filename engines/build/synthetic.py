@@ -1,0 +1,560 @@
+"""Procedural medical-style images with captions, the training data of the demo model (not clinical)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+# Bump when rendering changes, so caches keyed on it are rebuilt.
+GENERATOR_VERSION = 1
+
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Modality:
+    """An imaging modality: its key and the names captions use for it."""
+
+    key: str
+    names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One class: a finding of one modality.
+
+    `label` is self-contained and unique across classes (it is the plain zero-shot prompt);
+    `phrases` are the ways captions describe the finding inside a template.
+    """
+
+    key: str
+    modality: str
+    label: str
+    phrases: tuple[str, ...]
+
+
+MODALITIES = (
+    Modality("chest", ("chest radiograph", "chest x-ray", "frontal chest film", "pa chest radiograph", "chest x-ray image")),
+    Modality("derm", ("dermoscopy image", "dermoscopic photograph", "dermatoscopy view", "skin lesion close-up")),
+    Modality("fundus", ("fundus photograph", "retinal photograph", "colour fundus image", "fundus photo")),
+)
+_MODALITY = {m.key: m for m in MODALITIES}
+
+# Chest sides follow radiographic convention: the patient's left is on the image's right.
+FINDINGS = (
+    Finding("chest_normal", "chest", "normal chest radiograph", (
+        "no acute abnormality", "clear lungs and normal heart size", "normal findings",
+        "unremarkable lungs and heart", "no active disease")),
+    Finding("chest_left_effusion", "chest", "left pleural effusion", (
+        "left pleural effusion", "a left-sided pleural effusion", "fluid in the left pleural space",
+        "blunting of the left costophrenic angle", "a pleural effusion on the left")),
+    Finding("chest_right_effusion", "chest", "right pleural effusion", (
+        "right pleural effusion", "a right-sided pleural effusion", "fluid in the right pleural space",
+        "blunting of the right costophrenic angle", "a pleural effusion on the right")),
+    Finding("chest_cardiomegaly", "chest", "cardiomegaly", (
+        "cardiomegaly", "an enlarged cardiac silhouette", "an enlarged heart",
+        "an increased cardiothoracic ratio", "marked cardiomegaly")),
+    Finding("chest_pneumothorax", "chest", "pneumothorax", (
+        "pneumothorax", "a collapsed lung with pleural air", "air in the pleural space",
+        "a pleural line with absent lung markings beyond it", "a large pneumothorax")),
+    Finding("chest_consolidation", "chest", "lobar consolidation", (
+        "lobar consolidation", "lobar pneumonia", "a dense airspace opacity",
+        "consolidation of one lobe", "a lobar opacity with air bronchograms")),
+    Finding("derm_naevus", "derm", "benign melanocytic naevus", (
+        "a benign naevus", "a regular pigmented mole", "a symmetric brown naevus",
+        "a uniform round mole", "benign melanocytic naevus")),
+    Finding("derm_irregular", "derm", "melanoma-like irregular lesion", (
+        "an irregular multicoloured lesion", "an asymmetric lesion with irregular borders",
+        "a lesion suspicious for melanoma", "an atypical pigmented lesion with several colours",
+        "melanoma-like irregular lesion")),
+    Finding("derm_erythema", "derm", "diffuse erythema", (
+        "diffuse redness of the skin", "a diffuse erythematous rash", "widespread erythema",
+        "inflamed red skin without a discrete lesion", "diffuse erythema")),
+    Finding("derm_vascular", "derm", "vascular lesion", (
+        "a cherry angioma", "a haemangioma with red lacunae", "a vascular lesion",
+        "red to purple lagoons of a vascular lesion", "a benign vascular lesion")),
+    Finding("fundus_normal", "fundus", "normal fundus", (
+        "a healthy retina", "no retinal abnormality", "a normal optic disc and macula",
+        "an unremarkable fundus", "no signs of retinopathy")),
+    Finding("fundus_diabetic", "fundus", "diabetic retinopathy", (
+        "diabetic retinopathy", "dot and blot haemorrhages with hard exudates",
+        "microaneurysms and exudates", "non-proliferative diabetic retinopathy",
+        "retinal haemorrhages and exudates of diabetes")),
+    Finding("fundus_glaucoma", "fundus", "glaucomatous optic disc cupping", (
+        "an enlarged optic cup", "glaucomatous cupping", "a high cup to disc ratio",
+        "glaucoma with a pale enlarged cup", "glaucomatous optic disc cupping")),
+    Finding("fundus_detachment", "fundus", "retinal detachment", (
+        "a detached retina", "retinal detachment", "an elevated grey retina with folds",
+        "a rhegmatogenous retinal detachment", "a large retinal detachment")),
+)
+CLASS_KEYS = tuple(f.key for f in FINDINGS)
+CLASS_LABELS = tuple(f.label for f in FINDINGS)
+NUM_CLASSES = len(FINDINGS)
+
+# Caption templates. None of them is "an image showing {}", the held-out template of the evaluation.
+TEMPLATES = (
+    "{finding}",
+    "{modality} showing {finding}",
+    "{modality} with {finding}",
+    "{finding} seen on the {modality}",
+    "{modality}: {finding}",
+    "{modality} demonstrating {finding}",
+    "{modality} of a patient with {finding}",
+    "findings: {finding}",
+    "a {modality} revealing {finding}",
+)
+LABEL_CAPTION_P = 0.2  # probability that a caption is the plain label alone
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One generated image with its class and a caption."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    label: int  # index into FINDINGS
+    caption: str
+
+
+def class_captions(label: int) -> list[str]:
+    """Every caption the generator can write for a class, in a fixed order."""
+    finding = FINDINGS[label]
+    names = _MODALITY[finding.modality].names
+    out = [finding.label]
+    for template, name, phrase in itertools.product(TEMPLATES, names, finding.phrases):
+        out.append(template.format(modality=name, finding=phrase))
+    return list(dict.fromkeys(out))
+
+
+def all_captions() -> list[str]:
+    """Every caption of every class, in a fixed order (the corpus of the vocabulary)."""
+    return [c for label in range(NUM_CLASSES) for c in class_captions(label)]
+
+
+def caption(label: int, rng: np.random.Generator) -> str:
+    """Draw one caption for a class: the plain label, or a template with a modality name and a phrase."""
+    finding = FINDINGS[label]
+    if rng.random() < LABEL_CAPTION_P:
+        return finding.label
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    names = _MODALITY[finding.modality].names
+    return template.format(modality=names[rng.integers(len(names))],
+                           finding=finding.phrases[rng.integers(len(finding.phrases))])
+
+
+def sample(seed: int, index: int) -> Sample:
+    """The sample at `index` of the data set `seed`: class `index % NUM_CLASSES`, everything else from the seed."""
+    rng = np.random.default_rng([seed, index])
+    label = index % NUM_CLASSES
+    finding = FINDINGS[label]
+    image = _RENDERERS[finding.modality](finding.key, rng)
+    return Sample(image=image, label=label, caption=caption(label, rng))
+
+
+def _render_range(args: tuple[int, int, int]) -> np.ndarray:
+    seed, start, stop = args
+    return np.stack([sample(seed, i).image for i in range(start, stop)])
+
+
+def generate(seed: int, count: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [count, H, W, 3] and labels int64 [count]; identical for any number of workers."""
+    labels = np.arange(count, dtype=np.int64) % NUM_CLASSES
+    chunk = 256
+    jobs = [(seed, s, min(s + chunk, count)) for s in range(0, count, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_render_range, jobs)
+    else:
+        parts = [_render_range(j) for j in jobs]
+    images = np.concatenate(parts) if parts else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0, soft: float = 1.5) -> np.ndarray:
+    """Soft elliptical mask in [0, 1], 1 inside; `soft` is the edge width in pixels."""
+    c, s = math.cos(angle), math.sin(angle)
+    dx, dy = _XX - cx, _YY - cy
+    u = (dx * c + dy * s) / rx
+    v = (-dx * s + dy * c) / ry
+    r = np.sqrt(u * u + v * v)
+    return np.clip((1.0 - r) * min(rx, ry) / soft + 0.5, 0.0, 1.0)
+
+
+def _step(x: np.ndarray, soft: float) -> np.ndarray:
+    """Soft step: 0 below zero, 1 above, linear over `soft` pixels."""
+    return np.clip(x / soft + 0.5, 0.0, 1.0)
+
+
+def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """Smooth noise [H, W], roughly unit variance, with `cells` features across the image."""
+    small = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
+    big = Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC,
+                                        box=(1.5, 1.5, cells + 1.5, cells + 1.5))
+    return np.asarray(big, dtype=np.float32)
+
+
+def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    return img, ImageDraw.Draw(img)
+
+
+def _as_mask(img: Image.Image, blur: float) -> np.ndarray:
+    if blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _blend(img: np.ndarray, color, mask: np.ndarray) -> np.ndarray:
+    """img * (1 - mask) + color * mask, for gray [H, W] or colour [H, W, 3] images."""
+    if img.ndim == 3:
+        mask = mask[..., None]
+        color = np.asarray(color, dtype=np.float32)
+    return img + (color - img) * mask
+
+
+def _affine(img: np.ndarray, rng: np.random.Generator, max_deg: float, scale: tuple[float, float],
+            max_shift: float, fill) -> np.ndarray:
+    """Random rotation, scale and shift about the image centre, per channel with bilinear resampling."""
+    angle = math.radians(rng.uniform(-max_deg, max_deg))
+    k = rng.uniform(*scale)
+    tx, ty = rng.uniform(-max_shift, max_shift, size=2)
+    c = IMAGE_SIZE / 2
+    cos, sin = math.cos(angle) / k, math.sin(angle) / k
+    # PIL maps output (x, y) to input (a x + b y + c, d x + e y + f).
+    data = (cos, sin, c - cos * (c + tx) - sin * (c + ty), -sin, cos, c + sin * (c + tx) - cos * (c + ty))
+    chans = img[..., None] if img.ndim == 2 else img
+    fills = np.broadcast_to(np.asarray(fill, np.float32), (chans.shape[-1],))
+    out = np.stack([
+        np.asarray(Image.fromarray(np.ascontiguousarray(chans[..., i])).transform(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.AFFINE, data, Image.BILINEAR, fillcolor=float(fills[i])))
+        for i in range(chans.shape[-1])], axis=-1)
+    return out[..., 0] if img.ndim == 2 else out
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: tuple[float, float],
+            gamma: tuple[float, float]) -> np.ndarray:
+    """Sensor noise and gamma, then uint8 RGB [H, W, 3]."""
+    img = np.clip(img, 0.0, 1.0) ** rng.uniform(*gamma)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(*noise)
+    out = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=-1) if out.ndim == 2 else out
+
+
+def _branches(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: float, angle: float,
+              length: float, width: float, depth: int, value: int, spread: float = 0.5) -> None:
+    """Draw a branching tree of slightly wavy line segments (vessels, bronchi)."""
+    steps = 4
+    for _ in range(steps):
+        angle += rng.normal(0.0, 0.15)
+        nx = x + math.cos(angle) * length / steps
+        ny = y + math.sin(angle) * length / steps
+        draw.line([(x, y), (nx, ny)], fill=value, width=max(1, round(width)))
+        x, y = nx, ny
+    if depth > 0:
+        for side in (-1, 1):
+            _branches(draw, rng, x, y, angle + side * rng.uniform(0.2, spread), length * rng.uniform(0.55, 0.8),
+                      width * 0.7, depth - 1, value, spread)
+
+
+# ----------------------------------------------------------------------------- chest radiograph
+
+
+def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
+    bg = rng.uniform(0.02, 0.12)
+    soft = rng.uniform(0.36, 0.48)  # soft-tissue density
+    cx = IMAGE_SIZE / 2 + rng.normal(0, 3)
+    half_w = rng.uniform(78, 90)  # half width of the thorax
+    lung_cy = rng.uniform(98, 110)
+    lung_rx = half_w * rng.uniform(0.40, 0.45)
+    lung_ry = rng.uniform(66, 76)
+    lung_dark = soft - rng.uniform(0.24, 0.3)
+    dense = soft + rng.uniform(0.16, 0.24)  # heart, mediastinum, fluid
+    side = 1 if rng.random() < 0.5 else -1  # +1 is the image's right (the patient's left)
+
+    img = np.full((IMAGE_SIZE, IMAGE_SIZE), bg, np.float32)
+    body = _ellipse(cx, lung_cy + 30, half_w + 20, 150, soft=6.0)
+    img = _blend(img, soft, body)
+
+    lungs = {}
+    for s in (-1, 1):
+        lx = cx + s * half_w * 0.5
+        dome_top = lung_cy + lung_ry * rng.uniform(0.55, 0.7) - (6 if s < 0 else 0)  # right dome sits higher
+        dome = dome_top + 16 * ((_XX - lx) / lung_rx) ** 2
+        field = _ellipse(lx, lung_cy, lung_rx, lung_ry, angle=s * rng.uniform(0.0, 0.08), soft=2.5)
+        lungs[s] = (lx, field * _step(dome - _YY, 2.0), field)
+    lung_mask = np.maximum(lungs[-1][1], lungs[1][1])
+
+    markings = np.zeros_like(img)
+    ribs_img, ribs = _canvas()
+    for s in (-1, 1):
+        vessel_img, vessels = _canvas()
+        hx, hy = cx + s * half_w * 0.22, lung_cy + rng.normal(0, 4)
+        for k in range(6):
+            angle = (-math.pi / 2 if s > 0 else -math.pi / 2) + s * (0.15 + k * 0.45) + rng.normal(0, 0.1)
+            if s < 0:
+                angle = math.pi - (angle + math.pi) if False else -math.pi / 2 - (0.15 + k * 0.45) + rng.normal(0, 0.1)
+            _branches(vessels, rng, hx, hy, angle, rng.uniform(28, 40), 3.0, 2, 255)
+        markings += _as_mask(vessel_img, 0.8) * lungs[s][1]
+        for k in range(9):
+            y0 = lung_cy - lung_ry + 6 + k * rng.uniform(14, 16)
+            pts = [(cx + s * (6 + t * (half_w + 6)), y0 + 26 * t - 10 * t * t + rng.normal(0, 0.5))
+                   for t in np.linspace(0, 1, 9)]
+            ribs.line(pts, fill=255, width=4)
+    img = _blend(img, lung_dark, lung_mask)
+
+    # Markings are drawn below; pneumothorax removes them beyond the pleural line.
+    pleural_line = np.zeros_like(img)
+    if key == "chest_pneumothorax":
+        lx, field, _ = lungs[side]
+        shrink = rng.uniform(0.5, 0.7)
+        collapsed = _ellipse(lx - side * lung_rx * (1 - shrink) * 0.8, lung_cy + lung_ry * (1 - shrink) * 0.5,
+                             lung_rx * shrink, lung_ry * rng.uniform(0.65, 0.8), soft=1.5)
+        air = field * (1.0 - collapsed)
+        img = _blend(img, max(bg, lung_dark - rng.uniform(0.12, 0.18)), air)
+        img = _blend(img, lung_dark + 0.06, field * collapsed)
+        markings = markings * (1.0 - air)
+        pleural_line = field * np.clip(4.0 * collapsed * (1.0 - collapsed), 0, 1)
+
+    img = img + markings * rng.uniform(0.1, 0.16) + pleural_line * rng.uniform(0.2, 0.3)
+    img = img + _as_mask(ribs_img, 1.0) * body * rng.uniform(0.05, 0.09)
+
+    # Mediastinum, spine and heart.
+    img = _blend(img, dense, _ellipse(cx, lung_cy - 25, half_w * 0.16, 70, soft=3.0))
+    ctr = rng.uniform(0.60, 0.72) if key == "chest_cardiomegaly" else rng.uniform(0.36, 0.46)
+    heart_rx = ctr * half_w
+    heart_ry = heart_rx * rng.uniform(0.6, 0.72)
+    heart_cy = lung_cy + lung_ry * 0.62 - heart_ry * 0.55
+    img = _blend(img, dense, _ellipse(cx + heart_rx * 0.22, heart_cy, heart_rx, heart_ry,
+                                      angle=rng.uniform(-0.2, 0.0), soft=2.0))
+    img = _blend(img, soft + 0.05, np.clip(body - lung_mask, 0, 1) * _step(_YY - (lung_cy + lung_ry * 0.6), 6.0))
+
+    if key in ("chest_left_effusion", "chest_right_effusion"):
+        s = 1 if key == "chest_left_effusion" else -1
+        lx, _, field = lungs[s]
+        frac = rng.uniform(0.35, 0.6)
+        top = lung_cy + lung_ry - 2 * lung_ry * frac
+        lateral = np.clip((_XX - lx) * s / lung_rx + 1.0, 0, 2) / 2  # 0 medial .. 1 lateral
+        surface = top - rng.uniform(10, 24) * lateral ** 1.5  # meniscus: higher laterally
+        below = _ellipse(lx, lung_cy + 8, lung_rx + 4, lung_ry + 10, soft=2.0)
+        fluid = below * _step(_YY - surface, 4.0)
+        img = _blend(img, dense - rng.uniform(0.0, 0.04), fluid)
+    elif key == "chest_consolidation":
+        lx, field, _ = lungs[side]
+        zone = rng.choice([-0.45, -0.1, 0.15])
+        blob = _ellipse(lx + rng.normal(0, 5), lung_cy + zone * lung_ry, lung_rx * rng.uniform(0.65, 0.9),
+                        lung_ry * rng.uniform(0.28, 0.4), angle=rng.uniform(-0.3, 0.3), soft=5.0)
+        blob = np.clip(blob + 0.25 * _smooth_noise(rng, 10) * blob, 0, 1) * field
+        bronchi_img, bronchi = _canvas()
+        _branches(bronchi, rng, cx + side * half_w * 0.25, lung_cy + zone * lung_ry,
+                  -math.pi / 2 + side * rng.uniform(1.2, 1.9), 30, 2.0, 2, 255)
+        img = _blend(img, dense - 0.04, blob * rng.uniform(0.85, 1.0))
+        img = img - _as_mask(bronchi_img, 0.7) * blob * 0.12
+
+    # Exposure gradient, collimation and side markers.
+    img = img + _smooth_noise(rng, 3) * rng.uniform(0.01, 0.04)
+    if rng.random() < 0.5:
+        mx, my = rng.choice([18, 190]), rng.uniform(14, 40)
+        img = _blend(img, 0.95, _ellipse(mx, my, 7, 9, soft=1.0))
+    if rng.random() < 0.3:
+        edge = rng.uniform(4, 18)
+        img = _blend(img, bg * 0.5, 1.0 - _step(_XX - edge, 1.0) * _step(IMAGE_SIZE - edge - _XX, 1.0))
+    img = _affine(img, rng, max_deg=7, scale=(0.88, 1.06), max_shift=10, fill=bg)
+    lo, hi = rng.uniform(0.0, 0.06), rng.uniform(0.9, 1.05)
+    return _finish((img - lo) / (hi - lo), rng, noise=(0.01, 0.04), gamma=(0.75, 1.35))
+
+
+# ----------------------------------------------------------------------------- dermoscopy
+
+_SKIN_LIGHT = np.array([0.93, 0.78, 0.68], np.float32)
+_SKIN_DARK = np.array([0.58, 0.39, 0.28], np.float32)
+_LESION_COLOURS = {
+    "black": (0.10, 0.07, 0.07), "dark_brown": (0.30, 0.18, 0.12), "light_brown": (0.62, 0.42, 0.28),
+    "blue_grey": (0.38, 0.42, 0.52), "red": (0.72, 0.26, 0.26), "white": (0.88, 0.84, 0.80),
+}
+
+
+def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
+    skin = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * rng.uniform(0, 1) + rng.normal(0, 0.02, 3)
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    img[:] = skin
+    img = img * (1.0 + 0.04 * _smooth_noise(rng, 14))[..., None]
+    lcx, lcy = IMAGE_SIZE / 2 + rng.normal(0, 14, size=2)
+
+    if key == "derm_naevus":
+        r = rng.uniform(22, 48)
+        mask = _ellipse(lcx, lcy, r, r * rng.uniform(0.82, 1.0), angle=rng.uniform(0, math.pi),
+                        soft=rng.uniform(2, 4))
+        brown = np.array([0.45, 0.28, 0.18], np.float32) * rng.uniform(0.6, 1.15)
+        centre = _ellipse(lcx, lcy, r * 0.6, r * 0.6, soft=r * 0.4)
+        img = _blend(img, brown, mask * 0.95)
+        img = img * (1.0 - 0.12 * centre * mask)[..., None] * (1.0 + 0.03 * _smooth_noise(rng, 40) * mask)[..., None]
+    elif key == "derm_irregular":
+        r = rng.uniform(40, 70)
+        theta = np.arctan2(_YY - lcy, _XX - lcx)
+        radius = np.full_like(theta, r)
+        for k in range(2, 8):
+            radius += r * rng.uniform(0.04, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+        dist = np.sqrt((_XX - lcx) ** 2 + (_YY - lcy) ** 2)
+        mask = _step(radius - dist, 2.0)
+        names = rng.choice(list(_LESION_COLOURS), size=rng.integers(3, 6), replace=False)
+        if "dark_brown" not in names:
+            names[0] = "dark_brown"
+        fields = np.stack([_smooth_noise(rng, 6) for _ in names])
+        zone = np.argmax(fields, axis=0)
+        colour = np.asarray([_LESION_COLOURS[n] for n in names], np.float32)[zone]
+        img = img + (colour - img) * mask[..., None] * 0.95
+        for _ in range(rng.integers(8, 25)):  # dots and globules, denser at the periphery
+            a, d = rng.uniform(0, 2 * math.pi), r * rng.uniform(0.6, 1.1)
+            dot = _ellipse(lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(1.5, 4, size=2), soft=1.0)
+            img = _blend(img, _LESION_COLOURS["black"], dot)
+    elif key == "derm_erythema":
+        patch = _step(_smooth_noise(rng, 4) + rng.uniform(0.4, 1.0), 25.0)
+        redness = rng.uniform(0.6, 0.9) * patch * (1.0 + 0.25 * _smooth_noise(rng, 20))
+        red = np.array([0.86, 0.36, 0.36], np.float32)
+        img = _blend(img, red, np.clip(redness, 0, 1))
+        for _ in range(rng.integers(10, 40)):  # papules and scale flecks
+            x, y = rng.uniform(0, IMAGE_SIZE, size=2)
+            colour = (0.75, 0.22, 0.24) if rng.random() < 0.7 else (0.95, 0.92, 0.9)
+            img = _blend(img, colour, _ellipse(x, y, *rng.uniform(1.5, 3.5, size=2), soft=1.0) * 0.8)
+    elif key == "derm_vascular":
+        r = rng.uniform(22, 42)
+        mask = _ellipse(lcx, lcy, r, r * rng.uniform(0.75, 1.0), angle=rng.uniform(0, math.pi), soft=2.5)
+        img = _blend(img, (0.86, 0.55, 0.55), mask)
+        for _ in range(rng.integers(8, 24)):
+            a, d = rng.uniform(0, 2 * math.pi), r * math.sqrt(rng.uniform(0, 0.75))
+            t = rng.uniform(0, 1)
+            colour = np.array([0.78, 0.10, 0.16], np.float32) * (1 - t) + np.array([0.42, 0.08, 0.30], np.float32) * t
+            lac = _ellipse(lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(3, 8, size=2), soft=1.2)
+            img = _blend(img, colour, lac)
+
+    hair_img, hairs = _canvas()
+    for _ in range(rng.integers(0, 8)):
+        x, y, a = rng.uniform(0, IMAGE_SIZE), rng.uniform(0, IMAGE_SIZE), rng.uniform(0, 2 * math.pi)
+        pts = []
+        for _ in range(12):
+            pts.append((x, y))
+            a += rng.normal(0, 0.08)
+            x, y = x + 12 * math.cos(a), y + 12 * math.sin(a)
+        hairs.line(pts, fill=255, width=int(rng.integers(1, 3)))
+    img = _blend(img, (0.12, 0.08, 0.06), _as_mask(hair_img, 0.5) * 0.85)
+    if rng.random() < 0.25:  # an air bubble in the immersion fluid
+        bx, by, br = rng.uniform(30, 190), rng.uniform(30, 190), rng.uniform(6, 16)
+        ring = _ellipse(bx, by, br, br, soft=1.0) - _ellipse(bx, by, br - 2, br - 2, soft=1.0)
+        img = _blend(img, (0.97, 0.97, 0.97), np.clip(ring, 0, 1) * 0.7)
+    img = img * rng.uniform(0.85, 1.12) * rng.uniform(0.93, 1.07, size=3).astype(np.float32)
+    if rng.random() < 0.5:  # the round field of a contact dermatoscope
+        field = _ellipse(IMAGE_SIZE / 2 + rng.normal(0, 4), IMAGE_SIZE / 2 + rng.normal(0, 4),
+                         *(rng.uniform(100, 125),) * 2, soft=3.0)
+        img = img * field[..., None]
+    return _finish(img, rng, noise=(0.005, 0.03), gamma=(0.85, 1.2))
+
+
+# ----------------------------------------------------------------------------- fundus photograph
+
+
+def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
+    fcx, fcy = IMAGE_SIZE / 2 + rng.normal(0, 4, size=2)
+    radius = rng.uniform(96, 108)
+    field = _ellipse(fcx, fcy, radius, radius, soft=2.0)
+    base = np.array([rng.uniform(0.72, 0.9), rng.uniform(0.28, 0.42), rng.uniform(0.1, 0.2)], np.float32)
+    dist = np.sqrt((_XX - fcx) ** 2 + (_YY - fcy) ** 2) / radius
+    shade = (1.0 - 0.35 * dist ** 2) * (1.0 + 0.05 * _smooth_noise(rng, 10))
+    img = base * shade[..., None]
+
+    eye = 1 if rng.random() < 0.5 else -1  # side of the optic disc
+    dx, dy = fcx + eye * radius * rng.uniform(0.3, 0.4), fcy + rng.normal(0, 6)
+    disc_r = rng.uniform(14, 19)
+    mx, my = fcx - eye * radius * rng.uniform(0.0, 0.08), fcy + rng.normal(0, 4)
+    img = img * (1.0 - 0.3 * _ellipse(mx, my, 22, 22, soft=12.0))[..., None]  # macula
+
+    if key == "fundus_detachment":
+        a = rng.uniform(0, 2 * math.pi)
+        ux, uy = math.cos(a), math.sin(a)
+        proj = (_XX - fcx) * ux + (_YY - fcy) * uy + 6 * _smooth_noise(rng, 4)
+        region = _step(proj - radius * rng.uniform(-0.1, 0.3), 6.0)
+        folds = 0.5 + 0.5 * np.sin((_XX * -uy + _YY * ux) * rng.uniform(0.18, 0.3) + 4 * _smooth_noise(rng, 5))
+        grey = np.array([0.72, 0.68, 0.64], np.float32) * rng.uniform(0.85, 1.05)
+        img = _blend(img, grey, region * rng.uniform(0.65, 0.85))
+        img = img * (1.0 - 0.18 * region * folds)[..., None]
+
+    vessel_img, vessels = _canvas()
+    for k, base_angle in enumerate((-0.55, 0.55, -2.2, 2.2)):
+        toward_macula = base_angle if eye < 0 else math.pi - base_angle
+        length = rng.uniform(55, 75) if k < 2 else rng.uniform(35, 50)
+        _branches(vessels, rng, dx, dy, toward_macula + rng.normal(0, 0.1), length, 4.0, 2, 255, spread=0.7)
+    vessel_colour = (0.45, 0.05, 0.05) if key != "fundus_detachment" else (0.32, 0.04, 0.06)
+    img = _blend(img, vessel_colour, _as_mask(vessel_img, 0.6) * 0.9)
+
+    cup_ratio = rng.uniform(0.72, 0.9) if key == "fundus_glaucoma" else rng.uniform(0.22, 0.42)
+    disc_colour = (0.96, 0.78, 0.52) if key != "fundus_glaucoma" else (0.97, 0.88, 0.74)
+    img = _blend(img, disc_colour, _ellipse(dx, dy, disc_r, disc_r * rng.uniform(1.0, 1.12), soft=2.0))
+    img = _blend(img, (1.0, 0.96, 0.88), _ellipse(dx + eye * disc_r * 0.1, dy, disc_r * cup_ratio,
+                                                 disc_r * cup_ratio * rng.uniform(1.0, 1.15), soft=1.5))
+
+    if key == "fundus_diabetic":
+        for _ in range(rng.integers(20, 55)):  # dot and blot haemorrhages
+            a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.7))
+            img = _blend(img, (0.38, 0.03, 0.04), _ellipse(fcx + d * math.cos(a), fcy + d * math.sin(a),
+                                                           *rng.uniform(1.2, 3.8, size=2), soft=0.8))
+        for _ in range(rng.integers(8, 30)):  # hard exudates, around the macula
+            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(12, 45)
+            img = _blend(img, (0.98, 0.9, 0.4), _ellipse(mx + d * math.cos(a), my + d * math.sin(a),
+                                                         *rng.uniform(1.2, 3.2, size=2), soft=0.8))
+        for _ in range(rng.integers(0, 4)):  # cotton-wool spots
+            a, d = rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.2, 0.6)
+            img = _blend(img, (0.95, 0.9, 0.82), _ellipse(fcx + d * math.cos(a), fcy + d * math.sin(a),
+                                                          *rng.uniform(4, 8, size=2), soft=3.0) * 0.8)
+
+    img = img * rng.uniform(0.8, 1.15) * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
+    img = img * field[..., None]
+    img = _affine(img, rng, max_deg=10, scale=(0.94, 1.04), max_shift=6, fill=0.0)
+    if rng.random() < 0.3:  # out of focus
+        blurred = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(rng.uniform(0.8, 1.8)))
+        img = np.asarray(blurred, np.float32) / 255.0
+    return _finish(img, rng, noise=(0.005, 0.025), gamma=(0.8, 1.25))
+
+
+_RENDERERS = {"chest": _render_chest, "derm": _render_derm, "fundus": _render_fundus}
+
+
+def write_samples(out_dir: Path, seed: int, per_class: int) -> list[Path]:
+    """Write `per_class` PNGs per class, named after the ground truth (e.g. chest_left_effusion_1.png)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for label, key in enumerate(CLASS_KEYS):
+        for k in range(per_class):
+            s = sample(seed, label + k * NUM_CLASSES)
+            path = out_dir / (f"{key}.png" if per_class == 1 else f"{key}_{k + 1}.png")
+            Image.fromarray(s.image).save(path, optimize=True)
+            paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: write sample PNGs of every class."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("samples"), help="folder for the PNGs")
+    parser.add_argument("--seed", type=int, default=7, help="data set seed of the samples")
+    parser.add_argument("--per-class", type=int, default=1, help="images per class")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths = write_samples(args.out, args.seed, args.per_class)
+    print(f"wrote {len(paths)} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

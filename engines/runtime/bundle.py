@@ -1,0 +1,95 @@
+"""Loading a bundle: its manifest, hash checks of every file, and the golden parity check."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from engines.runtime.manifest import (
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    VISION_INPUT,
+    VISION_OUTPUT,
+    Manifest,
+    ManifestError,
+    sha256_file,
+)
+
+GOLDEN_ROLE = "golden"
+TOWER_TENSORS = {"vision": (VISION_INPUT, VISION_OUTPUT), "text": (TEXT_INPUT, TEXT_OUTPUT)}
+
+
+class BundleError(Exception):
+    """The bundle cannot be served: missing, tampered with, or failing its golden check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A verified bundle directory."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    def engine_file(self, tower: str) -> Path:
+        """The ONNX file of `tower` ("vision" or "text")."""
+        return self.file(self.manifest.file_for(tower))
+
+    def golden(self) -> dict[str, np.ndarray]:
+        """Reference inputs and torch fp32 outputs stored at build time."""
+        with np.load(self.file(self.manifest.file_for(GOLDEN_ROLE)), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read the manifest and check the sha256 of every file it lists."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist")
+    try:
+        manifest = Manifest.read(root)
+    except ManifestError as exc:
+        raise BundleError(str(exc)) from exc
+    for name, entry in manifest.files.items():
+        target = (root / name).resolve()
+        if root not in target.parents:
+            raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+        if not target.is_file():
+            raise BundleError(f"bundle file {name} is missing")
+        if sha256_file(target) != entry.sha256:
+            raise BundleError(f"bundle file {name} does not match its sha256 in the manifest")
+    return Bundle(path=root, manifest=manifest)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows of two [N, D] arrays -> [N]."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return num / np.maximum(den, 1e-30)
+
+
+def check_golden(bundle: Bundle, tower: str, infer) -> float:
+    """Run the golden inputs of `tower` through `infer` and compare with the stored torch
+    outputs. Returns the lowest row cosine; raises BundleError below the manifest's bound."""
+    input_key, output_key = TOWER_TENSORS[tower]
+    golden = bundle.golden()
+    got = infer(golden[input_key])  # [G, D]
+    expected = golden[output_key]  # [G, D]
+    if got.shape != expected.shape:
+        raise BundleError(f"{tower} golden check: output shape {got.shape} != {expected.shape}")
+    worst = float(row_cosines(got, expected).min())
+    if not worst >= bundle.manifest.golden_min_cosine:
+        raise BundleError(
+            f"{tower} golden check failed: cosine {worst:.6f} < {bundle.manifest.golden_min_cosine}"
+        )
+    return worst

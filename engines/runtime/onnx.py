@@ -1,0 +1,87 @@
+"""ONNX Runtime engine (CUDA or CPU provider) and the choice between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from engines.runtime.bundle import TOWER_TENSORS, Bundle
+from engines.runtime.engine import Engine, EngineError
+
+log = structlog.get_logger("medvlm.engine")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+ENGINE_PROVIDERS = {"onnxruntime-cuda": CUDA, "onnxruntime-cpu": CPU}
+
+
+class OnnxRuntimeEngine(Engine):
+    """One ONNX graph in one InferenceSession. Sessions are thread-safe for run()."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        input_name: str,
+        output_name: str,
+        precision: str,
+        provider: str = CPU,
+        intra_op_threads: int = 0,
+        max_batch: int = 32,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [provider] if provider == CPU else [provider, CPU]
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        used = self._session.get_providers()[0]
+        if used != provider:
+            raise EngineError(f"ONNX Runtime could not use {provider} (it chose {used})")
+        self._input = input_name
+        self._output = output_name
+        self.kind = f"onnxruntime/{used}"
+        self.precision = precision
+        self.max_batch = max_batch
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run([self._output], {self._input: batch})
+        return out
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]
+
+
+def choose_provider(requested: str, available: list[str] | None = None) -> str:
+    """The ONNX Runtime provider for an engine setting; `auto` prefers CUDA and logs why not."""
+    available = ort.get_available_providers() if available is None else available
+    if requested == "auto":
+        if CUDA in available:
+            return CUDA
+        log.info("engine_skipped", engine="onnxruntime-cuda",
+                 reason="CUDAExecutionProvider not in this onnxruntime build")
+        return CPU
+    if requested not in ENGINE_PROVIDERS:
+        raise EngineError(f"unknown engine {requested!r}; expected auto or one of {sorted(ENGINE_PROVIDERS)}")
+    provider = ENGINE_PROVIDERS[requested]
+    if provider not in available:
+        raise EngineError(f"engine {requested} asked for, but {provider} is not available here")
+    return provider
+
+
+def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_threads: int = 0) -> Engine:
+    """Open the engine serving `tower` of a verified bundle."""
+    input_name, output_name = TOWER_TENSORS[tower]
+    engine = OnnxRuntimeEngine(
+        bundle.engine_file(tower),
+        input_name=input_name,
+        output_name=output_name,
+        precision=bundle.manifest.precision_of(tower),
+        provider=choose_provider(requested),
+        intra_op_threads=intra_op_threads,
+    )
+    log.info("engine_opened", tower=tower, engine=engine.kind, precision=engine.precision)
+    return engine

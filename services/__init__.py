@@ -1,0 +1,1 @@
+"""medvlm serving processes: a vision encoder, a text encoder and a gateway."""

@@ -1,0 +1,1 @@
+"""Server plumbing shared by the three services: settings, logs, errors, start-up."""

@@ -1,0 +1,107 @@
+"""What both encoders share: loading and verifying their tower of a bundle, and describing it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+import structlog
+
+from engines.runtime.bundle import Bundle, BundleError, check_golden, load_bundle
+from engines.runtime.engine import Engine
+from engines.runtime.manifest import KIND_BENCHMARK
+from engines.runtime.onnx import open_engine
+from services.common import convert
+from services.common.errors import NotReady
+from services.common.settings import Settings
+from services.common.work import WorkPool
+
+log = structlog.get_logger("medvlm.encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedTower:
+    """A verified bundle and the engine running one of its towers."""
+
+    bundle: Bundle
+    engine: Engine
+    golden_cosine: float
+
+
+def load_tower(settings: Settings, tower: str) -> LoadedTower:
+    """Load the bundle, check hashes, open the engine, run the golden inputs (which also warms it).
+
+    Blocking; raises BundleError when the bundle must not be served.
+    """
+    bundle = load_bundle(settings.bundle)
+    manifest = bundle.manifest
+    if manifest.kind == KIND_BENCHMARK and not settings.allow_benchmark:
+        raise BundleError(
+            f"bundle {bundle.bundle_id} is a benchmark model (random weights); "
+            "serve it only with --allow-benchmark"
+        )
+    engine = open_engine(bundle, tower, settings.engine, settings.intra_op_threads)
+    try:
+        cosine = check_golden(bundle, tower, engine.infer_all)
+    except BaseException:
+        engine.close()
+        raise
+    log.info("tower_ready", tower=tower, bundle_id=bundle.bundle_id, kind=manifest.kind,
+             engine=engine.kind, precision=engine.precision, golden_min_cosine=round(cosine, 7))
+    return LoadedTower(bundle, engine, cosine)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of [N, D] scaled to unit length (float32)."""
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class EncoderApp:
+    """Base of the two encoder services: a work pool and a tower loaded at start.
+
+    Subclasses set `tower` and `service_names`, implement register(), and may
+    override on_loaded() to build what depends on the bundle (a tokenizer).
+    """
+
+    tower: str
+    service_names: tuple[str, ...]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = WorkPool(settings.workers, settings.max_inflight, name=f"medvlm-{self.tower}")
+        self._loaded: LoadedTower | None = None
+
+    def register(self, server: Any) -> None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        loaded = await asyncio.to_thread(load_tower, self.settings, self.tower)
+        self.on_loaded(loaded)
+        self._loaded = loaded
+
+    def on_loaded(self, loaded: LoadedTower) -> None:
+        """Hook for subclasses: prepare what needs the bundle, before serving starts."""
+
+    @property
+    def loaded(self) -> LoadedTower:
+        """The served tower; NotReady until start() has verified it."""
+        if self._loaded is None:
+            raise NotReady("model is still loading; retry shortly")
+        return self._loaded
+
+    def model_info(self):
+        loaded = self.loaded
+        return convert.model_info(
+            loaded.bundle.manifest, [convert.engine_info(self.tower, loaded.engine)]
+        )
+
+    async def close(self) -> None:
+        self.pool.close()
+        if self._loaded is not None:
+            self._loaded.engine.close()
+
+
+__all__ = ["BundleError", "EncoderApp", "LoadedTower", "l2_normalize", "load_tower"]

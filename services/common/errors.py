@@ -1,0 +1,40 @@
+"""Domain errors raised by services; one interceptor turns them into gRPC status codes.
+
+Messages of these errors are sent to clients: they name the problem and never
+contain clinical data (image bytes, header values, free text).
+"""
+
+from __future__ import annotations
+
+
+class MedvlmError(Exception):
+    """Base of errors whose message is safe to send to a client."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidInput(MedvlmError):
+    """The request is malformed, too large, or names something that does not exist."""
+
+
+class NotReady(MedvlmError):
+    """The server has not loaded or verified its model yet, or is shutting down."""
+
+
+class Overloaded(MedvlmError):
+    """The server is at its in-flight limit; the caller should retry later."""
+
+
+class DeadlineExpired(MedvlmError):
+    """The caller's deadline passed before the work could be done."""
+
+
+class Unavailable(MedvlmError):
+    """A downstream service could not be reached in time."""
+
+
+class Inconsistent(MedvlmError):
+    """Downstream services disagree (e.g. different bundles): refusing to mix results."""

@@ -1,0 +1,126 @@
+"""Start-up, health, reflection and graceful shutdown, written once for the three services."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import ServerInterceptor
+from services.common.logs import configure_logging
+from services.common.settings import Settings, parse_settings
+
+log = structlog.get_logger("medvlm.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class App(Protocol):
+    """What a service supplies: its servicers and how to load (and unload) its model."""
+
+    service_names: Sequence[str]  # full names, e.g. "medvlm.v1.VisionEncoderService"
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the service's servicers to the server."""
+
+    async def start(self) -> None:
+        """Load, warm up and verify the model. Raises if the service cannot serve."""
+
+    async def close(self) -> None:
+        """Release what start() acquired."""
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of every server: message limits, keepalive, connection ageing."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", 100),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.max_connection_idle_ms", 5 * 60_000),
+        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 60) * 1000)),
+        ("grpc.server_handshake_timeout_ms", 15_000),
+    ]
+
+
+class Server:
+    """One gRPC server around one App: health NOT_SERVING until the app has started."""
+
+    def __init__(self, settings: Settings, app: App) -> None:
+        self.settings = settings
+        self.app = app
+        self.health = HealthServicer()
+        self.grpc = grpc.aio.server(
+            interceptors=[ServerInterceptor()], options=server_options(settings)
+        )
+        app.register(self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.ready = asyncio.Event()
+        self._start_task: asyncio.Task[None] | None = None
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Listen at once (so health answers NOT_SERVING), then load the app in the background."""
+        await self._set_all(NOT_SERVING)
+        await self.grpc.start()
+        log.info("listening", port=self.port)
+        self._start_task = asyncio.create_task(self._start_app())
+
+    async def _start_app(self) -> None:
+        try:
+            await self.app.start()
+        except Exception as exc:  # noqa: BLE001 - stay live, report NOT_SERVING, say why
+            log.error("start_failed", error_type=type(exc).__name__, error=str(exc))
+            return
+        await self._set_all(SERVING)
+        self.ready.set()
+        log.info("serving", port=self.port)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING at once, drain, stop accepting, let in-flight calls finish, unload."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+        if self.settings.drain_s > 0:
+            await asyncio.sleep(self.settings.drain_s)
+        await self.grpc.stop(grace)
+        await self.app.close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings, app: App) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(settings, app)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("shutting_down", grace_s=settings.grace_s)
+    await server.stop()
+
+
+def main(service: str, app_factory: Callable[[Settings], App], argv: Sequence[str] | None = None) -> None:
+    """Entry point of a service: parse settings once, configure logs, serve."""
+    settings = parse_settings(service, argv)
+    configure_logging(service, settings.log_level)
+    asyncio.run(serve(settings, app_factory(settings)))

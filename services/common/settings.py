@@ -1,0 +1,195 @@
+"""Settings of every service: flags and MEDVLM_* variables, parsed once into a frozen dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GATEWAY, VISION, TEXT = "gateway", "vision", "text"
+ENCODERS = (VISION, TEXT)
+ALL = (GATEWAY, VISION, TEXT)
+
+DEFAULT_PORTS = {GATEWAY: 50050, VISION: 50051, TEXT: 50052}
+MiB = 1 << 20
+
+
+def _opt(default: Any, help: str, services: Sequence[str] = ALL) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "services": tuple(services)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a service can be told. Each field is a flag (--max-images) and a
+    variable (MEDVLM_MAX_IMAGES); the flag wins over the variable."""
+
+    service: str = GATEWAY
+    host: str = _opt("[::]", "Address to listen on. '[::]' listens on every interface.")
+    port: int = _opt(
+        -1,
+        "Port to listen on; 0 picks a free one. Default: gateway 50050, vision 50051, text 50052.",
+    )
+    log_level: str = _opt("info", "debug, info, warning or error. debug logs every health probe.")
+    grace_s: float = _opt(
+        20.0,
+        "Seconds in-flight calls get to finish after SIGTERM before they are cancelled. Longer is "
+        "gentler on clients but delays exit; keep it below the pod's termination grace period.",
+    )
+    drain_s: float = _opt(
+        0.0,
+        "Seconds between reporting NOT_SERVING and refusing new calls at shutdown, so load "
+        "balancers stop sending first. 5-10 on Kubernetes; 0 locally.",
+    )
+    max_message_mb: int = _opt(
+        0,
+        "Largest request message in MiB. Larger images need more; every byte allowed is memory a "
+        "caller can make the server hold. 0: gateway 64, encoders 32.",
+    )
+    max_inflight: int = _opt(
+        64,
+        "Calls processed at once; more get RESOURCE_EXHAUSTED at once instead of queueing. "
+        "Higher absorbs bursts, lower bounds memory and latency.",
+    )
+    workers: int = _opt(
+        2,
+        "Threads that decode, tokenize and run the engine off the event loop. More than the "
+        "cores the engine uses only adds contention.",
+    )
+    max_images: int = _opt(
+        16,
+        "Most images in one request. Each costs decode time and memory.",
+        (GATEWAY, VISION),
+    )
+    max_image_bytes: int = _opt(
+        20 * MiB, "Largest encoded image in bytes.", (GATEWAY, VISION)
+    )
+    max_image_pixels: int = _opt(
+        40_000_000,
+        "Largest decoded image in pixels (width x height); larger ones are refused as "
+        "decompression bombs before they are decoded.",
+        (VISION,),
+    )
+    max_texts: int = _opt(
+        256,
+        "Most texts (or labels) in one request. Each uncached one costs a text-encoder pass.",
+        (GATEWAY, TEXT),
+    )
+    max_text_chars: int = _opt(
+        1024,
+        "Longest text or label in characters. The model reads at most its context length in "
+        "tokens anyway; this bounds tokenizer work.",
+        (GATEWAY, TEXT),
+    )
+    bundle: str = _opt("", "Bundle directory to serve (holds manifest.json).", ENCODERS)
+    engine: str = _opt(
+        "auto",
+        "auto, onnxruntime-cuda or onnxruntime-cpu. auto takes the fastest the machine can run "
+        "and logs why it skipped the others.",
+        ENCODERS,
+    )
+    intra_op_threads: int = _opt(
+        0,
+        "Threads one engine call may use; 0 lets the engine choose (all cores). Lower it when "
+        "several processes share a node.",
+        ENCODERS,
+    )
+    allow_benchmark: bool = _opt(
+        False,
+        "Serve a benchmark bundle (random weights with real shapes). Its answers mean nothing; "
+        "never enable this where clinicians can reach the service.",
+        ENCODERS,
+    )
+    vision_target: str = _opt(
+        "127.0.0.1:50051",
+        "gRPC target of the vision encoder. dns:///name:port with a headless Service spreads "
+        "calls over every replica.",
+        (GATEWAY,),
+    )
+    text_target: str = _opt("127.0.0.1:50052", "gRPC target of the text encoder.", (GATEWAY,))
+    downstream_timeout_s: float = _opt(
+        10.0,
+        "Deadline of one encoder call when the caller sent none (a caller's shorter deadline "
+        "always wins). Shorter fails faster when an encoder hangs.",
+        (GATEWAY,),
+    )
+    startup_timeout_s: float = _opt(
+        300.0,
+        "How long the gateway waits for both encoders at start before giving up (it stays "
+        "NOT_SERVING and keeps checking).",
+        (GATEWAY,),
+    )
+
+    @property
+    def max_message_bytes(self) -> int:
+        mb = self.max_message_mb or (64 if self.service == GATEWAY else 32)
+        return mb * MiB
+
+
+def _env_name(field: str) -> str:
+    return "MEDVLM_" + field.upper()
+
+
+def _flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _fields_for(service: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if service in f.metadata.get("services", ())]
+
+
+def build_parser(service: str) -> argparse.ArgumentParser:
+    """The command line of one service, with the variable name in every help line."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{service}",
+        description=f"medvlm {service} server. Every flag can also be set by the variable shown.",
+    )
+    for f in _fields_for(service):
+        kind = type(f.default)
+        help_text = f"{f.metadata['help']} [{_env_name(f.name)}; default {f.default!r}]"
+        if kind is bool:
+            parser.add_argument(
+                _flag_name(f.name), dest=f.name, default=None,
+                action=argparse.BooleanOptionalAction, help=help_text,
+            )
+        else:
+            parser.add_argument(_flag_name(f.name), dest=f.name, type=kind, default=None, help=help_text)
+    return parser
+
+
+def parse_settings(
+    service: str, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse flags, then MEDVLM_* variables, then defaults, once, at start."""
+    environ = os.environ if environ is None else environ
+    args = build_parser(service).parse_args(argv)
+    values: dict[str, Any] = {"service": service}
+    for f in _fields_for(service):
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        raw = environ.get(_env_name(f.name))
+        if raw is None:
+            continue
+        kind = type(f.default)
+        try:
+            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+        except ValueError as exc:
+            raise SystemExit(f"{_env_name(f.name)}: {exc}") from exc
+    if values.get("port", -1) < 0:
+        values["port"] = DEFAULT_PORTS[service]
+    settings = Settings(**values)
+    if service in ENCODERS and not settings.bundle:
+        raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
+    return settings

@@ -1,0 +1,1 @@
+"""Gateway service: zero-shot classification, similarity and embeddings over the two encoders."""

@@ -1,0 +1,123 @@
+"""Channels to the encoders: per-call balancing, safe retries, deadlines, and RpcError -> domain errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import grpc
+import numpy as np
+
+from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
+from services.common import convert, errors
+from services.common.interceptors import REQUEST_ID_KEY, current_request_id
+
+_VISION_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name
+_TEXT_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
+
+# round_robin spreads calls over every address the target resolves to (dns:/// on a
+# headless Service gives one per pod). Embedding is idempotent, so retrying a call that
+# failed with UNAVAILABLE is safe; at most 3 attempts, always inside the call's deadline.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": _VISION_SERVICE}, {"service": _TEXT_SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """What an encoder returned: unit-length vectors [N, D], input digests, and the bundle."""
+
+    vectors: np.ndarray
+    digests: list[str]
+    bundle_id: str
+
+
+def _domain_error(name: str, exc: grpc.aio.AioRpcError) -> errors.MedvlmError:
+    """The one conversion of an encoder's status into a domain error. Encoders' messages for
+    bad input are our own and safe to pass on; everything else gets a message of ours."""
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.InvalidInput(exc.details() or f"{name} refused the input")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.Overloaded(f"{name} encoder is overloaded; retry shortly", retry_after_s=0.1)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExpired(f"{name} encoder did not answer within the deadline")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"{name} encoder is unavailable")
+    return errors.MedvlmError(f"{name} encoder failed ({code.name})")
+
+
+class EncoderClient:
+    """One encoder behind one channel."""
+
+    def __init__(self, name: str, target: str, stub_class, max_message_bytes: int) -> None:
+        self.name = name
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.stub = stub_class(self.channel)
+
+    async def call(self, method: str, request, timeout: float):
+        metadata = ((REQUEST_ID_KEY, current_request_id()),) if current_request_id() else None
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _domain_error(self.name, exc) from exc
+
+    async def model_info(self, timeout: float) -> types_pb2.ModelInfo:
+        response = await self.call("GetModelInfo", types_pb2.GetModelInfoRequest(), timeout)
+        return response.model
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class VisionClient(EncoderClient):
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes)
+
+    async def embed(self, images: list[types_pb2.Image], timeout: float) -> Embedded:
+        """Image messages, passed through untouched -> embeddings."""
+        response = await self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=images), timeout)
+        return _embedded(response, len(images))
+
+
+class TextClient(EncoderClient):
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes)
+
+    async def embed(self, texts: list[str], timeout: float) -> Embedded:
+        response = await self.call("EmbedTexts", types_pb2.EmbedTextsRequest(texts=texts), timeout)
+        return _embedded(response, len(texts))
+
+
+def _embedded(response, expected: int) -> Embedded:
+    if len(response.embeddings) != expected:
+        raise errors.MedvlmError(f"encoder returned {len(response.embeddings)} embeddings for {expected} inputs")
+    return Embedded(
+        vectors=convert.vectors(response.embeddings),
+        digests=[e.input_sha256 for e in response.embeddings],
+        bundle_id=response.bundle_id,
+    )

@@ -1,0 +1,168 @@
+"""GatewayService: converts messages and delegates to ZeroShot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import structlog
+
+from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
+from services.common import convert
+from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, MedvlmError, NotReady
+from services.common.settings import Settings
+from services.common.texts import check_texts
+from services.gateway.clients import TextClient, VisionClient
+from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
+
+log = structlog.get_logger("medvlm.gateway")
+
+
+async def verify_encoders(vision: VisionClient, text: TextClient, settings: Settings) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """Wait until both encoders answer, then require the same bundle and dimension.
+
+    Returns the verified identity and a ModelInfo carrying both engines. Raises
+    Inconsistent when they differ, NotReady when they do not answer in time.
+    """
+    deadline = time.monotonic() + settings.startup_timeout_s
+    while True:
+        try:
+            vision_info, text_info = await asyncio.gather(vision.model_info(5.0), text.model_info(5.0))
+            break
+        except MedvlmError as exc:
+            if time.monotonic() >= deadline:
+                raise NotReady(f"encoders not ready after {settings.startup_timeout_s:.0f} s: {exc.message}") from exc
+            log.info("waiting_for_encoders", reason=exc.message)
+            await asyncio.sleep(1.0)
+    if (vision_info.bundle_id, vision_info.embed_dim) != (text_info.bundle_id, text_info.embed_dim):
+        raise Inconsistent(
+            f"encoders disagree: vision serves {vision_info.bundle_id} (dim {vision_info.embed_dim}), "
+            f"text serves {text_info.bundle_id} (dim {text_info.embed_dim})"
+        )
+    info = types_pb2.ModelInfo()
+    info.CopyFrom(vision_info)
+    info.engines.extend(text_info.engines)
+    identity = ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale)
+    return identity, info
+
+
+class GatewayApp:
+    """The gateway service: clients to both encoders, verified at start."""
+
+    service_names = (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
+        self.text = TextClient(settings.text_target, settings.max_message_bytes)
+        self._core: ZeroShot | None = None
+        self._info: types_pb2.ModelInfo | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
+
+    async def start(self) -> None:
+        identity, self._info = await verify_encoders(self.vision, self.text, self.settings)
+        self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars)
+        log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim)
+
+    @property
+    def core(self) -> ZeroShot:
+        if self._core is None:
+            raise NotReady("gateway has not verified its encoders yet; retry shortly")
+        return self._core
+
+    @property
+    def info(self) -> types_pb2.ModelInfo:
+        if self._info is None:
+            raise NotReady("gateway has not verified its encoders yet; retry shortly")
+        return self._info
+
+    async def close(self) -> None:
+        await asyncio.gather(self.vision.close(), self.text.close())
+
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Budget for downstream calls: the caller's remaining time, capped by the setting."""
+        remaining = context.time_remaining()
+        budget = self.settings.downstream_timeout_s if remaining is None else min(remaining, self.settings.downstream_timeout_s)
+        if budget <= 0:
+            raise DeadlineExpired("deadline passed before the gateway could call the encoders")
+        return budget
+
+    def check_images(self, images) -> list:
+        if not images:
+            raise InvalidInput("no images in the request")
+        if len(images) > self.settings.max_images:
+            raise InvalidInput(f"{len(images)} images exceeds the limit of {self.settings.max_images} per request")
+        for i, image in enumerate(images):
+            if len(image.data) > self.settings.max_image_bytes:
+                raise InvalidInput(
+                    f"image {i}: {len(image.data)} bytes exceeds the limit of {self.settings.max_image_bytes} bytes"
+                )
+        return list(images)
+
+
+def _label_score(labels: list[str], index: int, probabilities: np.ndarray, cosine: np.ndarray) -> gateway_pb2.LabelScore:
+    return gateway_pb2.LabelScore(
+        label=labels[index], index=index,
+        probability=float(probabilities[index]), cosine=float(cosine[index]),
+    )
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Converts the public messages; ZeroShot does the work."""
+
+    def __init__(self, app: GatewayApp) -> None:
+        self.app = app
+
+    async def Classify(self, request, context):
+        core = self.app.core
+        if not request.HasField("image"):
+            raise InvalidInput("no image in the request")
+        images = self.app.check_images([request.image])
+        labels = check_texts(list(request.labels), self.app.settings, what="label", minimum=2)
+        if len(set(labels)) != len(labels):
+            raise InvalidInput("labels must be distinct")
+        scores = await core.scores(images, labels, request.template, self.app.timeout(context))
+        probabilities, cosine = scores.probabilities[0], scores.cosine[0]  # [N_labels]
+        order = np.argsort(-probabilities, kind="stable")
+        k = request.top_k if 0 < request.top_k <= len(labels) else len(labels)
+        return gateway_pb2.ClassifyResponse(
+            scores=[_label_score(labels, i, probabilities, cosine) for i in range(len(labels))],
+            top=[_label_score(labels, int(i), probabilities, cosine) for i in order[:k]],
+            bundle_id=core.model.bundle_id,
+            image_sha256=scores.image_digests[0],
+        )
+
+    async def Similarity(self, request, context):
+        core = self.app.core
+        images = self.app.check_images(request.images)
+        texts = check_texts(list(request.texts), self.app.settings, what="text")
+        scores = await core.scores(images, texts, request.template, self.app.timeout(context))
+        rows = [
+            gateway_pb2.SimilarityRow(cosine=c.tolist(), probabilities=p.tolist(), image_sha256=d)
+            for c, p, d in zip(scores.cosine, scores.probabilities, scores.image_digests, strict=True)
+        ]
+        return gateway_pb2.SimilarityResponse(rows=rows, bundle_id=core.model.bundle_id)
+
+    async def EmbedImages(self, request, context):
+        core = self.app.core
+        images = self.app.check_images(request.images)
+        result = await core.embed_images(images, self.app.timeout(context))
+        return types_pb2.EmbedImagesResponse(
+            embeddings=convert.embeddings(result.vectors, result.digests), bundle_id=result.bundle_id
+        )
+
+    async def EmbedTexts(self, request, context):
+        core = self.app.core
+        texts = check_texts(list(request.texts), self.app.settings, what="text")
+        vectors = await core.embed_texts(texts, self.app.timeout(context), DEFAULT_TEMPLATE)
+        digests = [convert.sha256_hex(t.encode("utf-8")) for t in texts]
+        return types_pb2.EmbedTextsResponse(
+            embeddings=convert.embeddings(vectors, digests), bundle_id=core.model.bundle_id
+        )
+
+    async def GetModelInfo(self, request, context):
+        return types_pb2.GetModelInfoResponse(model=self.app.info)

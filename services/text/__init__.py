@@ -1,0 +1,1 @@
+"""Text encoder service: texts in, embeddings out."""

@@ -1,0 +1,42 @@
+"""Tokenization with the `tokenizers` library from a bundle's files, as open_clip's HFTokenizer does it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from engines.runtime.manifest import TextSpec
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def clean_whitespace(text: str) -> str:
+    """open_clip's "whitespace" cleaning: runs of whitespace become one space, ends stripped."""
+    return " ".join(text.split())
+
+
+class TextTokenizer:
+    """Texts -> input ids [N, L]: cleaned, truncated to the context length, padded with pad_id.
+
+    Rows are padded only to the longest text of the call, not to the context length: the
+    text graph masks padding, so the embeddings are the same and short texts cost less.
+    """
+
+    def __init__(self, bundle_dir: Path, spec: TextSpec) -> None:
+        if spec.clean != "whitespace":
+            raise ValueError(f"unsupported text cleaning {spec.clean!r}")
+        self.spec = spec
+        self._tokenizer = Tokenizer.from_file(str(bundle_dir / spec.tokenizer_dir / TOKENIZER_FILE))
+        self._tokenizer.enable_truncation(max_length=spec.context_length)
+        self._tokenizer.no_padding()
+
+    def ids(self, texts: list[str], pad_to: int | None = None) -> np.ndarray:
+        """[N, L] int64 ids; L is the longest row, or `pad_to` (the context length for parity checks)."""
+        encodings = self._tokenizer.encode_batch([clean_whitespace(t) for t in texts])
+        width = pad_to or max(len(e.ids) for e in encodings)
+        out = np.full((len(texts), width), self.spec.pad_id, dtype=np.int64)  # [N, L]
+        for row, enc in enumerate(encodings):
+            out[row, : len(enc.ids)] = enc.ids
+        return out

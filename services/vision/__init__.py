@@ -1,0 +1,1 @@
+"""Vision encoder service: encoded images in, embeddings out."""
