@@ -57,7 +57,9 @@ def _export(module: torch.nn.Module, example: torch.Tensor, dynamic: dict[int, o
             output_names=[output_name],
             dynamic_shapes={input_name: dynamic},
             external_data=False,
-            optimize=True,
+            # The onnxscript optimizer constant-folds timm's antialiased bicubic pos-embed resize
+            # differently from torch (max abs diff 0.06 on test_vit); ONNX Runtime folds it correctly.
+            optimize=False,
             verbose=False,
         )
     program.save(str(path), external_data=False)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ class LoadedModel:
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W] float32 (open_clip val transform)
     tokenizer: Any  # open_clip HFTokenizer: list[str] -> [N, context_length] int64
     preprocess_cfg: dict[str, Any]  # open_clip PreprocessCfg as a dict: size, mean, std, interpolation, ...
+    origin: str = ""  # where the weights came from, for the bundle manifest
 
 
 def open_clip_config(
@@ -76,6 +78,39 @@ def open_clip_config(
             "resize_mode": resize_mode,
         },
     }
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: pad id 0, as in BERT
+
+
+def build_wordpiece_vocab(texts: Sequence[str], dst: Path, *, vocab_size: int, lowercase: bool = True) -> Path:
+    """Build a BERT-style WordPiece vocabulary from `texts` offline and write it to `dst` (a vocab.txt).
+
+    Texts are normalized and split exactly as BertTokenizerFast does (the `tokenizers`
+    BERT normalizer and pre-tokenizer). The vocabulary is the special tokens ([PAD] first,
+    so the pad id is 0), every character seen as a word start and as a `##` continuation
+    (so any word over that alphabet tokenizes without [UNK]), then whole words by
+    descending frequency, ties by spelling. Counting instead of the library's WordPiece
+    trainer keeps the result identical from run to run: the trainer breaks ties between
+    equally frequent merges in hash order.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    if len(tokens) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the special tokens and alphabet ({len(tokens)})")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens += words[: vocab_size - len(tokens)]
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")
+    return dst
 
 
 def write_text_files(

@@ -193,6 +193,19 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0, sof
     return np.clip((1.0 - r) * min(rx, ry) / soft + 0.5, 0.0, 1.0)
 
 
+def _spot(img: np.ndarray, colour, cx: float, cy: float, rx: float, ry: float, soft: float = 1.0,
+          alpha: float = 1.0) -> None:
+    """Blend a small soft ellipse into `img` in place, touching only its bounding box."""
+    x0, x1 = max(int(cx - rx - soft - 1), 0), min(int(cx + rx + soft + 2), IMAGE_SIZE)
+    y0, y1 = max(int(cy - ry - soft - 1), 0), min(int(cy + ry + soft + 2), IMAGE_SIZE)
+    if x0 >= x1 or y0 >= y1:
+        return
+    u = (_XX[y0:y1, x0:x1] - cx) / rx
+    v = (_YY[y0:y1, x0:x1] - cy) / ry
+    mask = np.clip((1.0 - np.sqrt(u * u + v * v)) * min(rx, ry) / soft + 0.5, 0.0, 1.0) * alpha
+    img[y0:y1, x0:x1] = _blend(img[y0:y1, x0:x1], colour, mask)
+
+
 def _step(x: np.ndarray, soft: float) -> np.ndarray:
     """Soft step: 0 below zero, 1 above, linear over `soft` pixels."""
     return np.clip(x / soft + 0.5, 0.0, 1.0)
@@ -225,31 +238,41 @@ def _blend(img: np.ndarray, color, mask: np.ndarray) -> np.ndarray:
     return img + (color - img) * mask
 
 
-def _affine(img: np.ndarray, rng: np.random.Generator, max_deg: float, scale: tuple[float, float],
-            max_shift: float, fill) -> np.ndarray:
-    """Random rotation, scale and shift about the image centre, per channel with bilinear resampling."""
-    angle = math.radians(rng.uniform(-max_deg, max_deg))
-    k = rng.uniform(*scale)
-    tx, ty = rng.uniform(-max_shift, max_shift, size=2)
+@dataclasses.dataclass(frozen=True)
+class _Pose:
+    """Range of a random rotation (degrees), scale and shift (pixels) of a whole image."""
+
+    max_deg: float
+    scale: tuple[float, float]
+    max_shift: float
+
+
+def _affine(img: Image.Image, rng: np.random.Generator, pose: _Pose, fill) -> Image.Image:
+    """Rotate, scale and shift about the image centre with bilinear resampling."""
+    angle = math.radians(rng.uniform(-pose.max_deg, pose.max_deg))
+    k = rng.uniform(*pose.scale)
+    tx, ty = rng.uniform(-pose.max_shift, pose.max_shift, size=2)
     c = IMAGE_SIZE / 2
     cos, sin = math.cos(angle) / k, math.sin(angle) / k
     # PIL maps output (x, y) to input (a x + b y + c, d x + e y + f).
     data = (cos, sin, c - cos * (c + tx) - sin * (c + ty), -sin, cos, c + sin * (c + tx) - cos * (c + ty))
-    chans = img[..., None] if img.ndim == 2 else img
-    fills = np.broadcast_to(np.asarray(fill, np.float32), (chans.shape[-1],))
-    out = np.stack([
-        np.asarray(Image.fromarray(np.ascontiguousarray(chans[..., i])).transform(
-            (IMAGE_SIZE, IMAGE_SIZE), Image.AFFINE, data, Image.BILINEAR, fillcolor=float(fills[i])))
-        for i in range(chans.shape[-1])], axis=-1)
-    return out[..., 0] if img.ndim == 2 else out
+    return img.transform((IMAGE_SIZE, IMAGE_SIZE), Image.AFFINE, data, Image.BILINEAR, fillcolor=fill)
 
 
-def _finish(img: np.ndarray, rng: np.random.Generator, noise: tuple[float, float],
-            gamma: tuple[float, float]) -> np.ndarray:
-    """Sensor noise and gamma, then uint8 RGB [H, W, 3]."""
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(*gamma)
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(*noise)
-    out = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: tuple[float, float], gamma: tuple[float, float],
+            pose: _Pose | None = None, blur: float = 0.0) -> np.ndarray:
+    """Pose, optional blur, gamma and sensor noise of a float image in [0, 1]; returns uint8 RGB [H, W, 3]."""
+    u8 = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    pil = Image.fromarray(u8)
+    if pose is not None:
+        corner = u8[0, 0]
+        pil = _affine(pil, rng, pose, int(corner) if u8.ndim == 2 else tuple(int(v) for v in corner))
+    if blur > 0:
+        pil = pil.filter(ImageFilter.GaussianBlur(blur))
+    lut = np.linspace(0.0, 1.0, 256, dtype=np.float32) ** np.float32(rng.uniform(*gamma))
+    out = lut[np.asarray(pil)]
+    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(*noise))
+    out = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return np.repeat(out[..., None], 3, axis=-1) if out.ndim == 2 else out
 
 
@@ -270,6 +293,9 @@ def _branches(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: 
 
 
 # ----------------------------------------------------------------------------- chest radiograph
+
+
+_CHEST_POSE = _Pose(max_deg=7, scale=(0.88, 1.06), max_shift=10)
 
 
 def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
@@ -303,9 +329,8 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
         vessel_img, vessels = _canvas()
         hx, hy = cx + s * half_w * 0.22, lung_cy + rng.normal(0, 4)
         for k in range(6):
-            angle = (-math.pi / 2 if s > 0 else -math.pi / 2) + s * (0.15 + k * 0.45) + rng.normal(0, 0.1)
-            if s < 0:
-                angle = math.pi - (angle + math.pi) if False else -math.pi / 2 - (0.15 + k * 0.45) + rng.normal(0, 0.1)
+            angle = -math.pi / 2 + 0.15 + k * 0.45 + rng.normal(0, 0.1)  # from up, turning lateral
+            angle = angle if s > 0 else math.pi - angle
             _branches(vessels, rng, hx, hy, angle, rng.uniform(28, 40), 3.0, 2, 255)
         markings += _as_mask(vessel_img, 0.8) * lungs[s][1]
         for k in range(9):
@@ -353,10 +378,15 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
         img = _blend(img, dense - rng.uniform(0.0, 0.04), fluid)
     elif key == "chest_consolidation":
         lx, field, _ = lungs[side]
-        zone = rng.choice([-0.45, -0.1, 0.15])
-        blob = _ellipse(lx + rng.normal(0, 5), lung_cy + zone * lung_ry, lung_rx * rng.uniform(0.65, 0.9),
-                        lung_ry * rng.uniform(0.28, 0.4), angle=rng.uniform(-0.3, 0.3), soft=5.0)
-        blob = np.clip(blob + 0.25 * _smooth_noise(rng, 10) * blob, 0, 1) * field
+        if rng.random() < 0.5:  # upper lobe, bounded below by a sharp fissure
+            zone = -0.45
+            fissure = lung_cy + rng.uniform(-0.2, 0.1) * lung_ry + rng.uniform(-0.15, 0.15) * (_XX - lx)
+            blob = _step(fissure - _YY, 1.5)
+        else:  # a rounded lobar opacity in the mid zone
+            zone = rng.uniform(-0.2, 0.1)
+            blob = _ellipse(lx + rng.normal(0, 4), lung_cy + zone * lung_ry, lung_rx * rng.uniform(0.75, 1.0),
+                            lung_ry * rng.uniform(0.35, 0.5), angle=rng.uniform(-0.3, 0.3), soft=5.0)
+        blob = np.clip(blob * (1.0 + 0.2 * _smooth_noise(rng, 10)), 0, 1) * field
         bronchi_img, bronchi = _canvas()
         _branches(bronchi, rng, cx + side * half_w * 0.25, lung_cy + zone * lung_ry,
                   -math.pi / 2 + side * rng.uniform(1.2, 1.9), 30, 2.0, 2, 255)
@@ -367,13 +397,12 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
     img = img + _smooth_noise(rng, 3) * rng.uniform(0.01, 0.04)
     if rng.random() < 0.5:
         mx, my = rng.choice([18, 190]), rng.uniform(14, 40)
-        img = _blend(img, 0.95, _ellipse(mx, my, 7, 9, soft=1.0))
+        _spot(img, 0.95, mx, my, 7, 9)
     if rng.random() < 0.3:
         edge = rng.uniform(4, 18)
         img = _blend(img, bg * 0.5, 1.0 - _step(_XX - edge, 1.0) * _step(IMAGE_SIZE - edge - _XX, 1.0))
-    img = _affine(img, rng, max_deg=7, scale=(0.88, 1.06), max_shift=10, fill=bg)
     lo, hi = rng.uniform(0.0, 0.06), rng.uniform(0.9, 1.05)
-    return _finish((img - lo) / (hi - lo), rng, noise=(0.01, 0.04), gamma=(0.75, 1.35))
+    return _finish((img - lo) / (hi - lo), rng, noise=(0.01, 0.04), gamma=(0.75, 1.35), pose=_CHEST_POSE)
 
 
 # ----------------------------------------------------------------------------- dermoscopy
@@ -418,17 +447,17 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
         img = img + (colour - img) * mask[..., None] * 0.95
         for _ in range(rng.integers(8, 25)):  # dots and globules, denser at the periphery
             a, d = rng.uniform(0, 2 * math.pi), r * rng.uniform(0.6, 1.1)
-            dot = _ellipse(lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(1.5, 4, size=2), soft=1.0)
-            img = _blend(img, _LESION_COLOURS["black"], dot)
+            _spot(img, _LESION_COLOURS["black"], lcx + d * math.cos(a), lcy + d * math.sin(a),
+                  *rng.uniform(1.5, 4, size=2))
     elif key == "derm_erythema":
-        patch = _step(_smooth_noise(rng, 4) + rng.uniform(0.4, 1.0), 25.0)
+        patch = _step(_smooth_noise(rng, 4) + rng.uniform(0.0, 0.8), 0.8)
         redness = rng.uniform(0.6, 0.9) * patch * (1.0 + 0.25 * _smooth_noise(rng, 20))
         red = np.array([0.86, 0.36, 0.36], np.float32)
         img = _blend(img, red, np.clip(redness, 0, 1))
         for _ in range(rng.integers(10, 40)):  # papules and scale flecks
             x, y = rng.uniform(0, IMAGE_SIZE, size=2)
             colour = (0.75, 0.22, 0.24) if rng.random() < 0.7 else (0.95, 0.92, 0.9)
-            img = _blend(img, colour, _ellipse(x, y, *rng.uniform(1.5, 3.5, size=2), soft=1.0) * 0.8)
+            _spot(img, colour, x, y, *rng.uniform(1.5, 3.5, size=2), alpha=0.8)
     elif key == "derm_vascular":
         r = rng.uniform(22, 42)
         mask = _ellipse(lcx, lcy, r, r * rng.uniform(0.75, 1.0), angle=rng.uniform(0, math.pi), soft=2.5)
@@ -437,8 +466,7 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
             a, d = rng.uniform(0, 2 * math.pi), r * math.sqrt(rng.uniform(0, 0.75))
             t = rng.uniform(0, 1)
             colour = np.array([0.78, 0.10, 0.16], np.float32) * (1 - t) + np.array([0.42, 0.08, 0.30], np.float32) * t
-            lac = _ellipse(lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(3, 8, size=2), soft=1.2)
-            img = _blend(img, colour, lac)
+            _spot(img, colour, lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(3, 8, size=2), soft=1.2)
 
     hair_img, hairs = _canvas()
     for _ in range(rng.integers(0, 8)):
@@ -463,6 +491,9 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- fundus photograph
+
+
+_FUNDUS_POSE = _Pose(max_deg=10, scale=(0.94, 1.04), max_shift=6)
 
 
 def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
@@ -500,32 +531,28 @@ def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
 
     cup_ratio = rng.uniform(0.72, 0.9) if key == "fundus_glaucoma" else rng.uniform(0.22, 0.42)
     disc_colour = (0.96, 0.78, 0.52) if key != "fundus_glaucoma" else (0.97, 0.88, 0.74)
-    img = _blend(img, disc_colour, _ellipse(dx, dy, disc_r, disc_r * rng.uniform(1.0, 1.12), soft=2.0))
-    img = _blend(img, (1.0, 0.96, 0.88), _ellipse(dx + eye * disc_r * 0.1, dy, disc_r * cup_ratio,
-                                                 disc_r * cup_ratio * rng.uniform(1.0, 1.15), soft=1.5))
+    _spot(img, disc_colour, dx, dy, disc_r, disc_r * rng.uniform(1.0, 1.12), soft=2.0)
+    _spot(img, (1.0, 0.96, 0.88), dx + eye * disc_r * 0.1, dy, disc_r * cup_ratio,
+          disc_r * cup_ratio * rng.uniform(1.0, 1.15), soft=1.5)
 
     if key == "fundus_diabetic":
         for _ in range(rng.integers(20, 55)):  # dot and blot haemorrhages
             a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.7))
-            img = _blend(img, (0.38, 0.03, 0.04), _ellipse(fcx + d * math.cos(a), fcy + d * math.sin(a),
-                                                           *rng.uniform(1.2, 3.8, size=2), soft=0.8))
+            _spot(img, (0.38, 0.03, 0.04), fcx + d * math.cos(a), fcy + d * math.sin(a),
+                  *rng.uniform(1.2, 3.8, size=2), soft=0.8)
         for _ in range(rng.integers(8, 30)):  # hard exudates, around the macula
             a, d = rng.uniform(0, 2 * math.pi), rng.uniform(12, 45)
-            img = _blend(img, (0.98, 0.9, 0.4), _ellipse(mx + d * math.cos(a), my + d * math.sin(a),
-                                                         *rng.uniform(1.2, 3.2, size=2), soft=0.8))
+            _spot(img, (0.98, 0.9, 0.4), mx + d * math.cos(a), my + d * math.sin(a),
+                  *rng.uniform(1.2, 3.2, size=2), soft=0.8)
         for _ in range(rng.integers(0, 4)):  # cotton-wool spots
             a, d = rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.2, 0.6)
-            img = _blend(img, (0.95, 0.9, 0.82), _ellipse(fcx + d * math.cos(a), fcy + d * math.sin(a),
-                                                          *rng.uniform(4, 8, size=2), soft=3.0) * 0.8)
+            _spot(img, (0.95, 0.9, 0.82), fcx + d * math.cos(a), fcy + d * math.sin(a),
+                  *rng.uniform(4, 8, size=2), soft=3.0, alpha=0.8)
 
     img = img * rng.uniform(0.8, 1.15) * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
     img = img * field[..., None]
-    img = _affine(img, rng, max_deg=10, scale=(0.94, 1.04), max_shift=6, fill=0.0)
-    if rng.random() < 0.3:  # out of focus
-        blurred = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(rng.uniform(0.8, 1.8)))
-        img = np.asarray(blurred, np.float32) / 255.0
-    return _finish(img, rng, noise=(0.005, 0.025), gamma=(0.8, 1.25))
+    blur = rng.uniform(0.8, 1.8) if rng.random() < 0.3 else 0.0  # out of focus
+    return _finish(img, rng, noise=(0.005, 0.025), gamma=(0.8, 1.25), pose=_FUNDUS_POSE, blur=blur)
 
 
 _RENDERERS = {"chest": _render_chest, "derm": _render_derm, "fundus": _render_fundus}

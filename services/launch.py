@@ -1,0 +1,124 @@
+"""Local stack: build the bundle if missing, start vision, text and gateway, wait for health, print a
+grpcurl line, stop all three on Ctrl-C. `python -m services.launch --help`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_LABELS = {
+    "chest": ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly"],
+}
+
+
+def find_bundle(bundles: Path, model: str) -> Path | None:
+    """The newest bundles/<model>-<version> directory with a manifest."""
+    found = sorted(bundles.glob(f"{model}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def ensure_bundle(bundles: Path, model: str) -> Path:
+    bundle = find_bundle(bundles, model)
+    if bundle is None:
+        print(f"building bundle {model!r} into {bundles}/ (first run only)", flush=True)
+        subprocess.run([sys.executable, "-m", "engines.build", "--model", model, "--out", str(bundles)], check=True)
+        bundle = find_bundle(bundles, model)
+        if bundle is None:
+            raise SystemExit(f"bundle build for {model!r} produced nothing in {bundles}")
+    return bundle
+
+
+def wait_serving(target: str, timeout_s: float) -> bool:
+    """Poll grpc.health.v1 on target until SERVING or timeout."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    return False
+
+
+def grpcurl_line(target: str, sample: Path | None) -> str:
+    grpcurl = ROOT / ".venv" / "bin" / "grpcurl"
+    exe = str(grpcurl.relative_to(ROOT)) if grpcurl.exists() else "grpcurl"
+    if sample is None:
+        return f"{exe} -plaintext {target} medvlm.v1.GatewayService/GetModelInfo"
+    labels = ", ".join(f'\\"{label}\\"' for label in SAMPLE_LABELS["chest"])
+    body = f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, \\"labels\\": [{labels}]}}'
+    return f'{exe} -plaintext -d "{body}" {target} medvlm.v1.GatewayService/Classify'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("MEDVLM_MODEL", "demo"), help="registry model of the bundle")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "bundles", help="directory of built bundles")
+    parser.add_argument("--host", default="127.0.0.1", help="address the three servers listen on")
+    parser.add_argument("--gateway-port", type=int, default=50050)
+    parser.add_argument("--vision-port", type=int, default=50051)
+    parser.add_argument("--text-port", type=int, default=50052)
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for health")
+    args = parser.parse_args(argv)
+
+    bundle = ensure_bundle(args.bundles.resolve(), args.model)
+    vision = f"{args.host}:{args.vision_port}"
+    text = f"{args.host}:{args.text_port}"
+    gateway = f"{args.host}:{args.gateway_port}"
+    python = [sys.executable, "-m"]
+    commands = {
+        "vision": python + ["services.vision", "--host", args.host, "--port", str(args.vision_port), "--bundle", str(bundle)],
+        "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
+        "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
+                             "--vision-target", vision, "--text-target", text],
+    }
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT) for name, cmd in commands.items()}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not wait_serving(gateway, args.timeout_s):
+            print(f"the stack did not become healthy within {args.timeout_s:.0f} s; see the logs above", file=sys.stderr)
+            return 1
+        samples = sorted((ROOT / "samples").glob("chest*.png"))
+        print(f"\nmedvlm is serving bundle {bundle.name} on {gateway} (Ctrl-C stops it). Try:\n", flush=True)
+        print("  " + grpcurl_line(gateway, samples[0] if samples else None) + "\n", flush=True)
+        while not stopping and all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        dead = [n for n, p in procs.items() if p.poll() is not None]
+        if dead and not stopping:
+            print(f"stopped because {', '.join(dead)} exited", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Shared fixtures: bundles built once per run, and real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc  # noqa: E402
+from services.common.server import Server  # noqa: E402
+from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
+from services.gateway.servicer import GatewayApp  # noqa: E402
+from services.text.servicer import TextApp  # noqa: E402
+from services.vision.servicer import VisionApp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def build(model: str, out: Path) -> Path:
+    from engines.build.bundle import build_bundle
+
+    return build_bundle(model, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The tiny test model, exported and verified once per run."""
+    return build("tiny", tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The demo model (trained weights committed in the repository), exported once per run."""
+    return build("demo", tmp_path_factory.mktemp("bundles"))
+
+
+def encoder_settings(service: str, bundle: Path, **overrides) -> Settings:
+    return Settings(service=service, host="127.0.0.1", port=0, bundle=str(bundle), grace_s=2.0, **overrides)
+
+
+def gateway_settings(vision_port: int, text_port: int, **overrides) -> Settings:
+    values = dict(
+        service=GATEWAY, host="127.0.0.1", port=0, grace_s=2.0,
+        vision_target=f"127.0.0.1:{vision_port}", text_target=f"127.0.0.1:{text_port}",
+        startup_timeout_s=30.0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def start_server(settings: Settings, app, wait: bool = True) -> Server:
+    """A real server on a real port; waits until it is SERVING unless told not to."""
+    server = Server(settings, app)
+    await server.start()
+    if wait:
+        await asyncio.wait_for(server.ready.wait(), 60)
+    return server
+
+
+@dataclasses.dataclass
+class Stack:
+    """The three services of one bundle, in this process, on ports chosen by the OS."""
+
+    bundle: Path
+    vision: Server
+    text: Server
+    gateway: Server
+    channel: grpc.aio.Channel
+
+    @property
+    def gateway_stub(self) -> gateway_pb2_grpc.GatewayServiceStub:
+        return gateway_pb2_grpc.GatewayServiceStub(self.channel)
+
+    def encoder_channel(self, which: str) -> grpc.aio.Channel:
+        port = {VISION: self.vision.port, TEXT: self.text.port}[which]
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        for server in (self.gateway, self.vision, self.text):
+            await server.stop(0.5)
+
+
+async def start_stack(bundle: Path, **gateway_overrides) -> Stack:
+    vision = await start_server(encoder_settings(VISION, bundle), VisionApp(encoder_settings(VISION, bundle)))
+    text = await start_server(encoder_settings(TEXT, bundle), TextApp(encoder_settings(TEXT, bundle)))
+    settings = gateway_settings(vision.port, text.port, **gateway_overrides)
+    gateway = await start_server(settings, GatewayApp(settings))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    return Stack(bundle, vision, text, gateway, channel)
+
+
+@pytest.fixture(scope="session")
+async def tiny_stack(tiny_bundle):
+    stack = await start_stack(tiny_bundle)
+    yield stack
+    await stack.stop()
+
+
+async def health_status(port: int, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        return reply.status
+
+
+__all__ = [
+    "ROOT", "PYTHON", "Stack", "encoder_settings", "gateway_settings", "health_status",
+    "start_server", "start_stack", "encoders_pb2_grpc",
+]

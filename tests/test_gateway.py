@@ -1,0 +1,219 @@
+"""The gateway over real encoders on real ports: answers, bad input, caching, outages, identity."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+import structlog
+from PIL import Image
+
+from conftest import gateway_settings, health_status, start_server, start_stack
+from medvlm.v1 import gateway_pb2, types_pb2
+from services.common.interceptors import REQUEST_ID_KEY
+from services.common.server import NOT_SERVING, SERVING
+from services.gateway.servicer import GatewayApp
+
+TEXT_RPC = "/medvlm.v1.TextEncoderService/EmbedTexts"
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (96, 80)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def classify_request(labels, data: bytes | None = None, **kwargs) -> gateway_pb2.ClassifyRequest:
+    return gateway_pb2.ClassifyRequest(
+        image=types_pb2.Image(data=png_bytes() if data is None else data), labels=labels, **kwargs
+    )
+
+
+async def expect_status(call, code: grpc.StatusCode, needle: str = "") -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    assert needle.lower() in (info.value.details() or "").lower()
+    return info.value.details()
+
+
+async def test_classify_probabilities_and_top_k(tiny_stack):
+    labels = ["normal chest radiograph", "left pleural effusion", "cardiomegaly"]
+    reply = await tiny_stack.gateway_stub.Classify(classify_request(labels, top_k=2), timeout=10)
+    assert [s.label for s in reply.scores] == labels
+    assert [s.index for s in reply.scores] == [0, 1, 2]
+    assert sum(s.probability for s in reply.scores) == pytest.approx(1.0, abs=1e-5)
+    assert len(reply.top) == 2
+    assert reply.top[0].probability >= reply.top[1].probability
+    assert reply.top[0].probability == max(s.probability for s in reply.scores)
+    assert reply.bundle_id.startswith("tiny-")
+    assert len(reply.image_sha256) == 64
+
+
+async def test_similarity_rows_match_classify(tiny_stack):
+    texts = ["a", "pleural effusion", "cardiomegaly"]
+    images = [types_pb2.Image(data=png_bytes(s)) for s in (1, 2)]
+    sim = await tiny_stack.gateway_stub.Similarity(
+        gateway_pb2.SimilarityRequest(images=images, texts=texts, template="an image showing {}"), timeout=10
+    )
+    assert len(sim.rows) == 2 and all(len(r.cosine) == 3 for r in sim.rows)
+    cls = await tiny_stack.gateway_stub.Classify(
+        classify_request(texts, data=png_bytes(2), template="an image showing {}"), timeout=10
+    )
+    np.testing.assert_allclose(sim.rows[1].probabilities, [s.probability for s in cls.scores], atol=1e-6)
+    np.testing.assert_allclose(sim.rows[1].cosine, [s.cosine for s in cls.scores], atol=1e-6)
+
+
+async def test_request_id_is_returned_and_propagated_to_encoders(tiny_stack):
+    with structlog.testing.capture_logs() as logs:
+        call = tiny_stack.gateway_stub.Classify(
+            classify_request(["request id label a", "request id label b"]),
+            metadata=((REQUEST_ID_KEY, "rid-12345"),), timeout=10,
+        )
+        await call
+        initial = dict(await call.initial_metadata())
+    assert initial[REQUEST_ID_KEY] == "rid-12345"
+    rpcs = {e["rpc"] for e in logs if e.get("event") == "audit" and e.get("request_id") == "rid-12345"}
+    assert rpcs == {
+        "/medvlm.v1.GatewayService/Classify",
+        "/medvlm.v1.VisionEncoderService/EmbedImages",
+        TEXT_RPC,
+    }
+
+
+async def test_a_repeated_label_is_never_encoded_twice(tiny_stack):
+    labels = [f"cache probe {i}" for i in range(4)]
+    with structlog.testing.capture_logs() as logs:
+        # concurrent requests for the same new labels: one text-encoder call between them
+        await asyncio.gather(*[
+            tiny_stack.gateway_stub.Classify(classify_request(labels, data=png_bytes(i)), timeout=10)
+            for i in range(5)
+        ])
+        await tiny_stack.gateway_stub.Classify(classify_request(labels[::-1]), timeout=10)
+    text_calls = [e for e in logs if e.get("event") == "audit" and e.get("rpc") == TEXT_RPC]
+    assert len(text_calls) == 1
+    # another template is another key
+    with structlog.testing.capture_logs() as logs:
+        await tiny_stack.gateway_stub.Classify(classify_request(labels, template="x {}"), timeout=10)
+    assert len([e for e in logs if e.get("event") == "audit" and e.get("rpc") == TEXT_RPC]) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "needle"),
+    [
+        (dict(data=b"definitely not an image"), "not a PNG or JPEG"),
+        (dict(data=png_bytes()[:-100]), "truncated or corrupt PNG"),
+        (dict(labels=[]), "at least 2 label"),
+        (dict(labels=["only one"]), "at least 2 label"),
+        (dict(labels=[f"l{i}" for i in range(300)]), "exceeds the limit of 256"),
+        (dict(labels=["ok", "x" * 2000]), "label 1 has 2000 characters"),
+        (dict(labels=["same", "same"]), "distinct"),
+        (dict(labels=["ok", "   "]), "label 1 is blank"),
+        (dict(template="no placeholder"), 'exactly one "{}"'),
+        (dict(template="{} and {}"), 'exactly one "{}"'),
+    ],
+)
+async def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(tiny_stack, request_kwargs, needle):
+    kwargs = dict(labels=["effusion", "normal"])
+    kwargs.update(request_kwargs)
+    labels = kwargs.pop("labels")
+    await expect_status(
+        tiny_stack.gateway_stub.Classify(classify_request(labels, **kwargs), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, needle,
+    )
+    reply = await tiny_stack.gateway_stub.Classify(classify_request(["effusion", "normal"]), timeout=10)
+    assert len(reply.scores) == 2
+
+
+async def test_oversized_image_is_invalid_argument(tiny_stack):
+    # bigger than the gateway's max image bytes (20 MiB), smaller than its message limit (64 MiB)
+    big = b"\x89PNG\r\n\x1a\n" + bytes(21 << 20)
+    await expect_status(
+        tiny_stack.gateway_stub.Classify(classify_request(["a", "b"], data=big), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT, "exceeds the limit",
+    )
+    assert len((await tiny_stack.gateway_stub.Classify(classify_request(["a", "b"]), timeout=10)).scores) == 2
+
+
+async def test_missing_image_and_expired_deadline(tiny_stack):
+    await expect_status(
+        tiny_stack.gateway_stub.Classify(gateway_pb2.ClassifyRequest(labels=["a", "b"]), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "no image",
+    )
+    await expect_status(
+        tiny_stack.gateway_stub.Classify(classify_request(["deadline a", "deadline b"]), timeout=0.001),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+async def test_clinical_text_never_reaches_logs_or_errors(tiny_stack):
+    canary = "DOE^JANE MRN-99812 suspected malignancy"
+    with structlog.testing.capture_logs() as logs:
+        await tiny_stack.gateway_stub.Classify(classify_request([canary, "normal"]), timeout=10)
+        details = await expect_status(
+            tiny_stack.gateway_stub.Classify(classify_request([canary, canary]), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        await expect_status(
+            tiny_stack.gateway_stub.Classify(classify_request([canary, "x"], template=canary), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    assert logs, "expected audit records"
+    dumped = json.dumps(logs, default=str)
+    for fragment in ("DOE", "MRN-99812", "malignancy"):
+        assert fragment not in dumped
+        assert fragment not in details
+
+
+async def test_text_encoder_down_uncached_is_unavailable_cached_still_answers(tiny_bundle):
+    stack = await start_stack(tiny_bundle, downstream_timeout_s=3.0)
+    try:
+        cached = ["outage cached a", "outage cached b"]
+        await stack.gateway_stub.Classify(classify_request(cached), timeout=10)
+        await stack.text.stop(0)
+        started = time.monotonic()
+        await expect_status(
+            stack.gateway_stub.Classify(classify_request(["outage new a", "outage new b"]), timeout=5),
+            grpc.StatusCode.UNAVAILABLE, "text encoder",
+        )
+        assert time.monotonic() - started < 5
+        reply = await stack.gateway_stub.Classify(classify_request(cached), timeout=5)
+        assert len(reply.scores) == 2
+    finally:
+        await stack.stop()
+
+
+async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundle, tiny_stack, tmp_path):
+    other = tmp_path / "tiny-other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["version"] = manifest["version"] + "-other"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    from conftest import encoder_settings
+    from services.common.settings import TEXT
+    from services.text.servicer import TextApp
+
+    text = await start_server(encoder_settings(TEXT, other), TextApp(encoder_settings(TEXT, other)))
+    settings = gateway_settings(tiny_stack.vision.port, text.port, startup_timeout_s=2.0)
+    with structlog.testing.capture_logs() as logs:
+        gateway = await start_server(settings, GatewayApp(settings), wait=False)
+        await asyncio.sleep(1.0)
+        assert await health_status(gateway.port) == NOT_SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            from medvlm.v1 import gateway_pb2_grpc
+
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            await expect_status(stub.Classify(classify_request(["a", "b"]), timeout=5),
+                                grpc.StatusCode.UNAVAILABLE, "not verified")
+    assert any(e.get("event") == "start_failed" and "disagree" in e.get("error", "") for e in logs)
+    await gateway.stop(0)
+    await text.stop(0)
+    assert await health_status(tiny_stack.gateway.port) == SERVING

@@ -1,0 +1,177 @@
+"""Server lifecycle: NOT_SERVING before warm-up and for a corrupt bundle, graceful SIGTERM, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from conftest import PYTHON, ROOT, encoder_settings, health_status, start_server
+from medvlm.v1 import encoders_pb2_grpc, types_pb2
+from services.common.server import NOT_SERVING, SERVING
+from services.common.settings import TEXT, VISION, parse_settings
+from services.text.servicer import TextApp
+from services.vision.servicer import VisionApp
+from test_gateway import png_bytes
+
+
+class GatedVisionApp(VisionApp):
+    """The real vision app, whose loading waits for the test to open a gate."""
+
+    def __init__(self, settings, gate: asyncio.Event) -> None:
+        super().__init__(settings)
+        self.gate = gate
+
+    async def start(self) -> None:
+        await self.gate.wait()
+        await super().start()
+
+
+async def test_not_serving_until_loaded_and_verified(tiny_bundle):
+    gate = asyncio.Event()
+    settings = encoder_settings(VISION, tiny_bundle)
+    server = await start_server(settings, GatedVisionApp(settings, gate), wait=False)
+    try:
+        assert await health_status(server.port) == NOT_SERVING
+        assert await health_status(server.port, "medvlm.v1.VisionEncoderService") == NOT_SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
+            request = types_pb2.EmbedImagesRequest(images=[types_pb2.Image(data=png_bytes())])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.EmbedImages(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            await asyncio.wait_for(server.ready.wait(), 30)
+            assert await health_status(server.port) == SERVING
+            reply = await stub.EmbedImages(request, timeout=5)
+            assert len(reply.embeddings) == 1
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.parametrize("damage", ["flip_onnx_byte", "wrong_golden"])
+async def test_corrupt_bundle_stays_live_but_not_serving(tiny_bundle, tmp_path, damage):
+    bundle = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, bundle)
+    if damage == "flip_onnx_byte":
+        target = bundle / "text.onnx"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        # outputs changed and hashes updated: only the golden check can catch it
+        import numpy as np
+
+        from engines.runtime.manifest import sha256_file
+
+        golden = dict(np.load(bundle / "golden.npz"))
+        golden["text_embeds"] = golden["text_embeds"][::-1].copy()
+        np.savez(bundle / "golden.npz", **golden)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["files"]["golden.npz"]["sha256"] = sha256_file(bundle / "golden.npz")
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+    settings = encoder_settings(TEXT, bundle)
+    server = await start_server(settings, TextApp(settings), wait=False)
+    try:
+        await asyncio.sleep(1.5)
+        assert await health_status(server.port) == NOT_SERVING
+        assert not server.ready.is_set()
+    finally:
+        await server.stop(0)
+
+
+def _wait_for_port(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "serving":
+            return int(record["port"])
+    raise AssertionError("server did not report serving")
+
+
+def _large_png() -> bytes:
+    """4 Mpx of smooth content: small to send, slow enough to decode that calls stay in flight."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.add.outer(np.arange(2000), np.arange(2000)) % 256  # [H, W]
+    buf = io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint8)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_sigterm_goes_not_serving_drains_and_exits(tiny_bundle):
+    drain_s = 0.5
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", MEDVLM_DRAIN_S=str(drain_s), MEDVLM_GRACE_S="10")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "services.vision", "--host", "127.0.0.1", "--port", "0", "--bundle", str(tiny_bundle)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        port = await asyncio.to_thread(_wait_for_port, proc)
+        assert await health_status(port) == SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
+            request = types_pb2.EmbedImagesRequest(images=[types_pb2.Image(data=_large_png())] * 12)
+            finished: list[float] = []
+
+            async def call():
+                reply = await stub.EmbedImages(request, timeout=60)
+                finished.append(time.monotonic())
+                return reply
+
+            in_flight = [asyncio.ensure_future(call()) for _ in range(4)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            assert await health_status(port) == NOT_SERVING  # during the drain
+            replies = await asyncio.gather(*in_flight)
+            assert all(len(r.embeddings) == 12 for r in replies)
+            # some call was still running when the server stopped accepting, and completed
+            assert max(finished) > started + drain_s
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert code == 0
+        assert time.monotonic() - started < drain_s + 10 + 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_settings_flags_beat_variables_and_defaults():
+    env = {"MEDVLM_MAX_TEXTS": "7", "MEDVLM_BUNDLE": "/b", "MEDVLM_ALLOW_BENCHMARK": "yes", "MEDVLM_PORT": "9"}
+    settings = parse_settings(TEXT, ["--port", "1234"], env)
+    assert (settings.port, settings.max_texts, settings.bundle, settings.allow_benchmark) == (1234, 7, "/b", True)
+    assert parse_settings("gateway", [], {}).port == 50050
+    assert parse_settings("gateway", [], {}).max_message_bytes == 64 << 20
+    assert parse_settings(VISION, [], {"MEDVLM_BUNDLE": "/b"}).max_message_bytes == 32 << 20
+    with pytest.raises(SystemExit):
+        parse_settings(VISION, [], {})  # no bundle
+    with pytest.raises(SystemExit):
+        parse_settings(TEXT, [], {"MEDVLM_BUNDLE": "/b", "MEDVLM_MAX_TEXTS": "many"})
+    with pytest.raises(dataclasses_frozen_error()):
+        settings.port = 1  # type: ignore[misc]
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
