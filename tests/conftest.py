@@ -51,7 +51,7 @@ def gateway_settings(vision_port: int, text_port: int, **overrides) -> Settings:
     values = dict(
         service=GATEWAY, host="127.0.0.1", port=0, grace_s=2.0,
         vision_target=f"127.0.0.1:{vision_port}", text_target=f"127.0.0.1:{text_port}",
-        startup_timeout_s=30.0,
+        verify_retry_max_s=1.0,
     )
     values.update(overrides)
     return Settings(**values)

@@ -202,7 +202,7 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
     from services.text.servicer import TextApp
 
     text = await start_server(encoder_settings(TEXT, other), TextApp(encoder_settings(TEXT, other)))
-    settings = gateway_settings(tiny_stack.vision.port, text.port, startup_timeout_s=2.0)
+    settings = gateway_settings(tiny_stack.vision.port, text.port, verify_retry_max_s=0.5)
     with structlog.testing.capture_logs() as logs:
         gateway = await start_server(settings, GatewayApp(settings), wait=False)
         await asyncio.sleep(1.0)
@@ -213,7 +213,7 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             await expect_status(stub.Classify(classify_request(["a", "b"]), timeout=5),
                                 grpc.StatusCode.UNAVAILABLE, "not verified")
-    assert any(e.get("event") == "start_failed" and "disagree" in e.get("error", "") for e in logs)
+    assert any(e.get("event") == "encoders_not_verified" and "disagree" in e["reason"] for e in logs)
     await gateway.stop(0)
     await text.stop(0)
     assert await health_status(tiny_stack.gateway.port) == SERVING

@@ -1,4 +1,4 @@
-"""Export the two towers of an open_clip model to single-file ONNX graphs with dynamic batch (and sequence) axes."""
+"""Export the two towers of an open_clip model to single-file ONNX graphs with dynamic batch/sequence axes."""
 
 from __future__ import annotations
 
@@ -42,8 +42,13 @@ class TextTower(torch.nn.Module):
         return self.model.encode_text(input_ids, normalize=False)  # [N, D]
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, dynamic: dict[int, object], names: tuple[str, str],
-            path: Path) -> None:
+def _export(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    dynamic: dict[int, object],
+    names: tuple[str, str],
+    path: Path,
+) -> None:
     """Export `module(example)` to a single ONNX file (no external data) and log the time it took."""
     start = time.perf_counter()
     input_name, output_name = names
@@ -63,18 +68,20 @@ def _export(module: torch.nn.Module, example: torch.Tensor, dynamic: dict[int, o
             verbose=False,
         )
     program.save(str(path), external_data=False)
-    log.info("exported %s in %.1f s (%.1f MB)", path.name, time.perf_counter() - start, path.stat().st_size / 1e6)
+    seconds, megabytes = time.perf_counter() - start, path.stat().st_size / 1e6
+    log.info("exported %s in %.1f s (%.1f MB)", path.name, seconds, megabytes)
 
 
 def export_vision(model: torch.nn.Module, path: Path, *, image_size: int) -> None:
     """Export the image tower: `images` float32 [N, 3, image_size, image_size] -> `image_embeds` [N, D]."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    example = torch.zeros(2, 3, image_size, image_size)  # [2, 3, H, W]; batch 2 so the axis is not specialised
+    # Batch 2, not 1, so that the exporter does not specialise the axis to a constant.
+    example = torch.zeros(2, 3, image_size, image_size)  # [2, 3, H, W]
     _export(VisionTower(model).eval(), example, {0: batch}, (VISION_INPUT, VISION_OUTPUT), path)
 
 
 def export_text(model: torch.nn.Module, path: Path, *, context_length: int, pad_id: int) -> None:
-    """Export the text tower: `input_ids` int64 [N, L] with 1 <= L <= context_length -> `text_embeds` [N, D]."""
+    """Export the text tower: `input_ids` int64 [N, L], 1 <= L <= context_length -> `text_embeds` [N, D]."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=context_length)
     example = torch.full((2, context_length), pad_id, dtype=torch.int64)  # [2, L]

@@ -83,7 +83,9 @@ def open_clip_config(
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: pad id 0, as in BERT
 
 
-def build_wordpiece_vocab(texts: Sequence[str], dst: Path, *, vocab_size: int, lowercase: bool = True) -> Path:
+def build_wordpiece_vocab(
+    texts: Sequence[str], dst: Path, *, vocab_size: int, lowercase: bool = True
+) -> Path:
     """Build a BERT-style WordPiece vocabulary from `texts` offline and write it to `dst` (a vocab.txt).
 
     Texts are normalized and split exactly as BertTokenizerFast does (the `tokenizers`
@@ -104,7 +106,9 @@ def build_wordpiece_vocab(texts: Sequence[str], dst: Path, *, vocab_size: int, l
     chars = sorted({c for word in counts for c in word})
     tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
     if len(tokens) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the special tokens and alphabet ({len(tokens)})")
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the special tokens and alphabet ({len(tokens)})"
+        )
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
     tokens += words[: vocab_size - len(tokens)]
     dst = Path(dst)
@@ -184,7 +188,9 @@ def write_local_dir(
     """
     dst = Path(dst).resolve()
     dst.mkdir(parents=True, exist_ok=True)
-    write_text_files(dst, bert=bert, vocab_path=Path(vocab_path), context_length=context_length, lowercase=lowercase)
+    write_text_files(
+        dst, bert=bert, vocab_path=Path(vocab_path), context_length=context_length, lowercase=lowercase
+    )
     config = open_clip_config(
         timm_model=timm_model,
         embed_dim=embed_dim,
@@ -207,7 +213,7 @@ def write_local_dir(
 
 
 def save_weights(model: torch.nn.Module, dst: Path) -> Path:
-    """Save an open_clip model's state dict as `dst/open_clip_model.safetensors`, so the folder loads with it."""
+    """Save an open_clip model's state dict as `dst/open_clip_model.safetensors`: the folder then loads it."""
     from safetensors.torch import save_file
 
     path = Path(dst) / WEIGHTS_NAME

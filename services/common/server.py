@@ -51,6 +51,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 60) * 1000)),
         ("grpc.server_handshake_timeout_ms", 15_000),
+        # a second server on a taken port must fail, not silently share it
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -106,9 +108,10 @@ class Server:
         log.info("stopped")
 
 
-async def serve(settings: Settings, app: App) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = Server(settings, app)
+async def serve(settings: Settings, app_factory: Callable[[Settings], App]) -> None:
+    """Build the app inside the running loop (gRPC channels bind to it), serve until SIGTERM or
+    SIGINT, then shut down gracefully."""
+    server = Server(settings, app_factory(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,4 +126,4 @@ def main(service: str, app_factory: Callable[[Settings], App], argv: Sequence[st
     """Entry point of a service: parse settings once, configure logs, serve."""
     settings = parse_settings(service, argv)
     configure_logging(service, settings.log_level)
-    asyncio.run(serve(settings, app_factory(settings)))
+    asyncio.run(serve(settings, app_factory))

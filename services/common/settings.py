@@ -114,10 +114,10 @@ class Settings:
         "always wins). Shorter fails faster when an encoder hangs.",
         (GATEWAY,),
     )
-    startup_timeout_s: float = _opt(
-        300.0,
-        "How long the gateway waits for both encoders at start before giving up (it stays "
-        "NOT_SERVING and keeps checking).",
+    verify_retry_max_s: float = _opt(
+        5.0,
+        "Longest pause between checks of the encoders while the gateway is not yet serving "
+        "(both must answer and serve the same bundle). Shorter becomes ready sooner.",
         (GATEWAY,),
     )
 
@@ -193,3 +193,20 @@ def parse_settings(
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
     return settings
+
+
+def markdown_table() -> str:
+    """The settings as the README's table: flag, variable, default, services, what it trades."""
+    rows = ["| flag | variable | default | services | what it does |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        if "help" not in f.metadata:
+            continue
+        services = ", ".join(f.metadata["services"]) if f.metadata["services"] != ALL else "all"
+        rows.append(
+            f"| `{_flag_name(f.name)}` | `{_env_name(f.name)}` | `{f.default!r}` | {services} | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

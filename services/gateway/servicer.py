@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import numpy as np
@@ -20,22 +19,13 @@ from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
 log = structlog.get_logger("medvlm.gateway")
 
 
-async def verify_encoders(vision: VisionClient, text: TextClient, settings: Settings) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
-    """Wait until both encoders answer, then require the same bundle and dimension.
+async def verify_encoders(vision: VisionClient, text: TextClient) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """Ask both encoders what they serve and require the same bundle and dimension.
 
     Returns the verified identity and a ModelInfo carrying both engines. Raises
-    Inconsistent when they differ, NotReady when they do not answer in time.
+    Inconsistent when they differ, and the clients' errors when one does not answer.
     """
-    deadline = time.monotonic() + settings.startup_timeout_s
-    while True:
-        try:
-            vision_info, text_info = await asyncio.gather(vision.model_info(5.0), text.model_info(5.0))
-            break
-        except MedvlmError as exc:
-            if time.monotonic() >= deadline:
-                raise NotReady(f"encoders not ready after {settings.startup_timeout_s:.0f} s: {exc.message}") from exc
-            log.info("waiting_for_encoders", reason=exc.message)
-            await asyncio.sleep(1.0)
+    vision_info, text_info = await asyncio.gather(vision.model_info(5.0), text.model_info(5.0))
     if (vision_info.bundle_id, vision_info.embed_dim) != (text_info.bundle_id, text_info.embed_dim):
         raise Inconsistent(
             f"encoders disagree: vision serves {vision_info.bundle_id} (dim {vision_info.embed_dim}), "
@@ -64,7 +54,16 @@ class GatewayApp:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
 
     async def start(self) -> None:
-        identity, self._info = await verify_encoders(self.vision, self.text, self.settings)
+        """Wait, as long as it takes, until both encoders answer and agree; NOT_SERVING meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                identity, self._info = await verify_encoders(self.vision, self.text)
+                break
+            except MedvlmError as exc:
+                log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.verify_retry_max_s)
         self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars)
         log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim)
 

@@ -1,0 +1,206 @@
+"""Train the demo model on synthetic images, reproducibly from a seed (CPU, fixed threads and data order)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engines.build import demo, demo_eval, synthetic
+from engines.build.localdir import WEIGHTS_NAME, build_wordpiece_vocab, load_local_dir, save_weights
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SEED = 999  # data set seed of the small validation set logged during training
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "demo"
+
+
+def cached_images(seed: int, count: int, workers: int, cache_dir: Path = CACHE_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Training images uint8 [count, H, W, 3] and labels, generated once and kept as a .npy cache."""
+    path = cache_dir / f"synthetic-v{synthetic.GENERATOR_VERSION}-seed{seed}-n{count}.npy"
+    labels = np.arange(count, dtype=np.int64) % synthetic.NUM_CLASSES
+    if path.is_file():
+        log.info("using cached training images %s", path)
+        return np.load(path, mmap_mode="r"), labels
+    start = time.perf_counter()
+    images, labels = synthetic.generate(seed, count, workers=workers)
+    log.info("generated %d training images in %.1f s", count, time.perf_counter() - start)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, images)
+    tmp.replace(path)
+    return images, labels
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_labels: torch.Tensor,
+                        text_labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss where every pair of the same class is a positive (soft targets).
+
+    image_features [B, D] and text_features [T, D] are L2-normalized. Image -> text: the
+    captions of the image's class share the target mass. Text -> image: the images of the
+    caption's class share it; captions whose class has no image in the batch are skipped.
+    """
+    logits = logit_scale * image_features @ text_features.T  # [B, T]
+    positive = (image_labels[:, None] == text_labels[None, :]).float()  # [B, T]
+    i2t = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    present = positive.sum(0) > 0
+    pos_t, logits_t = positive[:, present], logits[:, present]
+    t2i = -(pos_t / pos_t.sum(0, keepdim=True) * logits_t.log_softmax(0)).sum(0).mean()
+    return (i2t + t2i) / 2
+
+
+def lr_at(step: int, recipe: demo.Recipe) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embed" in name or "logit_scale" in name or "token" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
+          validate_every: int = 200) -> dict:
+    """Train the demo model and write recipe.json, vocab.txt and open_clip_model.safetensors into `out`.
+
+    Deterministic for a given recipe, code and thread count: seeds, data order and caption
+    draws all derive from `recipe.seed`. Returns the run record stored in recipe.json.
+    """
+    if recipe.seed in (VALIDATION_SEED, demo_eval.EVAL_SEED):
+        raise ValueError(f"seed {recipe.seed} is reserved for held-out data")
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(recipe.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    wall_start = time.perf_counter()
+
+    vocab = build_wordpiece_vocab(synthetic.all_captions(), out / demo.VOCAB_NAME, vocab_size=recipe.vocab_size)
+    images, labels = cached_images(recipe.seed, recipe.train_images, workers)
+    val_images, val_labels = demo_eval.held_out_set(VALIDATION_SEED, 10)
+    val_pixels = demo_eval.normalize_uint8(val_images)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(recipe.seed)
+        loaded = load_local_dir(demo.write_demo_dir(recipe, Path(tmp) / "demo", vocab))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(recipe.init_logit_scale))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s + BERT %dx%d, %.2f M parameters", recipe.timm_model, recipe.text_layers,
+             recipe.text_width, n_params / 1e6)
+
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+    order = torch.Generator().manual_seed(recipe.seed)
+    captions_rng = np.random.default_rng([recipe.seed, 1])
+    text_labels = torch.arange(synthetic.NUM_CLASSES).repeat_interleave(recipe.captions_per_class)
+    perm, cursor = torch.randperm(len(images), generator=order), 0
+    losses, history = [], []
+    train_start = time.perf_counter()
+    model.train()
+    for step in range(recipe.steps):
+        if cursor + recipe.batch_size > len(perm):
+            perm, cursor = torch.randperm(len(images), generator=order), 0
+        idx = perm[cursor:cursor + recipe.batch_size].sort().values.numpy()
+        cursor += recipe.batch_size
+        pixels = demo_eval.normalize_uint8(np.asarray(images[idx]))
+        texts = [synthetic.caption(int(c), captions_rng) for c in text_labels]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe)
+
+        image_features = F.normalize(model.encode_image(pixels), dim=-1)
+        text_features = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+        loss = multi_positive_loss(image_features, text_features, torch.as_tensor(labels[idx]), text_labels,
+                                   model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(recipe.max_logit_scale))
+        losses.append(loss.item())
+
+        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
+            rate = (step + 1) * recipe.batch_size / (time.perf_counter() - train_start)
+            log.info("step %d/%d loss %.4f scale %.1f lr %.2e %.0f img/s", step + 1, recipe.steps,
+                     float(np.mean(losses[-log_every:])), model.logit_scale.exp().item(), lr_at(step, recipe), rate)
+        if (step + 1) % validate_every == 0 or step + 1 == recipe.steps:
+            model.eval()
+            val = demo_eval.zero_shot(model, tokenizer, demo_eval.encode_images(model, val_pixels), val_labels,
+                                      (demo_eval.PLAIN_TEMPLATE,))[0]
+            model.train()
+            history.append({"step": step + 1, "val_top1": round(val.top1, 4),
+                            "minutes": round((time.perf_counter() - wall_start) / 60, 2)})
+            log.info("step %d validation top-1 %.1f %% (seed %d, %d images); worst classes %s", step + 1,
+                     100 * val.top1, VALIDATION_SEED, len(val_labels),
+                     sorted(zip(val.per_class, synthetic.CLASS_KEYS))[:3])
+
+    model.eval()
+    save_weights(model, out)
+    train_seconds = time.perf_counter() - train_start
+    record = {
+        "recipe": recipe.to_json(),
+        "generator_version": synthetic.GENERATOR_VERSION,
+        "parameters": n_params,
+        "first_losses": [round(x, 6) for x in losses[:10]],
+        "final_loss": round(float(np.mean(losses[-log_every:])), 6),
+        "validation": history,
+        "seconds": {"total": round(time.perf_counter() - wall_start, 1), "training_loop": round(train_seconds, 1)},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": recipe.threads,
+                    "torch": torch.__version__},
+    }
+    (out / demo.RECIPE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    log.info("wrote %s (%.1f min in all)", out, record["seconds"]["total"] / 60)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train and write the weights folder; optionally evaluate it on the held-out set."""
+    defaults = demo.Recipe()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, data and order")
+    parser.add_argument("--out", type=Path, default=demo.WEIGHTS_DIR, help="folder for the weights")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating the training images")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override another recipe field (experiments), e.g. --set lr=3e-3")
+    parser.add_argument("--eval", action="store_true", help="evaluate on the held-out set afterwards")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fields = {f.name: f.type for f in dataclasses.fields(demo.Recipe)}
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            parser.error(f"unknown recipe field {name!r}")
+        overrides[name] = type(getattr(defaults, name))(value)
+    recipe = dataclasses.replace(defaults, seed=args.seed, steps=args.steps, **overrides)
+    record = train(recipe, args.out, workers=args.workers)
+    print(f"trained in {record['seconds']['total'] / 60:.1f} min; weights in {args.out}")
+    if args.eval:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = demo.write_demo_dir(recipe, Path(tmp) / "demo", args.out / demo.VOCAB_NAME,
+                                            args.out / WEIGHTS_NAME)
+            print(demo_eval.format_table(demo_eval.evaluate(model_dir, workers=args.workers)))
+
+
+if __name__ == "__main__":
+    main()
