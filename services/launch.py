@@ -38,12 +38,12 @@ def ensure_bundle(bundles: Path, model: str) -> Path:
     return bundle
 
 
-def wait_serving(target: str, timeout_s: float) -> bool:
-    """Poll grpc.health.v1 on target until SERVING or timeout."""
+def wait_serving(target: str, timeout_s: float, keep_waiting) -> bool:
+    """Poll grpc.health.v1 on target until SERVING, timeout, or keep_waiting() turns false."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and keep_waiting():
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
                              "--vision-target", vision, "--text-target", text],
     }
-    procs = {name: subprocess.Popen(cmd, cwd=ROOT) for name, cmd in commands.items()}
     stopping = False
 
     def stop(*_: object) -> None:
@@ -95,14 +94,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT) for name, cmd in commands.items()}
+
+    def all_running() -> bool:
+        return not stopping and all(p.poll() is None for p in procs.values())
+
     try:
-        if not wait_serving(gateway, args.timeout_s):
-            print(f"the stack did not become healthy within {args.timeout_s:.0f} s; see the logs above", file=sys.stderr)
-            return 1
+        if not wait_serving(gateway, args.timeout_s, all_running):
+            if not stopping:
+                print("the stack did not become healthy; see the logs above", file=sys.stderr)
+            return 0 if stopping else 1
         samples = sorted((ROOT / "samples").glob("chest*.png"))
         print(f"\nmedvlm is serving bundle {bundle.name} on {gateway} (Ctrl-C stops it). Try:\n", flush=True)
         print("  " + grpcurl_line(gateway, samples[0] if samples else None) + "\n", flush=True)
-        while not stopping and all(p.poll() is None for p in procs.values()):
+        while all_running():
             time.sleep(0.5)
         dead = [n for n, p in procs.items() if p.poll() is not None]
         if dead and not stopping:
