@@ -38,6 +38,14 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """The tiny model in torch through open_clip (model, preprocess, tokenizer), as the bundle was built."""
+    from engines.build import registry
+
+    return registry.get_source("tiny").load(tmp_path_factory.mktemp("tiny-src"), None)
+
+
+@pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
     """The demo model (trained weights committed in the repository), exported once per run."""
     return build("demo", tmp_path_factory.mktemp("bundles"))

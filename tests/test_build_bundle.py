@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engines.build import bundle, localdir, registry  # noqa: E402
 from engines.runtime import manifest as mf  # noqa: E402
+from engines.runtime.text import TextTokenizer  # noqa: E402
 
 AWKWARD_TEXTS = [
     "",
@@ -25,6 +26,7 @@ AWKWARD_TEXTS = [
     "MRI brain; T2/FLAIR: no acute infarct (see prior, 2019-03-04)!?...",
     "café-au-lait macule, naïve, Ödem, µg/kg, 5 × 3 cm, ≥ 2 mm — ✓ 肺炎 🫁",
     "[CLS] [SEP] [PAD] [MASK] [UNK] ## ##ing",
+    "“quoted” don’t x &lt; 5 mm &amp;amp; &#39;a&#39; ﬁbrosis ＣＴ scan CafÃ© \u200b\x07",
     "UPPER lower MiXeD",
     "pneumonia " * 200,
     "x" * 300,
@@ -115,23 +117,15 @@ def test_onnx_reproduces_golden(tiny_bundle: Path, golden: dict[str, np.ndarray]
 def test_tokenizer_matches_open_clip(tiny_bundle: Path, open_clip_tokenizer) -> None:
     manifest = mf.Manifest.read(tiny_bundle)
     reference = open_clip_tokenizer(AWKWARD_TEXTS).numpy()
-    ids = bundle.encode_texts(tiny_bundle / manifest.text.tokenizer_dir / "tokenizer.json", AWKWARD_TEXTS,
-                              context_length=manifest.text.context_length, pad_id=manifest.text.pad_id)
+    tokenizer = TextTokenizer(tiny_bundle, manifest.text)
+    ids = tokenizer.ids(AWKWARD_TEXTS, pad_to=manifest.text.context_length)
     np.testing.assert_array_equal(ids, reference)
+    trimmed = tokenizer.ids(AWKWARD_TEXTS)  # padded to the longest row only, as the service sends them
+    np.testing.assert_array_equal(trimmed, reference[:, : trimmed.shape[1]])
     assert ids[-2, -1] != manifest.text.pad_id  # the long text was truncated, ending in [SEP]
     # One 300-character word: [CLS] [UNK] [SEP].
     assert (ids[-1, :3] != manifest.text.pad_id).all() and ids[-1, 3] == manifest.text.pad_id
     assert (ids[0, 2:] == manifest.text.pad_id).all()  # empty text: [CLS] [SEP] then padding
-
-
-@pytest.mark.xfail(strict=True, reason="open_clip cleans text with ftfy.fix_text and html.unescape before "
-                   "tokenizing; whitespace collapsing alone differs on entities, curly quotes, ligatures")
-def test_tokenizer_matches_open_clip_on_text_ftfy_rewrites(tiny_bundle: Path, open_clip_tokenizer) -> None:
-    texts = ["x &lt; 5 mm", "ﬁbrosis", "ＣＴ scan"]
-    reference = open_clip_tokenizer(texts).numpy()
-    tokenizer_json = tiny_bundle / "tokenizer" / "tokenizer.json"
-    ids = bundle.encode_texts(tokenizer_json, texts, context_length=32, pad_id=0)
-    np.testing.assert_array_equal(ids, reference)
 
 
 def test_check_parity_accepts_equal_and_refuses_perturbed(golden: dict[str, np.ndarray]) -> None:

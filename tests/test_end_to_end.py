@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.build import registry
 from medvlm.v1 import gateway_pb2, types_pb2
 from test_gateway import png_bytes
 
@@ -19,10 +18,8 @@ TEMPLATE = "a medical image showing {}"
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_bundle, tmp_path_factory):
-    """The same model in torch, through open_clip, built from the registry as the bundle was."""
-    loaded = registry.get_source("tiny").load(tmp_path_factory.mktemp("ref"), None)
-    return loaded
+def reference(tiny_reference):
+    return tiny_reference
 
 
 def torch_embeddings(reference, images: list[bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from PIL import Image
 from engines.build import export, registry
 from engines.build.localdir import LoadedModel
 from engines.runtime import manifest as mf
+from engines.runtime.text import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +112,6 @@ def golden_images() -> list[Image.Image]:
     small = (x * 4 + y * 2) % 256  # [48, 64]
     arrays = [(rgb, "RGB"), (radial, "L"), (rgba, "RGBA"), (noise, "RGB"), (small, "L")]
     return [Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode=m) for a, m in arrays]
-
-
-def encode_texts(
-    tokenizer_json: Path, texts: Sequence[str], *, context_length: int, pad_id: int
-) -> np.ndarray:
-    """Tokenize as the text service does: `tokenizers` only, whitespace collapsed, truncated and padded.
-
-    Returns int64 [N, context_length]; must equal open_clip's HFTokenizer ids for the same texts.
-    """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    tokenizer.enable_truncation(max_length=context_length)
-    tokenizer.enable_padding(length=context_length, pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id))
-    encodings = tokenizer.encode_batch([" ".join(text.split()) for text in texts])
-    return np.array([e.ids for e in encodings], dtype=np.int64)  # [N, context_length]
 
 
 def trimmed_length(input_ids: np.ndarray, pad_id: int) -> int:
@@ -262,10 +247,9 @@ def _write_bundle(source: registry.ModelSource, loaded: LoadedModel, dst: Path) 
         raise BundleError(f"towers disagree on embed dim: {embed_dim} vs {golden[mf.TEXT_OUTPUT].shape[1]}")
 
     tokenizer.save_pretrained(dst / TOKENIZER_DIR)
-    service_ids = encode_texts(dst / TOKENIZER_DIR / "tokenizer.json", GOLDEN_TEXTS,
-                               context_length=text.context_length, pad_id=pad_id)
+    service_ids = TextTokenizer(dst, text).ids(list(GOLDEN_TEXTS), pad_to=text.context_length)
     if not np.array_equal(service_ids, golden[mf.TEXT_INPUT]):
-        raise BundleError("tokenizer.json does not reproduce open_clip's token ids on the golden texts")
+        raise BundleError("the text service's tokenizer does not reproduce open_clip's ids on the golden texts")
 
     export.export_vision(model, dst / VISION_FILE, image_size=image.size)
     export.export_text(model, dst / TEXT_FILE, context_length=text.context_length, pad_id=pad_id)

@@ -191,6 +191,7 @@ def _load_biomedclip_snapshot(snapshot: Path, workdir: Path) -> LoadedModel:
         raise SourceError(_biomedclip_help(
             f"{snapshot} lacks {localdir.CONFIG_NAME} or a checkpoint ({', '.join(_SNAPSHOT_WEIGHTS)})"))
     folder = workdir / "biomedclip"
+    shutil.rmtree(folder, ignore_errors=True)  # a kept --workdir may hold an earlier run's folder
     folder.mkdir(parents=True)
     config = json.loads(config_path.read_text())
     text_cfg = config["model_cfg"]["text_cfg"]

@@ -6,7 +6,7 @@ import numpy as np
 
 from engines.runtime.engine import Engine
 from services.common.encoder import l2_normalize
-from services.text.tokens import TextTokenizer
+from engines.runtime.text import TextTokenizer
 
 
 class TextEncoder:

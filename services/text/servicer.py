@@ -10,7 +10,7 @@ from services.common.encoder import EncoderApp, LoadedTower
 from services.common.texts import check_texts
 from services.common.work import deadline_of
 from services.text.encoder import TextEncoder
-from services.text.tokens import TextTokenizer
+from engines.runtime.text import TextTokenizer
 
 
 class TextApp(EncoderApp):

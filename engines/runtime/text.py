@@ -1,9 +1,11 @@
-"""Tokenization with the `tokenizers` library from a bundle's files, as open_clip's HFTokenizer does it."""
+"""Tokenization with the `tokenizers` library from a bundle's files, exactly as open_clip's HFTokenizer."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
+import ftfy
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -13,7 +15,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def clean_whitespace(text: str) -> str:
-    """open_clip's "whitespace" cleaning: runs of whitespace become one space, ends stripped."""
+    """open_clip's "whitespace" cleaning: ftfy repair, HTML entities unescaped (twice, as open_clip
+    does), runs of whitespace collapsed to one space, ends stripped."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split())
 
 
@@ -25,6 +29,7 @@ class TextTokenizer:
     """
 
     def __init__(self, bundle_dir: Path, spec: TextSpec) -> None:
+        """Load `tokenizer/tokenizer.json` of the bundle in `bundle_dir`."""
         if spec.clean != "whitespace":
             raise ValueError(f"unsupported text cleaning {spec.clean!r}")
         self.spec = spec
