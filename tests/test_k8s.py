@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32"
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: it renders the kustomizations")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl not installed: it renders the kustomizations"
+)
 
 GPU = "nvidia.com/gpu"
 GPU_POOL = ("medvlm.io/pool", "gpu")  # node label of every GPU node pool (docs/deploy.md)
@@ -26,7 +28,14 @@ ENCODERS = ("vision", "text")
 GATEWAY = "gateway"
 COMPONENT = "app.kubernetes.io/component"
 RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
 }
 DEFAULTS = Settings()
 
@@ -195,8 +204,10 @@ def check_gpu(docs: list[dict], gpu: bool) -> list[str]:
         }
         if wants_gpu:
             problems += [f"{where}: no {what}" for what, present in has.items() if not present]
-            if has["GPU limit"] and (sorted(map(str, filter(None, limits))) != ["1"]
-                                     or any(r is not None and str(r) != "1" for r in requests)):
+            if has["GPU limit"] and (
+                sorted(map(str, filter(None, limits))) != ["1"]
+                or any(r is not None and str(r) != "1" for r in requests)
+            ):
                 problems.append(f"{where}: GPU limit/request is not exactly 1 in one container")
         else:
             problems += [f"{where}: unexpected {what}" for what, present in has.items() if present]
@@ -223,19 +234,29 @@ def check_probes_and_shutdown(docs: list[dict]) -> list[str]:
                     problems.append(f"{at}: no gRPC {probe}")
                 elif port not in ports:
                     problems.append(f"{at}: {probe} on port {port}, not a container port {sorted(ports)}")
-            budget, needed = _startup_budget(c), 600 if GPU in c.get("resources", {}).get("limits", {}) else 300
+            budget, needed = (
+                _startup_budget(c),
+                600 if GPU in c.get("resources", {}).get("limits", {}) else 300,
+            )
             if _component(pod) == GATEWAY:  # NOT_SERVING until the encoders serve
-                needed = max([needed] + [_startup_budget(e) for _, p in _encoder_pods(docs) for e in p["spec"]["containers"]])
+                needed = max(
+                    [needed]
+                    + [_startup_budget(e) for _, p in _encoder_pods(docs) for e in p["spec"]["containers"]]
+                )
             if budget < needed:
                 problems.append(f"{at}: startupProbe allows {budget} s to load, less than {needed} s")
             env = _env(docs, c)
             pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-            shutdown = (pre_stop + float(env.get("MEDVLM_DRAIN_S", DEFAULTS.drain_s))
-                        + float(env.get("MEDVLM_GRACE_S", DEFAULTS.grace_s)))
+            shutdown = (
+                pre_stop
+                + float(env.get("MEDVLM_DRAIN_S", DEFAULTS.drain_s))
+                + float(env.get("MEDVLM_GRACE_S", DEFAULTS.grace_s))
+            )
             grace = spec.get("terminationGracePeriodSeconds", 30)
             if grace <= shutdown:
-                problems.append(f"{at}: terminationGracePeriodSeconds {grace} <= preStop + drain + grace "
-                                f"{shutdown:g}")
+                problems.append(
+                    f"{at}: terminationGracePeriodSeconds {grace} <= preStop + drain + grace {shutdown:g}"
+                )
     return problems
 
 
@@ -275,7 +296,9 @@ def check_services(docs: list[dict]) -> list[str]:
 
 
 def _policy_allows(policy: dict, labels: dict) -> bool:
-    return "Ingress" in policy["spec"].get("policyTypes", ["Ingress"]) and _selects(policy["spec"]["podSelector"], labels)
+    return "Ingress" in policy["spec"].get("policyTypes", ["Ingress"]) and _selects(
+        policy["spec"]["podSelector"], labels
+    )
 
 
 def check_network(docs: list[dict]) -> list[str]:
@@ -283,13 +306,19 @@ def check_network(docs: list[dict]) -> list[str]:
     gateway reachable on 50050."""
     problems = []
     policies = _find(docs, "NetworkPolicy")
-    if not any(p["spec"]["podSelector"] == {} and "Ingress" in p["spec"].get("policyTypes", [])
-               and not p["spec"].get("ingress") for p in policies):
+    if not any(
+        p["spec"]["podSelector"] == {}
+        and "Ingress" in p["spec"].get("policyTypes", [])
+        and not p["spec"].get("ingress")
+        for p in policies
+    ):
         problems.append("no default-deny ingress NetworkPolicy (podSelector {}, Ingress, no rules)")
     pods = list(_pods(docs))
     for where, pod in _encoder_pods(docs):
         labels = pod["metadata"]["labels"]
-        port_names = {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        port_names = {
+            p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])
+        }
         reachable = False
         for policy in (p for p in policies if _policy_allows(p, labels)):
             at = f"{where} via NetworkPolicy/{policy['metadata']['name']}"
@@ -298,23 +327,31 @@ def check_network(docs: list[dict]) -> list[str]:
                 if not peers:
                     problems.append(f"{at}: a rule admits every source")
                     continue
-                if not ports or any(port_names.get(p.get("port"), p.get("port")) not in port_names.values()
-                                    for p in ports):
+                if not ports or any(
+                    port_names.get(p.get("port"), p.get("port")) not in port_names.values() for p in ports
+                ):
                     problems.append(f"{at}: a rule admits ports other than the gRPC port")
                 for peer in peers:
                     if set(peer) != {"podSelector"}:
                         problems.append(f"{at}: a peer is not a pod selector in the namespace: {peer}")
                         continue
-                    selected = {_component(p) for _, p in pods if _selects(peer["podSelector"], p["metadata"]["labels"])}
+                    selected = {
+                        _component(p)
+                        for _, p in pods
+                        if _selects(peer["podSelector"], p["metadata"]["labels"])
+                    }
                     if selected - {GATEWAY}:
-                        problems.append(f"{at}: admits pods of {sorted(c or '?' for c in selected - {GATEWAY})}")
+                        problems.append(
+                            f"{at}: admits pods of {sorted(c or '?' for c in selected - {GATEWAY})}"
+                        )
                     reachable |= GATEWAY in selected
         if not reachable:
             problems.append(f"{where}: no NetworkPolicy admits the gateway")
     for where, pod in _pods(_find(docs, "Deployment")):
         if _component(pod) == GATEWAY and not any(
             any(p.get("port") in (50050, "grpc") for p in rule.get("ports", []))
-            for policy in policies if _policy_allows(policy, pod["metadata"]["labels"])
+            for policy in policies
+            if _policy_allows(policy, pod["metadata"]["labels"])
             for rule in policy["spec"].get("ingress", [])
         ):
             problems.append(f"{where}: no NetworkPolicy admits clients on 50050")
@@ -335,7 +372,9 @@ def policy_problems(docs: list[dict], gpu: bool, serving: bool = True, deployabl
 
 @functools.cache
 def _kubernetes_validate():
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed (requirements/dev.txt)")
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (requirements/dev.txt)"
+    )
     # It reads the same schema files again for every object; read each once (5x faster).
     if hasattr(kv, "utils") and hasattr(kv.utils, "schema_contents"):
         kv.utils.schema_contents = functools.cache(kv.utils.schema_contents)
@@ -351,7 +390,9 @@ def test_valid_kubernetes_objects(path):
         try:
             kv.validate(doc, KUBERNETES_VERSION, strict=True)  # strict: unknown fields are errors
         except kv.ValidationError as exc:
-            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+            errors.append(
+                f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}"
+            )
     assert errors == []
 
 
@@ -368,7 +409,9 @@ def test_validation_catches_a_misspelt_field():
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_policies(path):
     options = KUSTOMIZATIONS[path]
-    assert policy_problems(rendered(path), options["gpu"], options["serving"], deployable=path != "base") == []
+    assert (
+        policy_problems(rendered(path), options["gpu"], options["serving"], deployable=path != "base") == []
+    )
 
 
 def _container(docs: list[dict], name: str) -> dict:
@@ -390,27 +433,44 @@ def _gateway_rule(docs: list[dict]) -> dict:
 
 # Each entry breaks one rule in the rendered GPU overlay; the checker must name it.
 BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
-    "no readiness probe": (lambda d: _container(d, "medvlm-vision").pop("readinessProbe"), "no gRPC readinessProbe"),
+    "no readiness probe": (
+        lambda d: _container(d, "medvlm-vision").pop("readinessProbe"),
+        "no gRPC readinessProbe",
+    ),
     "http liveness probe": (
-        lambda d: _container(d, "medvlm-text").update(livenessProbe={"httpGet": {"port": 50052, "path": "/"}}),
+        lambda d: _container(d, "medvlm-text").update(
+            livenessProbe={"httpGet": {"port": 50052, "path": "/"}}
+        ),
         "no gRPC livenessProbe",
     ),
-    "no startup probe": (lambda d: _container(d, "medvlm-gateway").pop("startupProbe"), "no gRPC startupProbe"),
+    "no startup probe": (
+        lambda d: _container(d, "medvlm-gateway").pop("startupProbe"),
+        "no gRPC startupProbe",
+    ),
     "probe on wrong port": (
         lambda d: _container(d, "medvlm-text")["readinessProbe"]["grpc"].update(port=50051),
         "not a container port",
     ),
     "gateway gives up before the encoders": (
-        lambda d: _container(d, "medvlm-gateway")["startupProbe"].update(failureThreshold=40), "less than 600",
+        lambda d: _container(d, "medvlm-gateway")["startupProbe"].update(failureThreshold=40),
+        "less than 600",
     ),
     "short startup on GPU": (
-        lambda d: _container(d, "medvlm-vision")["startupProbe"].update(failureThreshold=10), "startupProbe allows",
+        lambda d: _container(d, "medvlm-vision")["startupProbe"].update(failureThreshold=10),
+        "startupProbe allows",
     ),
     "no limits": (lambda d: _container(d, "medvlm-gateway")["resources"].pop("limits"), "no limits"),
-    "no memory request": (lambda d: _container(d, "medvlm-text")["resources"]["requests"].pop("memory"), "no requests"),
-    "root allowed": (lambda d: _pod_spec(d, "medvlm-vision")["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    "no memory request": (
+        lambda d: _container(d, "medvlm-text")["resources"]["requests"].pop("memory"),
+        "no requests",
+    ),
+    "root allowed": (
+        lambda d: _pod_spec(d, "medvlm-vision")["securityContext"].pop("runAsNonRoot"),
+        "runAsNonRoot",
+    ),
     "uid 0": (
-        lambda d: _container(d, "medvlm-text")["securityContext"].update(runAsUser=0), "runAsUser is not a non-zero",
+        lambda d: _container(d, "medvlm-text")["securityContext"].update(runAsUser=0),
+        "runAsUser is not a non-zero",
     ),
     "writable root": (
         lambda d: _container(d, "medvlm-gateway")["securityContext"].update(readOnlyRootFilesystem=False),
@@ -421,15 +481,20 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
         "allowPrivilegeEscalation",
     ),
     "capabilities kept": (
-        lambda d: _container(d, "medvlm-text")["securityContext"].pop("capabilities"), "do not drop ALL",
+        lambda d: _container(d, "medvlm-text")["securityContext"].pop("capabilities"),
+        "do not drop ALL",
     ),
     "seccomp unconfined": (
-        lambda d: _pod_spec(d, "medvlm-gateway")["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        lambda d: _pod_spec(d, "medvlm-gateway")["securityContext"].update(
+            seccompProfile={"type": "Unconfined"}
+        ),
         "seccompProfile",
     ),
     "token mounted": (
-        lambda d: [_pod_spec(d, "medvlm-vision").pop("automountServiceAccountToken"),
-                   _find(d, "ServiceAccount", "medvlm-vision")[0].pop("automountServiceAccountToken")],
+        lambda d: [
+            _pod_spec(d, "medvlm-vision").pop("automountServiceAccountToken"),
+            _find(d, "ServiceAccount", "medvlm-vision")[0].pop("automountServiceAccountToken"),
+        ],
         "automountServiceAccountToken",
     ),
     "hostPath volume": (
@@ -437,24 +502,38 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
         "not allowed",
     ),
     "gateway on a GPU": (
-        lambda d: _container(d, "medvlm-gateway")["resources"]["limits"].update({GPU: 1}), "unexpected GPU limit",
+        lambda d: _container(d, "medvlm-gateway")["resources"]["limits"].update({GPU: 1}),
+        "unexpected GPU limit",
     ),
     "gateway tolerates GPU taint": (
         lambda d: _pod_spec(d, "medvlm-gateway").update(tolerations=[{"key": GPU, "operator": "Exists"}]),
         "unexpected nvidia.com/gpu toleration",
     ),
     "encoder without GPU": (
-        lambda d: [c["resources"][part].pop(GPU) for c in [_container(d, "medvlm-vision")] for part in ("limits", "requests")],
+        lambda d: [
+            c["resources"][part].pop(GPU)
+            for c in [_container(d, "medvlm-vision")]
+            for part in ("limits", "requests")
+        ],
         "no GPU limit",
     ),
     "two GPUs": (
-        lambda d: [_container(d, "medvlm-text")["resources"][p].update({GPU: 2}) for p in ("limits", "requests")],
+        lambda d: [
+            _container(d, "medvlm-text")["resources"][p].update({GPU: 2}) for p in ("limits", "requests")
+        ],
         "not exactly 1",
     ),
-    "encoder without toleration": (lambda d: _pod_spec(d, "medvlm-text").pop("tolerations"), "no nvidia.com/gpu toleration"),
-    "encoder off the GPU pool": (lambda d: _pod_spec(d, "medvlm-vision").pop("nodeSelector"), "no GPU pool nodeSelector"),
+    "encoder without toleration": (
+        lambda d: _pod_spec(d, "medvlm-text").pop("tolerations"),
+        "no nvidia.com/gpu toleration",
+    ),
+    "encoder off the GPU pool": (
+        lambda d: _pod_spec(d, "medvlm-vision").pop("nodeSelector"),
+        "no GPU pool nodeSelector",
+    ),
     "encoder Service with a ClusterIP": (
-        lambda d: _find(d, "Service", "medvlm-vision")[0]["spec"].pop("clusterIP"), "not headless",
+        lambda d: _find(d, "Service", "medvlm-vision")[0]["spec"].pop("clusterIP"),
+        "not headless",
     ),
     "target without dns:///": (
         lambda d: _set_env(d, "MEDVLM_VISION_TARGET", "medvlm-vision.medvlm.svc.cluster.local:50051"),
@@ -465,27 +544,36 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
         "not a headless encoder Service and port",
     ),
     "no default deny": (
-        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny-ingress")[0]), "no default-deny",
+        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny-ingress")[0]),
+        "no default-deny",
     ),
     "encoder open to every pod": (
-        lambda d: _gateway_rule(d)["from"][0].update(podSelector={}), "admits pods of",
+        lambda d: _gateway_rule(d)["from"][0].update(podSelector={}),
+        "admits pods of",
     ),
     "encoder open to every source": (lambda d: _gateway_rule(d).pop("from"), "admits every source"),
     "encoder open to an address block": (
-        lambda d: _gateway_rule(d)["from"].append({"ipBlock": {"cidr": "10.0.0.0/8"}}), "not a pod selector",
+        lambda d: _gateway_rule(d)["from"].append({"ipBlock": {"cidr": "10.0.0.0/8"}}),
+        "not a pod selector",
     ),
     "encoder open on every port": (lambda d: _gateway_rule(d).pop("ports"), "ports other than"),
     "gateway cannot reach encoder": (
         lambda d: _gateway_rule(d)["from"][0]["podSelector"]["matchExpressions"][1].update(values=["nobody"]),
         "no NetworkPolicy admits the gateway",
     ),
-    "gateway closed": (lambda d: d.remove(_find(d, "NetworkPolicy", "medvlm-gateway")[0]), "admits clients on 50050"),
+    "gateway closed": (
+        lambda d: d.remove(_find(d, "NetworkPolicy", "medvlm-gateway")[0]),
+        "admits clients on 50050",
+    ),
     "grace too short": (
         lambda d: _pod_spec(d, "medvlm-vision").update(terminationGracePeriodSeconds=25),
         "terminationGracePeriodSeconds 25",
     ),
     "drain too long": (lambda d: _set_env(d, "MEDVLM_DRAIN_S", "30"), "terminationGracePeriodSeconds 45"),
-    "image latest": (lambda d: _container(d, "medvlm-gateway").update(image="medvlm-gateway:latest"), "no tag or digest"),
+    "image latest": (
+        lambda d: _container(d, "medvlm-gateway").update(image="medvlm-gateway:latest"),
+        "no tag or digest",
+    ),
 }
 
 

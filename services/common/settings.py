@@ -202,9 +202,8 @@ def markdown_table() -> str:
         if "help" not in f.metadata:
             continue
         services = ", ".join(f.metadata["services"]) if f.metadata["services"] != ALL else "all"
-        rows.append(
-            f"| `{_flag_name(f.name)}` | `{_env_name(f.name)}` | `{f.default!r}` | {services} | {f.metadata['help']} |"
-        )
+        default = "per service" if f.name == "port" else f"`{f.default!r}`"
+        rows.append(f"| `{_flag_name(f.name)}` | `{_env_name(f.name)}` | {default} | {services} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 
