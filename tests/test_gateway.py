@@ -217,3 +217,19 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
     await gateway.stop(0)
     await text.stop(0)
     assert await health_status(tiny_stack.gateway.port) == SERVING
+
+
+async def test_images_split_across_encoder_calls_come_back_in_order(tiny_stack):
+    images = [types_pb2.Image(data=png_bytes(s, (120 + s, 90))) for s in range(5)]
+    whole = await tiny_stack.gateway_stub.EmbedImages(types_pb2.EmbedImagesRequest(images=images), timeout=10)
+    vision_client = tiny_stack.gateway.app.vision
+    vision_client.CHUNK_BYTES = 2 * len(images[0].data)  # about two images per encoder call
+    try:
+        with structlog.testing.capture_logs() as logs:
+            split = await tiny_stack.gateway_stub.EmbedImages(types_pb2.EmbedImagesRequest(images=images), timeout=10)
+    finally:
+        del vision_client.CHUNK_BYTES
+    calls = [e for e in logs if e.get("event") == "audit" and e["rpc"].endswith("VisionEncoderService/EmbedImages")]
+    assert len(calls) >= 3
+    assert [e.input_sha256 for e in split.embeddings] == [e.input_sha256 for e in whole.embeddings]
+    np.testing.assert_allclose([e.values for e in split.embeddings], [e.values for e in whole.embeddings], atol=1e-6)

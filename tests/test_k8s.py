@@ -27,27 +27,20 @@ GPU_POOL = ("medvlm.io/pool", "gpu")  # node label of every GPU node pool (docs/
 ENCODERS = ("vision", "text")
 GATEWAY = "gateway"
 COMPONENT = "app.kubernetes.io/component"
-RESTRICTED_VOLUMES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
+RESTRICTED_VOLUMES = set(
+    "configMap csi downwardAPI emptyDir ephemeral persistentVolumeClaim projected secret".split()
+)
 DEFAULTS = Settings()
 
 
 # What each kustomization is: GPU pods expected, and whether it deploys the services (the Jobs'
 # kustomizations are applied next to an overlay and hold no Services or policies of their own).
 KUSTOMIZATIONS = {
-    "base": dict(gpu=False, serving=True),
-    "overlays/cpu": dict(gpu=False, serving=True),
-    "overlays/gpu": dict(gpu=True, serving=True),
-    "overlays/gpu/plans": dict(gpu=True, serving=False),
-    "smoke": dict(gpu=False, serving=False),
+    "base": {"gpu": False, "serving": True},
+    "overlays/cpu": {"gpu": False, "serving": True},
+    "overlays/gpu": {"gpu": True, "serving": True},
+    "overlays/gpu/plans": {"gpu": True, "serving": False},
+    "smoke": {"gpu": False, "serving": False},
 }
 
 
@@ -145,9 +138,7 @@ def check_pod_security(docs: list[dict]) -> list[str]:
         for c in _containers(pod):
             at = f"{where} container {c['name']}"
             sc = c.get("securityContext", {})
-
-            def effective(key: str, sc: dict = sc):
-                return sc.get(key, pod_sc.get(key))
+            effective = {**pod_sc, **sc}.get  # the container's setting wins over the pod's
 
             if effective("runAsNonRoot") is not True:
                 problems.append(f"{at}: runAsNonRoot is not true")
@@ -234,15 +225,11 @@ def check_probes_and_shutdown(docs: list[dict]) -> list[str]:
                     problems.append(f"{at}: no gRPC {probe}")
                 elif port not in ports:
                     problems.append(f"{at}: {probe} on port {port}, not a container port {sorted(ports)}")
-            budget, needed = (
-                _startup_budget(c),
-                600 if GPU in c.get("resources", {}).get("limits", {}) else 300,
-            )
-            if _component(pod) == GATEWAY:  # NOT_SERVING until the encoders serve
-                needed = max(
-                    [needed]
-                    + [_startup_budget(e) for _, p in _encoder_pods(docs) for e in p["spec"]["containers"]]
-                )
+            budget = _startup_budget(c)
+            needed = 600 if GPU in c.get("resources", {}).get("limits", {}) else 300  # engine load, s
+            if _component(pod) == GATEWAY:  # NOT_SERVING until the encoders serve: as long as theirs
+                encoders = [e for _, p in _encoder_pods(docs) for e in p["spec"]["containers"]]
+                needed = max([needed, *map(_startup_budget, encoders)])
             if budget < needed:
                 problems.append(f"{at}: startupProbe allows {budget} s to load, less than {needed} s")
             env = _env(docs, c)
@@ -597,7 +584,7 @@ def test_checker_catches_a_gpu_on_the_cpu_overlay():
 
 @needs_kubectl
 def test_gateway_never_on_a_gpu_node():
-    for path, options in KUSTOMIZATIONS.items():
+    for path in KUSTOMIZATIONS:
         for where, pod in _pods(rendered(path)):
             if _component(pod) == GATEWAY:
                 spec = pod["spec"]

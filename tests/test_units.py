@@ -99,3 +99,13 @@ async def test_work_pool_drops_jobs_whose_deadline_passed_while_queued():
         assert ran == []
     finally:
         pool.close()
+
+
+def test_images_are_split_by_bytes_in_order():
+    from medvlm.v1 import types_pb2
+    from services.gateway.clients import byte_chunks
+
+    images = [types_pb2.Image(data=bytes([i]) * n) for i, n in enumerate([4, 4, 3, 10, 1, 1])]
+    chunks = byte_chunks(images, limit=8)
+    assert [[len(im.data) for im in c] for c in chunks] == [[4, 4], [3], [10], [1, 1]]
+    assert [im for c in chunks for im in c] == images

@@ -249,7 +249,7 @@ def _write_bundle(source: registry.ModelSource, loaded: LoadedModel, dst: Path) 
     tokenizer.save_pretrained(dst / TOKENIZER_DIR)
     service_ids = TextTokenizer(dst, text).ids(list(GOLDEN_TEXTS), pad_to=text.context_length)
     if not np.array_equal(service_ids, golden[mf.TEXT_INPUT]):
-        raise BundleError("the text service's tokenizer does not reproduce open_clip's ids on the golden texts")
+        raise BundleError("the service tokenizer does not reproduce open_clip's ids on the golden texts")
 
     export.export_vision(model, dst / VISION_FILE, image_size=image.size)
     export.export_text(model, dst / TEXT_FILE, context_length=text.context_length, pad_id=pad_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -94,14 +95,41 @@ class EncoderClient:
         await self.channel.close()
 
 
+def byte_chunks(images: list[types_pb2.Image], limit: int) -> list[list[types_pb2.Image]]:
+    """Consecutive groups of images whose encoded bytes stay within `limit` (an image larger
+    than the limit goes alone)."""
+    chunks: list[list[types_pb2.Image]] = []
+    size = limit + 1
+    for image in images:
+        if size + len(image.data) > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(image)
+        size += len(image.data)
+    return chunks
+
+
 class VisionClient(EncoderClient):
+    # Requests to the encoder are split to stay well under its message limit (32 MiB by
+    # default); the parts run concurrently and, with round_robin, on different replicas.
+    CHUNK_BYTES = 16 << 20
+
     def __init__(self, target: str, max_message_bytes: int) -> None:
         super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes)
 
     async def embed(self, images: list[types_pb2.Image], timeout: float) -> Embedded:
-        """Image messages, passed through untouched -> embeddings."""
-        response = await self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=images), timeout)
-        return _embedded(response, len(images))
+        """Image messages, passed through untouched -> embeddings, in order."""
+        parts = await asyncio.gather(*[
+            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk), timeout)
+            for chunk in byte_chunks(images, self.CHUNK_BYTES)
+        ])
+        done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
+        if len({d.bundle_id for d in done}) != 1:
+            raise errors.Inconsistent("vision encoder replicas serve different bundles; refusing to mix them")
+        vectors = np.concatenate([d.vectors for d in done])
+        if len(vectors) != len(images):
+            raise errors.MedvlmError(f"vision encoder returned {len(vectors)} embeddings for {len(images)} images")
+        return Embedded(vectors, [x for d in done for x in d.digests], done[0].bundle_id)
 
 
 class TextClient(EncoderClient):
