@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 MODEL ?= tiny
 WEIGHTS ?=
 BUNDLES ?= bundles
-BUNDLE ?= $(BUNDLES)/$(MODEL)
 PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1

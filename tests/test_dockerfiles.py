@@ -9,6 +9,7 @@ import ast
 import importlib.metadata
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -202,20 +203,15 @@ def app_stage(dockerfile: Path, into: Path) -> Path:
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / source, target)
-    protoc = re.search(r"python -m grpc_tools\.protoc [^&\\]*", text).group(0)
+    run = next(a for i, a in instructions(text) if i == "RUN" and "grpc_tools.protoc" in a)
+    protoc = re.search(r"python -m grpc_tools\.protoc [^&]*", run).group(0)
     work = into / "src"
     shutil.copytree(ROOT / "protos", work / "protos")
     (work / "gen").mkdir()
-    command = protoc.replace("python", shlex_quote(sys.executable), 1)
+    command = shlex.quote(sys.executable) + protoc.removeprefix("python")
     subprocess.run(command, shell=True, cwd=work, check=True, timeout=120)
     shutil.copytree(work / "gen", into / "app" / "gen")
     return into / "app"
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +243,7 @@ def test_service_starts_from_the_files_its_image_copies(dockerfile, tmp_path):
         d for name in imported - ours - set(sys.stdlib_module_names) for d in distributions.get(name, [name])
     }
     pinned = {
-        l.split("==")[0].lower().replace("_", "-")
-        for l in (ROOT / "requirements/serve.txt").read_text().split()
+        line.split("==")[0].lower().replace("_", "-")
+        for line in (ROOT / "requirements/serve.txt").read_text().split()
     }
     assert {d.lower().replace("_", "-") for d in needed} <= pinned
