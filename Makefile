@@ -43,5 +43,10 @@ run: protos  ## start the local stack (vision, text, gateway) on the default bun
 test: protos  ## run the test suite
 	$(PY) -m pytest -q
 
+TARGET ?= 127.0.0.1:50050
+
+smoke: $(VENV)/.installed  ## smoke-test a running gateway through reflection (TARGET=host:port, default 127.0.0.1:50050)
+	bash scripts/smoke.sh $(TARGET)
+
 clean:  ## remove generated code and built bundles
 	rm -rf gen $(BUNDLES)

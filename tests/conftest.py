@@ -52,12 +52,14 @@ def demo_bundle(tmp_path_factory) -> Path:
 
 
 def encoder_settings(service: str, bundle: Path, **overrides) -> Settings:
-    return Settings(service=service, host="127.0.0.1", port=0, bundle=str(bundle), grace_s=2.0, **overrides)
+    values = dict(service=service, host="127.0.0.1", port=0, metrics_port=0, bundle=str(bundle), grace_s=2.0)
+    values.update(overrides)
+    return Settings(**values)
 
 
 def gateway_settings(vision_port: int, text_port: int, **overrides) -> Settings:
     values = dict(
-        service=GATEWAY, host="127.0.0.1", port=0, grace_s=2.0,
+        service=GATEWAY, host="127.0.0.1", port=0, metrics_port=0, grace_s=2.0,
         vision_target=f"127.0.0.1:{vision_port}", text_target=f"127.0.0.1:{text_port}",
         verify_retry_max_s=1.0,
     )

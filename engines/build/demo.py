@@ -46,6 +46,7 @@ class Recipe:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 60
+    low_res_steps: int = 0  # the first steps see images average-pooled to half size (4x cheaper)
     init_logit_scale: float = 14.3  # exp() applied: cosine multiplier at the start
     max_logit_scale: float = 100.0
     threads: int = 2

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,7 +121,9 @@ def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
             perm, cursor = torch.randperm(len(images), generator=order), 0
         idx = perm[cursor:cursor + recipe.batch_size].sort().values.numpy()
         cursor += recipe.batch_size
-        pixels = demo_eval.normalize_uint8(np.asarray(images[idx]))
+        pixels = demo_eval.normalize_uint8(np.asarray(images[idx]))  # [B, 3, 224, 224]
+        if step < recipe.low_res_steps:
+            pixels = F.avg_pool2d(pixels, 2)  # [B, 3, 112, 112]; the ViT resamples its position embedding
         texts = [synthetic.caption(int(c), captions_rng) for c in text_labels]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)

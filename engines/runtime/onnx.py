@@ -72,7 +72,8 @@ def choose_provider(requested: str, available: list[str] | None = None) -> str:
     return provider
 
 
-def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_threads: int = 0) -> Engine:
+def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_threads: int = 0,
+                max_batch: int = 32) -> Engine:
     """Open the engine serving `tower` of a verified bundle."""
     input_name, output_name = TOWER_TENSORS[tower]
     engine = OnnxRuntimeEngine(
@@ -82,6 +83,7 @@ def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_th
         precision=bundle.manifest.precision_of(tower),
         provider=choose_provider(requested),
         intra_op_threads=intra_op_threads,
+        max_batch=max_batch,
     )
     log.info("engine_opened", tower=tower, engine=engine.kind, precision=engine.precision)
     return engine

@@ -37,11 +37,19 @@ class TextTokenizer:
         self._tokenizer.enable_truncation(max_length=spec.context_length)
         self._tokenizer.no_padding()
 
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """One int64 id array per text: cleaned, truncated to the context length, unpadded."""
+        encodings = self._tokenizer.encode_batch([clean_whitespace(t) for t in texts])
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def pad(self, rows: list[np.ndarray], pad_to: int | None = None) -> np.ndarray:
+        """Rows -> [N, L] with pad_id; L is the longest row, or `pad_to`."""
+        width = pad_to or max(len(r) for r in rows)
+        out = np.full((len(rows), width), self.spec.pad_id, dtype=np.int64)  # [N, L]
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
     def ids(self, texts: list[str], pad_to: int | None = None) -> np.ndarray:
         """[N, L] int64 ids; L is the longest row, or `pad_to` (the context length for parity checks)."""
-        encodings = self._tokenizer.encode_batch([clean_whitespace(t) for t in texts])
-        width = pad_to or max(len(e.ids) for e in encodings)
-        out = np.full((len(texts), width), self.spec.pad_id, dtype=np.int64)  # [N, L]
-        for row, enc in enumerate(encodings):
-            out[row, : len(enc.ids)] = enc.ids
-        return out
+        return self.pad(self.encode(texts), pad_to)

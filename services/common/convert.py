@@ -9,6 +9,7 @@ import numpy as np
 from engines.runtime.engine import Engine
 from engines.runtime.manifest import Manifest
 from medvlm.v1 import types_pb2
+from services.common import batching
 
 KIND = {
     "clinical": types_pb2.MODEL_KIND_CLINICAL,
@@ -22,6 +23,17 @@ PRECISION = {
     "int8": types_pb2.PRECISION_INT8,
 }
 TOWER = {"vision": types_pb2.TOWER_VISION, "text": types_pb2.TOWER_TEXT}
+PRIORITY = {
+    types_pb2.PRIORITY_UNSPECIFIED: batching.ROUTINE,
+    types_pb2.PRIORITY_ROUTINE: batching.ROUTINE,
+    types_pb2.PRIORITY_URGENT: batching.URGENT,
+    types_pb2.PRIORITY_STAT: batching.STAT,
+}
+
+
+def priority(value: int) -> int:
+    """Priority enum of a request -> the batcher's priority (unknown values: ROUTINE)."""
+    return PRIORITY.get(value, batching.ROUTINE)
 
 
 def engine_info(tower: str, engine: Engine) -> types_pb2.EngineInfo:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -13,7 +13,8 @@ from engines.runtime.bundle import Bundle, BundleError, check_golden, load_bundl
 from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.onnx import open_engine
-from services.common import convert
+from services.common import convert, metrics
+from services.common.batching import Batcher
 from services.common.errors import NotReady
 from services.common.settings import Settings
 from services.common.work import WorkPool
@@ -42,7 +43,7 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
             f"bundle {bundle.bundle_id} is a benchmark model (random weights); "
             "serve it only with --allow-benchmark"
         )
-    engine = open_engine(bundle, tower, settings.engine, settings.intra_op_threads)
+    engine = open_engine(bundle, tower, settings.engine, settings.intra_op_threads, settings.max_batch)
     try:
         cosine = check_golden(bundle, tower, engine.infer_all)
     except BaseException:
@@ -50,6 +51,7 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
         raise
     log.info("tower_ready", tower=tower, bundle_id=bundle.bundle_id, kind=manifest.kind,
              engine=engine.kind, precision=engine.precision, golden_min_cosine=round(cosine, 7))
+    metrics.ENGINE_INFO.labels(tower, engine.kind, engine.precision, bundle.bundle_id).set(1)
     return LoadedTower(bundle, engine, cosine)
 
 
@@ -59,11 +61,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class EncoderApp:
-    """Base of the two encoder services: a work pool and a tower loaded at start.
+class Preparer(Protocol):
+    """The service-specific half of an encoder: raw inputs -> engine rows, rows -> a batch."""
 
-    Subclasses set `tower` and `service_names`, implement register(), and may
-    override on_loaded() to build what depends on the bundle (a tokenizer).
+    def prepare(self, payload: Any) -> list[np.ndarray]:
+        """Decode/tokenize one request's inputs into one array per item (blocking)."""
+
+    def collate(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Rows of possibly many requests -> one engine input [B, ...]."""
+
+
+class EncoderApp:
+    """Base of the two encoder services: a tower loaded at start, a work pool that prepares
+    inputs off the event loop, and a batcher that owns the engine.
+
+    Subclasses set `tower` and `service_names`, implement register() and make_preparer().
     """
 
     tower: str
@@ -73,17 +85,29 @@ class EncoderApp:
         self.settings = settings
         self.pool = WorkPool(settings.workers, settings.max_inflight, name=f"medvlm-{self.tower}")
         self._loaded: LoadedTower | None = None
+        self._preparer: Preparer | None = None
+        self._batcher: Batcher | None = None
 
     def register(self, server: Any) -> None:  # pragma: no cover - subclasses
         raise NotImplementedError
 
+    def make_preparer(self, loaded: LoadedTower) -> Preparer:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
     async def start(self) -> None:
         loaded = await asyncio.to_thread(load_tower, self.settings, self.tower)
-        self.on_loaded(loaded)
+        self._preparer = self.make_preparer(loaded)
+        self._batcher = Batcher(
+            loaded.engine.infer,
+            self._preparer.collate,
+            max_batch=loaded.engine.max_batch,
+            max_delay_s=self.settings.max_delay_ms / 1000,
+            max_queue=self.settings.max_queue,
+            aging_s=self.settings.priority_aging_ms / 1000,
+            pending=lambda: self.pool.inflight,
+            name=self.tower,
+        )
         self._loaded = loaded
-
-    def on_loaded(self, loaded: LoadedTower) -> None:
-        """Hook for subclasses: prepare what needs the bundle, before serving starts."""
 
     @property
     def loaded(self) -> LoadedTower:
@@ -92,6 +116,12 @@ class EncoderApp:
             raise NotReady("model is still loading; retry shortly")
         return self._loaded
 
+    async def embed(self, payload: Any, priority: int, deadline: float | None) -> np.ndarray:
+        """One request's inputs -> [N, D] unit-length embeddings, batched with other requests."""
+        self.loaded  # noqa: B018 - NotReady before start
+        rows = await self.pool.run(self._preparer.prepare, payload, deadline=deadline)
+        return l2_normalize(await self._batcher.submit(rows, priority, deadline))
+
     def model_info(self):
         loaded = self.loaded
         return convert.model_info(
@@ -99,6 +129,8 @@ class EncoderApp:
         )
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.close)
         self.pool.close()
         if self._loaded is not None:
             self._loaded.engine.close()

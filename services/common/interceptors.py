@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import structlog
 
-from services.common import errors
+from services.common import errors, metrics
 
 log = structlog.get_logger("medvlm.rpc")
 
@@ -134,6 +134,7 @@ class _Call:
         self.request_id = _incoming_request_id(context)
         self.token = _request_id.set(self.request_id)
         self.quiet = method.startswith(_QUIET_PREFIXES)
+        metrics.INFLIGHT.labels(method).inc()
 
     async def begin(self) -> None:
         await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
@@ -160,12 +161,16 @@ class _Call:
         await self.context.abort(self.code, message)
 
     def end(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        metrics.INFLIGHT.labels(self.method).dec()
+        metrics.REQUESTS.labels(self.method, self.code.name).inc()
+        metrics.REQUEST_SECONDS.labels(self.method).observe(elapsed)
         record = dict(
             rpc=self.method,
             request_id=self.request_id,
             peer=self.context.peer(),
             code=self.code.name,
-            latency_ms=round((time.perf_counter() - self.start) * 1000, 3),
+            latency_ms=round(elapsed * 1000, 3),
         )
         if self.quiet:
             log.debug("audit", **record)

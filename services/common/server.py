@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import ServerInterceptor
+from services.common.metrics import serve_metrics
 from services.common.logs import configure_logging
 from services.common.settings import Settings, parse_settings
 
@@ -71,6 +72,7 @@ class Server:
         names = (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.grpc)
         self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
 
@@ -82,7 +84,9 @@ class Server:
         """Listen at once (so health answers NOT_SERVING), then load the app in the background."""
         await self._set_all(NOT_SERVING)
         await self.grpc.start()
-        log.info("listening", port=self.port)
+        if self.settings.metrics:
+            self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
+        log.info("listening", port=self.port, metrics_port=self.metrics_port)
         self._start_task = asyncio.create_task(self._start_app())
 
     async def _start_app(self) -> None:

@@ -13,6 +13,7 @@ ENCODERS = (VISION, TEXT)
 ALL = (GATEWAY, VISION, TEXT)
 
 DEFAULT_PORTS = {GATEWAY: 50050, VISION: 50051, TEXT: 50052}
+DEFAULT_METRICS_PORTS = {GATEWAY: 9100, VISION: 9101, TEXT: 9102}
 MiB = 1 << 20
 
 
@@ -32,6 +33,12 @@ class Settings:
         "Port to listen on; 0 picks a free one. Default: gateway 50050, vision 50051, text 50052.",
     )
     log_level: str = _opt("info", "debug, info, warning or error. debug logs every health probe.")
+    metrics: bool = _opt(True, "Serve Prometheus metrics over HTTP on --metrics-port.")
+    metrics_port: int = _opt(
+        -1,
+        "Port of the Prometheus metrics endpoint; 0 picks a free one. Default: gateway 9100, "
+        "vision 9101, text 9102.",
+    )
     grace_s: float = _opt(
         20.0,
         "Seconds in-flight calls get to finish after SIGTERM before they are cancelled. Longer is "
@@ -83,6 +90,30 @@ class Settings:
         (GATEWAY, TEXT),
     )
     bundle: str = _opt("", "Bundle directory to serve (holds manifest.json).", ENCODERS)
+    max_batch: int = _opt(
+        32,
+        "Most items (images or texts) in one engine call; 1 turns batching off. Larger batches "
+        "raise throughput under load; each call then takes longer.",
+        ENCODERS,
+    )
+    max_delay_ms: float = _opt(
+        5.0,
+        "How long a batch may wait for more items, and only while other requests are being "
+        "decoded or tokenized. Higher merges more under load and adds up to this to latency.",
+        ENCODERS,
+    )
+    max_queue: int = _opt(
+        512,
+        "Items waiting for the engine; a request that would exceed it gets RESOURCE_EXHAUSTED "
+        "with a retry hint. Higher absorbs bursts; lower bounds waiting time and memory.",
+        ENCODERS,
+    )
+    priority_aging_ms: float = _opt(
+        1000.0,
+        "Work that has waited this long is served before fresher work of any priority, so STAT "
+        "goes first but ROUTINE is never starved. Lower is fairer, higher favours urgency.",
+        ENCODERS,
+    )
     engine: str = _opt(
         "auto",
         "auto, onnxruntime-cuda or onnxruntime-cpu. auto takes the fastest the machine can run "
@@ -120,6 +151,12 @@ class Settings:
         "(both must answer and serve the same bundle). Shorter becomes ready sooner.",
         (GATEWAY,),
     )
+
+    def __post_init__(self) -> None:
+        if self.port < 0:
+            object.__setattr__(self, "port", DEFAULT_PORTS[self.service])
+        if self.metrics_port < 0:
+            object.__setattr__(self, "metrics_port", DEFAULT_METRICS_PORTS[self.service])
 
     @property
     def max_message_bytes(self) -> int:
@@ -187,8 +224,6 @@ def parse_settings(
             values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError as exc:
             raise SystemExit(f"{_env_name(f.name)}: {exc}") from exc
-    if values.get("port", -1) < 0:
-        values["port"] = DEFAULT_PORTS[service]
     settings = Settings(**values)
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
@@ -202,7 +237,7 @@ def markdown_table() -> str:
         if "help" not in f.metadata:
             continue
         services = ", ".join(f.metadata["services"]) if f.metadata["services"] != ALL else "all"
-        default = "per service" if f.name == "port" else f"`{f.default!r}`"
+        default = "per service" if f.name in ("port", "metrics_port") else f"`{f.default!r}`"
         rows.append(f"| `{_flag_name(f.name)}` | `{_env_name(f.name)}` | {default} | {services} | {f.metadata['help']} |")
     return "\n".join(rows)
 

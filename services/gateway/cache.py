@@ -5,6 +5,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from services.common import metrics
+
 CacheKey = tuple[str, str, str]  # (bundle_id, template, text)
 
 
@@ -36,6 +38,7 @@ class TextEmbeddingCache:
             if count:
                 self.hits += ident is not None
                 self.misses += ident is None
+                metrics.TEXT_CACHE.labels("miss" if ident is None else "hit").inc()
             out.append(None if ident is None else self._index.reconstruct(ident))
         return out
 

@@ -1,4 +1,4 @@
-"""VisionEncoderService: converts messages and delegates to ImageEncoder."""
+"""VisionEncoderService: converts messages and delegates to the encoder app."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from services.common import convert
 from services.common.encoder import EncoderApp, LoadedTower
 from services.common.errors import InvalidInput
 from services.common.work import deadline_of
-from services.vision.encoder import ImageEncoder
+from services.vision.encoder import ImagePreparer
 from services.vision.preprocess import JPEG, PNG, DecodeLimits, configure_pillow
 
 FORMATS = {
@@ -42,18 +42,17 @@ class VisionApp(EncoderApp):
     def __init__(self, settings) -> None:
         super().__init__(settings)
         configure_pillow(settings.max_image_pixels)
-        self.encoder: ImageEncoder | None = None
 
-    def on_loaded(self, loaded: LoadedTower) -> None:
+    def make_preparer(self, loaded: LoadedTower) -> ImagePreparer:
         limits = DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
-        self.encoder = ImageEncoder(loaded.engine, loaded.bundle.manifest.image, limits)
+        return ImagePreparer(loaded.bundle.manifest.image, limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         encoders_pb2_grpc.add_VisionEncoderServiceServicer_to_server(VisionServicer(self), server)
 
 
 class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
-    """Converts EmbedImages and GetModelInfo messages; the work is ImageEncoder's."""
+    """Converts EmbedImages and GetModelInfo messages; the work is the app's."""
 
     def __init__(self, app: VisionApp) -> None:
         self.app = app
@@ -61,7 +60,7 @@ class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
     async def EmbedImages(self, request, context):
         loaded = self.app.loaded
         items = image_items(request.images, self.app.settings.max_images)
-        vectors = await self.app.pool.run(self.app.encoder.embed, items, deadline=deadline_of(context))
+        vectors = await self.app.embed(items, convert.priority(request.priority), deadline_of(context))
         digests = [convert.sha256_hex(data) for data, _ in items]
         return types_pb2.EmbedImagesResponse(
             embeddings=convert.embeddings(vectors, digests), bundle_id=loaded.bundle.bundle_id

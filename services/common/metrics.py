@@ -1,0 +1,38 @@
+"""Prometheus metrics of every service, and their HTTP endpoint. Labels never carry clinical data."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter("medvlm_requests_total", "RPCs served, by method and status code", ["method", "code"])
+REQUEST_SECONDS = Histogram(
+    "medvlm_request_seconds", "RPC latency as the server sees it", ["method"], buckets=LATENCY_BUCKETS
+)
+INFLIGHT = Gauge("medvlm_inflight_requests", "RPCs being served now", ["method"])
+
+QUEUE_DEPTH = Gauge("medvlm_queue_depth", "Items waiting for the engine", ["tower"])
+QUEUE_WAIT = Histogram(
+    "medvlm_queue_wait_seconds", "Time an item waited for its batch", ["tower"], buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "medvlm_batch_size", "Items per engine call", ["tower"], buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+ENGINE_SECONDS = Histogram(
+    "medvlm_engine_seconds", "Time of one engine call", ["tower"], buckets=LATENCY_BUCKETS
+)
+REJECTED = Counter("medvlm_queue_rejected_total", "Requests refused because the queue was full", ["tower"])
+EXPIRED = Counter("medvlm_deadline_dropped_total", "Requests dropped before compute: deadline passed", ["tower"])
+ENGINE_INFO = Gauge(
+    "medvlm_engine_info", "The engine serving a tower (value 1)", ["tower", "engine", "precision", "bundle_id"]
+)
+
+TEXT_CACHE = Counter("medvlm_text_cache_total", "Gateway text-embedding cache lookups", ["result"])
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Start the /metrics HTTP endpoint in a background thread; returns its port."""
+    addr = "::" if host in ("[::]", "::") else host
+    server, _thread = start_http_server(port, addr=addr)
+    return server.server_port
