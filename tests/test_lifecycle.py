@@ -180,4 +180,4 @@ def dataclasses_frozen_error():
 def test_readme_settings_table_is_current():
     from services.common.settings import markdown_table
 
-    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate: python -m services.common.settings"
+    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate: python -m services.common.settings README.md"

@@ -31,9 +31,21 @@ PRIORITY = {
 }
 
 
+PRIORITY_ENUM = {
+    batching.ROUTINE: types_pb2.PRIORITY_ROUTINE,
+    batching.URGENT: types_pb2.PRIORITY_URGENT,
+    batching.STAT: types_pb2.PRIORITY_STAT,
+}
+
+
 def priority(value: int) -> int:
     """Priority enum of a request -> the batcher's priority (unknown values: ROUTINE)."""
     return PRIORITY.get(value, batching.ROUTINE)
+
+
+def priority_enum(value: int) -> int:
+    """The batcher's priority -> the enum sent to an encoder."""
+    return PRIORITY_ENUM[value]
 
 
 def engine_info(tower: str, engine: Engine) -> types_pb2.EngineInfo:

@@ -145,6 +145,12 @@ class Settings:
         "always wins). Shorter fails faster when an encoder hangs.",
         (GATEWAY,),
     )
+    stream_window: int = _opt(
+        16,
+        "Items of one ClassifyStream processed at once; the client is held back beyond it. "
+        "Higher keeps the encoders busier, lower bounds memory per stream.",
+        (GATEWAY,),
+    )
     verify_retry_max_s: float = _opt(
         5.0,
         "Longest pause between checks of the encoders while the gateway is not yet serving "
@@ -242,5 +248,23 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+TABLE_MARKER = "<!-- settings table: python -m services.common.settings README.md -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table that follows TABLE_MARKER in a markdown file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(TABLE_MARKER) + len(TABLE_MARKER) + 1
+    end = text.index("\n\n", start)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + markdown_table() + text[end:])
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if len(sys.argv) > 1:
+        update_readme(sys.argv[1])
+    else:
+        print(markdown_table())

@@ -117,10 +117,11 @@ class VisionClient(EncoderClient):
     def __init__(self, target: str, max_message_bytes: int) -> None:
         super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes)
 
-    async def embed(self, images: list[types_pb2.Image], timeout: float) -> Embedded:
+    async def embed(self, images: list[types_pb2.Image], timeout: float, priority: int) -> Embedded:
         """Image messages, passed through untouched -> embeddings, in order."""
+        wire = convert.priority_enum(priority)
         parts = await asyncio.gather(*[
-            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk), timeout)
+            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk, priority=wire), timeout)
             for chunk in byte_chunks(images, self.CHUNK_BYTES)
         ])
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
@@ -136,8 +137,9 @@ class TextClient(EncoderClient):
     def __init__(self, target: str, max_message_bytes: int) -> None:
         super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes)
 
-    async def embed(self, texts: list[str], timeout: float) -> Embedded:
-        response = await self.call("EmbedTexts", types_pb2.EmbedTextsRequest(texts=texts), timeout)
+    async def embed(self, texts: list[str], timeout: float, priority: int) -> Embedded:
+        request = types_pb2.EmbedTextsRequest(texts=texts, priority=convert.priority_enum(priority))
+        response = await self.call("EmbedTexts", request, timeout)
         return _embedded(response, len(texts))
 
 

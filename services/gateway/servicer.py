@@ -11,9 +11,11 @@ import structlog
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, MedvlmError, NotReady
+from services.common.interceptors import status_of
 from services.common.settings import Settings
 from services.common.texts import check_texts
 from services.gateway.clients import TextClient, VisionClient
+from services.gateway.stream import map_unordered
 from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
 
 log = structlog.get_logger("medvlm.gateway")
@@ -117,6 +119,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.app = app
 
     async def Classify(self, request, context):
+        return await self._classify(request, self.app.timeout(context))
+
+    async def _classify(self, request, timeout: float) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
         if not request.HasField("image"):
             raise InvalidInput("no image in the request")
@@ -124,7 +129,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         labels = check_texts(list(request.labels), self.app.settings, what="label", minimum=2)
         if len(set(labels)) != len(labels):
             raise InvalidInput("labels must be distinct")
-        scores = await core.scores(images, labels, request.template, self.app.timeout(context))
+        scores = await core.scores(images, labels, request.template, timeout, convert.priority(request.priority))
         probabilities, cosine = scores.probabilities[0], scores.cosine[0]  # [N_labels]
         order = np.argsort(-probabilities, kind="stable")
         k = request.top_k if 0 < request.top_k <= len(labels) else len(labels)
@@ -135,11 +140,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             image_sha256=scores.image_digests[0],
         )
 
+    async def ClassifyStream(self, request_iterator, context):
+        self.app.core  # noqa: B018 - NotReady before the stream starts
+
+        async def items():
+            shared = gateway_pb2.ClassifyRequest()  # labels, template, top_k carried forward
+            async for message in request_iterator:
+                request = message.request
+                if request.labels:
+                    shared = gateway_pb2.ClassifyRequest(
+                        labels=request.labels, template=request.template, top_k=request.top_k
+                    )
+                else:
+                    merged = gateway_pb2.ClassifyRequest()
+                    merged.CopyFrom(shared)
+                    merged.image.CopyFrom(request.image)
+                    merged.priority = request.priority
+                    request = merged
+                yield message.correlation_id, request
+
+        async def one(item):
+            correlation_id, request = item
+            try:
+                result = await self._classify(request, self.app.timeout(context))
+                return gateway_pb2.ClassifyStreamResponse(correlation_id=correlation_id, result=result)
+            except MedvlmError as exc:
+                error = gateway_pb2.ItemError(code=status_of(exc).name, message=exc.message)
+                return gateway_pb2.ClassifyStreamResponse(correlation_id=correlation_id, error=error)
+
+        async for response in map_unordered(items(), one, self.app.settings.stream_window):
+            yield response
+
     async def Similarity(self, request, context):
         core = self.app.core
         images = self.app.check_images(request.images)
         texts = check_texts(list(request.texts), self.app.settings, what="text")
-        scores = await core.scores(images, texts, request.template, self.app.timeout(context))
+        scores = await core.scores(
+            images, texts, request.template, self.app.timeout(context), convert.priority(request.priority)
+        )
         rows = [
             gateway_pb2.SimilarityRow(cosine=c.tolist(), probabilities=p.tolist(), image_sha256=d)
             for c, p, d in zip(scores.cosine, scores.probabilities, scores.image_digests, strict=True)
@@ -149,7 +187,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def EmbedImages(self, request, context):
         core = self.app.core
         images = self.app.check_images(request.images)
-        result = await core.embed_images(images, self.app.timeout(context))
+        result = await core.embed_images(images, self.app.timeout(context), convert.priority(request.priority))
         return types_pb2.EmbedImagesResponse(
             embeddings=convert.embeddings(result.vectors, result.digests), bundle_id=result.bundle_id
         )
@@ -157,7 +195,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def EmbedTexts(self, request, context):
         core = self.app.core
         texts = check_texts(list(request.texts), self.app.settings, what="text")
-        vectors = await core.embed_texts(texts, self.app.timeout(context), DEFAULT_TEMPLATE)
+        vectors = await core.embed_texts(
+            texts, self.app.timeout(context), DEFAULT_TEMPLATE, convert.priority(request.priority)
+        )
         digests = [convert.sha256_hex(t.encode("utf-8")) for t in texts]
         return types_pb2.EmbedTextsResponse(
             embeddings=convert.embeddings(vectors, digests), bundle_id=core.model.bundle_id

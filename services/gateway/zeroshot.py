@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import structlog
 
+from services.common.batching import ROUTINE
 from services.common.errors import Inconsistent, InvalidInput
 from services.common.logs import text_digest
 from services.gateway.cache import CacheKey, TextEmbeddingCache
@@ -86,22 +87,23 @@ class ZeroShot:
             )
         return result
 
-    async def embed_images(self, images: list, timeout: float) -> Embedded:
-        return self._check(await self.vision.embed(images, timeout), "vision")
+    async def embed_images(self, images: list, timeout: float, priority: int = ROUTINE) -> Embedded:
+        return self._check(await self.vision.embed(images, timeout, priority), "vision")
 
-    async def embed_texts(self, labels: list[str], timeout: float, template: str = DEFAULT_TEMPLATE) -> np.ndarray:
+    async def embed_texts(self, labels: list[str], timeout: float, template: str = DEFAULT_TEMPLATE,
+                          priority: int = ROUTINE) -> np.ndarray:
         """[N, D] unit-length embeddings of the labels with the template applied (a checked
         template), from the cache where possible."""
         keys = [(self.model.bundle_id, template, label) for label in labels]
         found = self.cache.get(keys)
         missing = [k for k, v in zip(keys, found, strict=True) if v is None]
         if missing:
-            await self._fill(list(dict.fromkeys(missing)), timeout)
+            await self._fill(list(dict.fromkeys(missing)), timeout, priority)
             found = [v if v is not None else self.cache.get([k], count=False)[0]
                      for k, v in zip(keys, found, strict=True)]
         return np.stack(found)  # [N, D]
 
-    async def _fill(self, keys: list[CacheKey], timeout: float) -> None:
+    async def _fill(self, keys: list[CacheKey], timeout: float, priority: int) -> None:
         """Encode the keys nobody is encoding yet; wait for the ones already in flight."""
         mine = [k for k in keys if k not in self._pending and k not in self.cache]
         waits = [self._pending[k] for k in keys if k in self._pending]
@@ -111,7 +113,7 @@ class ZeroShot:
             self._pending.update(futures)
             try:
                 texts = [apply_template(k[1], k[2]) for k in mine]
-                result = self._check(await self.text.embed(texts, timeout), "text")
+                result = self._check(await self.text.embed(texts, timeout, priority), "text")
                 self.cache.put(mine, result.vectors)
                 for k, vec in zip(mine, result.vectors, strict=True):
                     futures[k].set_result(vec)
@@ -128,12 +130,13 @@ class ZeroShot:
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
 
-    async def scores(self, images: list, texts: list[str], template: str, timeout: float) -> Scores:
+    async def scores(self, images: list, texts: list[str], template: str, timeout: float,
+                     priority: int = ROUTINE) -> Scores:
         """Cosine and softmax(logit_scale * cosine) of every image against every prompted text."""
         template = check_template(template, texts, self.max_chars)
-        image_task = asyncio.ensure_future(self.embed_images(images, timeout))
+        image_task = asyncio.ensure_future(self.embed_images(images, timeout, priority))
         try:
-            text_vectors = await self.embed_texts(texts, timeout, template)
+            text_vectors = await self.embed_texts(texts, timeout, template, priority)
         except BaseException:
             image_task.cancel()
             raise

@@ -1,0 +1,74 @@
+"""Load on the Triton server from the Triton environment, with bench.load and tritonclient.grpc.
+
+Started by bench.triton: reads preprocessed images (.npy, [K, 3, S, S] float32), runs one point per
+concurrency and writes JSON (server version, the embedding of image 0 for the parity check, points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import tritonclient
+import tritonclient.grpc as grpcclient
+
+from bench.load import run_point
+from bench.triton_server import INPUT, MODEL_NAME, OUTPUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="host:port of Triton's gRPC endpoint")
+    parser.add_argument("--tensors", required=True, help=".npy file of [K, 3, S, S] float32 images")
+    parser.add_argument("--concurrency", required=True, help="comma-separated, e.g. 1,4,16,64")
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--warmup-s", type=float, required=True)
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of one request")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    tensors = np.load(args.tensors)  # [K, 3, S, S]
+    rows = [np.ascontiguousarray(tensors[i : i + 1]) for i in range(len(tensors))]  # each [1, 3, S, S]
+
+    def infer(client: grpcclient.InferenceServerClient, row: np.ndarray) -> np.ndarray:
+        image = grpcclient.InferInput(INPUT, list(row.shape), "FP32")
+        image.set_data_from_numpy(row)
+        result = client.infer(MODEL_NAME, [image], outputs=[grpcclient.InferRequestedOutput(OUTPUT)],
+                              client_timeout=args.timeout_s)
+        out = result.as_numpy(OUTPUT)  # [1, D]
+        if out is None or out.shape[0] != 1:
+            raise RuntimeError(f"unexpected output {None if out is None else out.shape}")
+        return out
+
+    with grpcclient.InferenceServerClient(url=args.target) as probe:
+        metadata = probe.get_server_metadata()
+        check = infer(probe, rows[0])[0]
+
+    def make_request(worker: int):
+        client = grpcclient.InferenceServerClient(url=args.target)
+        return lambda n: infer(client, rows[n % len(rows)])
+
+    points = []
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        point = run_point(make_request, concurrency, args.seconds, args.warmup_s)
+        points.append(point.as_dict())
+        print(json.dumps({"concurrency": concurrency, "throughput": point.throughput, "p50_ms": point.p50_ms}),
+              file=sys.stderr, flush=True)
+    result = {
+        "server": {"name": metadata.name, "version": metadata.version},
+        "tritonclient": getattr(tritonclient, "__version__", ""),
+        "check_embedding": check.astype(float).tolist(),
+        "points": points,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

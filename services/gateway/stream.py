@@ -1,0 +1,46 @@
+"""Bounded, unordered concurrent map over an async stream: the engine of worklist streaming."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def map_unordered(
+    source: AsyncIterable[T], fn: Callable[[T], Awaitable[R]], window: int
+) -> AsyncIterator[R]:
+    """Apply `fn` to items of `source`, at most `window` at once, yielding results as they finish.
+
+    The next item is read only while fewer than `window` are running, so a fast producer
+    waits (for gRPC: HTTP/2 flow control holds the client back and memory stays bounded).
+    `fn` must not raise for one item's failure: it returns an error result instead.
+    Closing or cancelling the iterator cancels every running call.
+    """
+    items = source.__aiter__()
+    running: set[asyncio.Task[R]] = set()
+    reading: asyncio.Task[T] | None = None
+    exhausted = False
+    try:
+        while True:
+            if reading is None and not exhausted and len(running) < window:
+                reading = asyncio.ensure_future(items.__anext__())
+            waiting = running | ({reading} if reading is not None else set())
+            if not waiting:
+                return
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if reading is not None and reading in done:
+                try:
+                    running.add(asyncio.ensure_future(fn(reading.result())))
+                except StopAsyncIteration:
+                    exhausted = True
+                reading = None
+            for task in done & running:
+                running.discard(task)
+                yield task.result()
+    finally:
+        for task in (*running, *([reading] if reading is not None else [])):
+            task.cancel()

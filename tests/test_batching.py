@@ -1,0 +1,251 @@
+"""Dynamic batching, priorities, deadlines, backpressure and worklist streaming, with real engines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from conftest import encoder_settings, start_server, start_stack
+from engines.runtime.bundle import load_bundle
+from engines.runtime.onnx import open_engine
+from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, types_pb2
+from services.common.batching import ROUTINE, STAT, URGENT, Batcher
+from services.common.errors import DeadlineExpired, Overloaded
+from services.common.interceptors import RETRY_AFTER_KEY
+from services.common.settings import VISION
+from services.vision.servicer import VisionApp
+from test_gateway import png_bytes
+
+
+@pytest.fixture(scope="module")
+def vision_engine(tiny_bundle):
+    engine = open_engine(load_bundle(tiny_bundle), "vision", max_batch=64)
+    yield engine
+    engine.close()
+
+
+class Recorder:
+    """A real engine, with a record of what reached it and an optional gate to hold it busy."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.calls: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.calls.append(batch.copy())
+        return self.engine.infer(batch)
+
+
+def rows(seed: int, n: int) -> list[np.ndarray]:
+    return list(np.random.default_rng(seed).normal(size=(n, 3, 224, 224)).astype(np.float32))
+
+
+def make_batcher(recorder: Recorder, **kwargs) -> Batcher:
+    options = dict(max_batch=8, max_delay_s=0.01, max_queue=256, aging_s=10.0)
+    options.update(kwargs)
+    return Batcher(recorder.infer, np.stack, **options)
+
+
+async def test_concurrent_requests_get_exactly_their_own_results(vision_engine):
+    recorder = Recorder(vision_engine)
+    pending = {"n": 0}
+    batcher = make_batcher(recorder, pending=lambda: pending["n"])
+    try:
+        requests = [rows(seed, n) for seed, n in enumerate([1, 3, 5, 2, 7, 1, 4, 6])]
+        alone = [vision_engine.infer(np.stack(r)) for r in requests]
+        recorder.gate.clear()  # hold the engine so the requests queue up and get merged
+        tasks = [asyncio.ensure_future(batcher.submit(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        results = await asyncio.gather(*tasks)
+        for got, expected in zip(results, alone, strict=True):
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert max(len(c) for c in recorder.calls) == 8  # merged up to max_batch
+        assert sum(len(c) for c in recorder.calls) == sum(len(r) for r in requests)
+    finally:
+        batcher.close()
+
+
+async def test_stat_is_served_before_routine_work_queued_ahead_of_it(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_batch=1)
+    finished: list[str] = []
+
+    async def submit(name: str, priority: int) -> None:
+        await batcher.submit(rows(len(finished), 1), priority)
+        finished.append(name)
+
+    try:
+        recorder.gate.clear()
+        tasks = [asyncio.ensure_future(submit(f"routine-{i}", ROUTINE)) for i in range(12)]
+        await asyncio.sleep(0.05)  # routine-0 holds the engine; 11 routine items wait
+        tasks.append(asyncio.ensure_future(submit("urgent", URGENT)))
+        tasks.append(asyncio.ensure_future(submit("stat", STAT)))
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        await asyncio.gather(*tasks)
+        assert finished[:3] == ["routine-0", "stat", "urgent"]
+        assert finished[3:] == [f"routine-{i}" for i in range(1, 12)]
+    finally:
+        batcher.close()
+
+
+async def test_routine_work_is_not_starved_by_a_stream_of_stat(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_batch=1, aging_s=0.05)
+    try:
+        recorder.gate.clear()
+        routine = asyncio.ensure_future(batcher.submit(rows(0, 1), ROUTINE))
+        stats = [asyncio.ensure_future(batcher.submit(rows(i, 1), STAT)) for i in range(1, 40)]
+        await asyncio.sleep(0.1)  # routine has aged past 50 ms
+        recorder.gate.set()
+        await routine
+        assert sum(not s.done() for s in stats) > 20  # it ran while most STAT work still waited
+        await asyncio.gather(*stats)
+    finally:
+        batcher.close()
+
+
+async def test_an_expired_deadline_never_reaches_the_engine(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_batch=1)
+    try:
+        recorder.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit(rows(1, 1)))
+        await asyncio.sleep(0.02)
+        doomed = rows(2, 3)
+        late = asyncio.ensure_future(batcher.submit(doomed, deadline=time.monotonic() + 0.05))
+        await asyncio.sleep(0.1)
+        recorder.gate.set()
+        with pytest.raises(DeadlineExpired):
+            await late
+        await busy
+        assert len(recorder.calls) == 1
+        assert not any(np.array_equal(call[0], d) for call in recorder.calls for d in doomed)
+        assert batcher.queued == 0
+    finally:
+        batcher.close()
+
+
+async def test_cancelled_requests_free_their_slots_and_are_not_computed(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_batch=1, max_queue=6)
+    try:
+        recorder.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit(rows(1, 1)))
+        await asyncio.sleep(0.02)
+        cancelled = asyncio.ensure_future(batcher.submit(rows(2, 5)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded):
+            await batcher.submit(rows(3, 2))  # 5 queued + 2 > 6
+        cancelled.cancel()
+        await asyncio.sleep(0.02)
+        assert batcher.queued == 0
+        after = asyncio.ensure_future(batcher.submit(rows(4, 2)))  # fits again
+        recorder.gate.set()
+        await busy
+        assert (await after).shape[0] == 2
+        assert sum(len(c) for c in recorder.calls) == 3  # busy + after, never the cancelled 5
+    finally:
+        batcher.close()
+
+
+async def test_full_queue_is_resource_exhausted_in_waves_and_the_server_keeps_serving(tiny_bundle):
+    settings = encoder_settings(VISION, tiny_bundle, max_queue=8, max_batch=4)
+    server = await start_server(settings, VisionApp(settings))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
+            image = types_pb2.Image(data=png_bytes(5))
+            too_big = types_pb2.EmbedImagesRequest(images=[image] * 9)  # more than the queue holds
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.EmbedImages(too_big, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in info.value.details()
+            assert int(dict(info.value.trailing_metadata())[RETRY_AFTER_KEY]) > 0
+            request = types_pb2.EmbedImagesRequest(images=[image] * 3)
+            codes: dict[str, int] = {}
+            for _wave in range(5):
+                calls = [stub.EmbedImages(request, timeout=20) for _ in range(12)]
+                for outcome in await asyncio.gather(*calls, return_exceptions=True):
+                    code = outcome.code().name if isinstance(outcome, grpc.aio.AioRpcError) else "OK"
+                    codes[code] = codes.get(code, 0) + 1
+                    if code == "OK":
+                        assert len(outcome.embeddings) == 3
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+            assert codes.get("OK", 0) > 0
+            reply = await stub.EmbedImages(request, timeout=10)
+            assert len(reply.embeddings) == 3
+        assert server.app._batcher.queued == 0
+    finally:
+        await server.stop(0)
+
+
+def sample_value(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_stream_of_500_images_all_arrive_once_each(tiny_stack):
+    labels = ["stream label a", "stream label b", "stream label c"]
+    images = [png_bytes(i % 7, (64 + i % 5, 64)) for i in range(500)]
+
+    async def requests():
+        for i, data in enumerate(images):
+            request = gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=data))
+            if i == 0:
+                request.labels.extend(labels)
+            if i == 250:
+                request.image.data = b"broken"
+            yield gateway_pb2.ClassifyStreamRequest(correlation_id=f"item-{i}", request=request)
+
+    seen: dict[str, gateway_pb2.ClassifyStreamResponse] = {}
+    async for response in tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=300):
+        assert response.correlation_id not in seen
+        seen[response.correlation_id] = response
+    assert set(seen) == {f"item-{i}" for i in range(500)}
+    assert seen["item-250"].error.code == "INVALID_ARGUMENT"
+    assert "not a PNG or JPEG" in seen["item-250"].error.message
+    ok = [r for r in seen.values() if r.HasField("result")]
+    assert len(ok) == 499
+    assert all([s.label for s in r.result.scores] == labels for r in ok)
+
+
+async def test_a_cancelled_stream_stops_consuming_engine_time(tiny_bundle):
+    stack = await start_stack(tiny_bundle)
+    try:
+        big = png_bytes(3, (1200, 1200))  # slow enough to keep work outstanding
+
+        async def requests():
+            for i in range(400):
+                request = gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=big))
+                if i == 0:
+                    request.labels.extend(["cancel a", "cancel b"])
+                yield gateway_pb2.ClassifyStreamRequest(correlation_id=str(i), request=request)
+
+        call = stack.gateway_stub.ClassifyStream(requests(), timeout=120)
+        received = 0
+        async for _ in call:
+            received += 1
+            if received == 5:
+                break
+        call.cancel()
+        engine_calls = {"tower": "vision"}
+        await asyncio.sleep(0.5)  # work already inside an engine call may finish
+        before = sample_value("medvlm_batch_size_count", engine_calls)
+        await asyncio.sleep(1.5)
+        after = sample_value("medvlm_batch_size_count", engine_calls)
+        assert after == before, "the engine kept working for a cancelled stream"
+        assert received == 5
+        assert sample_value("medvlm_inflight_requests", {"method": "/medvlm.v1.GatewayService/ClassifyStream"}) == 0
+    finally:
+        await stack.stop()
