@@ -233,3 +233,25 @@ async def test_images_split_across_encoder_calls_come_back_in_order(tiny_stack):
     assert len(calls) >= 3
     assert [e.input_sha256 for e in split.embeddings] == [e.input_sha256 for e in whole.embeddings]
     np.testing.assert_allclose([e.values for e in split.embeddings], [e.values for e in whole.embeddings], atol=1e-6)
+
+
+async def test_metrics_endpoint_reports_requests_batches_and_cache(tiny_stack):
+    import urllib.request
+
+    labels = ["metrics a", "metrics b"]
+    for _ in range(2):
+        await tiny_stack.gateway_stub.Classify(classify_request(labels), timeout=10)
+    url = f"http://127.0.0.1:{tiny_stack.gateway.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['medvlm_requests_total{code="OK",method="/medvlm.v1.GatewayService/Classify"}'] >= 2
+    assert values['medvlm_text_cache_total{result="hit"}'] >= 2
+    assert values['medvlm_batch_size_count{tower="vision"}'] >= 2
+    assert values['medvlm_engine_seconds_count{tower="text"}'] >= 1
+    assert values['medvlm_queue_depth{tower="vision"}'] == 0
+    assert any(k.startswith("medvlm_engine_info{") and 'tower="vision"' in k for k in values)
+    assert "metrics a" not in body  # no clinical text in labels

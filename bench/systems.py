@@ -1,0 +1,365 @@
+"""The systems under test. Each one starts, answers one checked request, then serves load from bench.load.
+
+| key | what a request does |
+|---|---|
+| torch | open_clip `encode_image` in this process, on a tensor made by open_clip's own transform |
+| ort | OnnxRuntimeEngine.infer in this process, on a tensor made by services.vision.preprocess |
+| ort-decode | the encoder's work in this process, unbatched: PNG decode + preprocess (ImagePreparer) + engine |
+| vision-nobatch | EmbedImages on `python -m services.vision --max-batch 1` over gRPC, PNG bytes |
+| vision-batch | the same with the service's default batching settings |
+| gateway | Classify on the gateway (vision + text + gateway processes), PNG bytes, labels cached |
+| triton | NVIDIA Triton (bench.triton), preprocessed float32 tensors over gRPC |
+
+Tensor preparation for torch, ort and triton happens once, before timing.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from bench.images import ImageSet
+from bench.load import Point, Request, run_point
+from bench.procs import HOST, Server, ServerFailed, free_port, service_env
+from engines.runtime.bundle import Bundle, row_cosines
+from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
+from engines.runtime.onnx import OnnxRuntimeEngine
+from engines.runtime.text import TextTokenizer
+from services.common.encoder import l2_normalize
+from services.common.settings import Settings
+from services.vision.encoder import ImagePreparer
+from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, decode_image, preprocess
+
+log = logging.getLogger("bench.systems")
+
+MIN_CHECK_COSINE = 0.999  # an answer further than this from the in-process reference is a wrong answer
+MAX_MESSAGE = 64 << 20
+LABELS = ("normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
+          "dermoscopy of a melanocytic naevus")
+TEMPLATE = "a medical image showing {}"
+
+
+class SystemUnavailable(RuntimeError):
+    """The system cannot run here (a missing environment, not a bug); the message says why."""
+
+
+class WrongAnswer(RuntimeError):
+    """The system answered, but not what the in-process reference computes."""
+
+
+def setting_default(name: str) -> Any:
+    """The services' default for a setting (so the benchmark follows it when it changes)."""
+    return Settings.__dataclass_fields__[name].default
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything the systems of one model share."""
+
+    root: Path
+    model: str
+    bundle: Bundle
+    images: ImageSet
+    threads: int  # engine threads of every system
+    max_batch: int  # batching on: largest batch (ours and Triton's)
+    max_delay_ms: float  # batching on: longest wait for more items (ours and Triton's)
+    batch_flags: list[str]  # what the batching-on encoder is started with ([] = the service's defaults)
+    workdir: Path
+    request_timeout_s: float = 120.0
+    server_start_timeout_s: float = 300.0
+    tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, services.vision.preprocess
+    reference: np.ndarray = dataclasses.field(init=False)  # [K, D] in-process ORT outputs, not normalized
+
+    def __post_init__(self) -> None:
+        spec = self.bundle.manifest.image
+        limits = decode_limits()
+        self.tensors = np.stack([preprocess(decode_image(p, PNG, limits), spec) for p in self.images.pngs])
+        engine = open_vision_engine(self.bundle, self.threads)
+        self.reference = engine.infer_all(self.tensors)
+        engine.close()
+
+
+def decode_limits() -> DecodeLimits:
+    return DecodeLimits(setting_default("max_image_bytes"), setting_default("max_image_pixels"))
+
+
+def open_vision_engine(bundle: Bundle, threads: int) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(bundle.engine_file("vision"), input_name=VISION_INPUT, output_name=VISION_OUTPUT,
+                             precision=bundle.manifest.precision_of("vision"), intra_op_threads=threads)
+
+
+def check_cosine(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
+    """Cosine of one answer [D] with the reference [D]; WrongAnswer below MIN_CHECK_COSINE."""
+    cosine = float(row_cosines(np.asarray(got, dtype=np.float32)[None], expected[None])[0])
+    if not cosine >= MIN_CHECK_COSINE:
+        raise WrongAnswer(f"image 0: cosine {cosine:.5f} with the in-process ONNX Runtime answer "
+                          f"(need >= {MIN_CHECK_COSINE})")
+    return {"reference": "in-process ONNX Runtime, image 0", "cosine": round(cosine, 7)}
+
+
+class System(abc.ABC):
+    """One way of computing image embeddings, measured the same way as the others."""
+
+    key: str
+    title: str
+    request: str  # what one request carries
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.details: dict[str, Any] = {}  # flags, versions: recorded with the results
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Load or start the system; SystemUnavailable or ServerFailed when it cannot."""
+
+    @abc.abstractmethod
+    def check(self) -> dict[str, Any]:
+        """Send one request and compare the answer with the reference; WrongAnswer if it differs."""
+
+    @abc.abstractmethod
+    def make_request(self, worker: int) -> Request:
+        """The request function of one load-generator worker."""
+
+    def run(self, concurrency: list[int], seconds: float, warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
+        """Check, then one point per concurrency."""
+        checked = self.check()
+        points = []
+        for c in concurrency:
+            point = run_point(self.make_request, c, seconds, warmup_s,
+                              drain_timeout_s=self.ctx.request_timeout_s + 10)
+            log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d", self.key, c,
+                     point.throughput, point.p50_ms, point.p99_ms, point.requests, point.errors)
+            points.append(point)
+        return checked, points
+
+    def stop(self) -> None:
+        """Release what start() took."""
+
+
+class TorchEager(System):
+    key = "torch"
+    title = "torch eager (open_clip, in process)"
+    request = "preprocessed float32 tensor [1, 3, S, S] (open_clip's transform, before timing)"
+
+    def start(self) -> None:
+        import open_clip  # noqa: F401 - fail early with a clear import error
+        import torch
+
+        from engines.build import registry
+
+        torch.set_num_threads(self.ctx.threads)
+        loaded = registry.get_source(self.ctx.model).load(self.ctx.workdir / "torch-source", None)
+        self.torch = torch
+        self.model = loaded.model.eval()
+        self.inputs = [loaded.preprocess(Image.open(io.BytesIO(p)))[None] for p in self.ctx.images.pngs]
+        self.details = {"torch_threads": torch.get_num_threads(), "weights": loaded.origin}
+
+    def _embed(self, n: int) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.encode_image(self.inputs[n % len(self.inputs)]).numpy()  # [1, D]
+
+    def check(self) -> dict[str, Any]:
+        return check_cosine(self._embed(0)[0], self.ctx.reference[0])
+
+    def make_request(self, worker: int) -> Request:
+        return self._embed
+
+    def stop(self) -> None:
+        self.model = None
+        self.inputs = []
+
+
+class OrtEngine(System):
+    key = "ort"
+    title = "ONNX Runtime engine (in process)"
+    request = "preprocessed float32 tensor [1, 3, S, S] (services.vision.preprocess, before timing)"
+
+    def start(self) -> None:
+        self.engine = open_vision_engine(self.ctx.bundle, self.ctx.threads)
+        self.details = {"engine": self.engine.kind, "intra_op_threads": self.ctx.threads}
+
+    def _embed(self, n: int) -> np.ndarray:
+        t = self.ctx.tensors
+        return self.engine.infer(t[n % len(t)][None])  # [1, D]
+
+    def check(self) -> dict[str, Any]:
+        return check_cosine(self._embed(0)[0], self.ctx.reference[0])
+
+    def make_request(self, worker: int) -> Request:
+        return self._embed
+
+    def stop(self) -> None:
+        self.engine.close()
+
+
+class OrtWithDecode(OrtEngine):
+    key = "ort-decode"
+    title = "ONNX Runtime engine + PNG decode and preprocessing (in process)"
+    request = "PNG bytes: decode + preprocess (the encoder's ImagePreparer) + engine + L2 norm"
+
+    def start(self) -> None:
+        super().start()
+        configure_pillow(setting_default("max_image_pixels"))
+        self.preparer = ImagePreparer(self.ctx.bundle.manifest.image, decode_limits())
+
+    def _embed(self, n: int) -> np.ndarray:
+        pngs = self.ctx.images.pngs
+        rows = self.preparer.prepare([(pngs[n % len(pngs)], PNG)])  # [[3, S, S]]
+        return l2_normalize(self.engine.infer(self.preparer.collate(rows)))  # [1, D]
+
+    def check(self) -> dict[str, Any]:
+        return check_cosine(self._embed(0)[0], self.ctx.reference[0])
+
+
+class GrpcSystem(System):
+    """Helpers of the systems that talk to medvlm servers: subprocesses, channels, stubs."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.servers: list[Server] = []
+        self.channels: dict[int, grpc.Channel] = {}
+
+    def launch(self, name: str, args: list[str], port: int) -> str:
+        server = Server(name, [sys.executable, "-m", *args], cwd=self.ctx.root, env=service_env(self.ctx.root),
+                        log_dir=self.ctx.workdir)
+        self.servers.append(server)
+        target = f"{HOST}:{port}"
+        server.wait_serving(target, self.ctx.server_start_timeout_s)
+        return target
+
+    def encoder_args(self, service: str, port: int) -> list[str]:
+        return [f"services.{service}", "--host", HOST, "--port", str(port), "--bundle", str(self.ctx.bundle.path),
+                "--allow-benchmark", "--intra-op-threads", str(self.ctx.threads), "--no-metrics"]
+
+    def channel(self, worker: int, target: str) -> grpc.Channel:
+        """One channel per load-generator worker, reused across points (grpc shares the connection)."""
+        if worker not in self.channels:
+            self.channels[worker] = grpc.insecure_channel(target, options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        return self.channels[worker]
+
+    def stop(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+
+
+class VisionGrpc(GrpcSystem):
+    key = "vision-batch"
+    title = "medvlm vision encoder over gRPC, batching on"
+    request = "PNG bytes over gRPC (EmbedImages, 1 image); the server decodes and preprocesses"
+    batching = True
+
+    def start(self) -> None:
+        from medvlm.v1 import encoders_pb2_grpc, types_pb2
+
+        self.pb = types_pb2
+        self.stub_class = encoders_pb2_grpc.VisionEncoderServiceStub
+        port = free_port()
+        flags = self.ctx.batch_flags if self.batching else ["--max-batch", "1"]
+        self.target = self.launch("vision", [*self.encoder_args("vision", port), *flags], port)
+        self.details = {"flags": ["--intra-op-threads", str(self.ctx.threads), *flags]}
+
+    def _call(self, worker: int, n: int):
+        pngs = self.ctx.images.pngs
+        stub = self.stub_class(self.channel(worker, self.target))
+        request = self.pb.EmbedImagesRequest(
+            images=[self.pb.Image(data=pngs[n % len(pngs)], format=self.pb.IMAGE_FORMAT_PNG)])
+        return stub.EmbedImages(request, timeout=self.ctx.request_timeout_s)
+
+    def check(self) -> dict[str, Any]:
+        reply = self._call(-1, 0)
+        self.details["bundle_id"] = reply.bundle_id
+        return check_cosine(np.array(reply.embeddings[0].values), l2_normalize(self.ctx.reference[:1])[0])
+
+    def make_request(self, worker: int) -> Request:
+        self.channel(worker, self.target)
+        return lambda n: self._call(worker, n)
+
+
+class VisionGrpcNoBatch(VisionGrpc):
+    key = "vision-nobatch"
+    title = "medvlm vision encoder over gRPC, batching off (--max-batch 1)"
+    batching = False
+
+
+class GatewayClassify(GrpcSystem):
+    key = "gateway"
+    title = "medvlm gateway Classify end to end (vision + text + gateway), labels cached"
+    request = f"PNG bytes + {len(LABELS)} labels over gRPC (Classify); text embeddings come from the cache"
+
+    def start(self) -> None:
+        from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
+
+        self.pb, self.gpb = types_pb2, gateway_pb2
+        self.stub_class = gateway_pb2_grpc.GatewayServiceStub
+        vision_port, text_port, gateway_port = free_port(), free_port(), free_port()
+        vision = self.launch("vision", [*self.encoder_args("vision", vision_port), *self.ctx.batch_flags],
+                             vision_port)
+        text = self.launch("text", [*self.encoder_args("text", text_port), *self.ctx.batch_flags], text_port)
+        self.target = self.launch("gateway", [
+            "services.gateway", "--host", HOST, "--port", str(gateway_port), "--no-metrics",
+            "--vision-target", vision, "--text-target", text], gateway_port)
+        self.details = {"encoder_flags": ["--intra-op-threads", str(self.ctx.threads), *self.ctx.batch_flags],
+                        "labels": list(LABELS), "template": TEMPLATE}
+
+    def _call(self, worker: int, n: int):
+        pngs = self.ctx.images.pngs
+        stub = self.stub_class(self.channel(worker, self.target))
+        request = self.gpb.ClassifyRequest(
+            image=self.pb.Image(data=pngs[n % len(pngs)], format=self.pb.IMAGE_FORMAT_PNG),
+            labels=list(LABELS), template=TEMPLATE, top_k=1)
+        return stub.Classify(request, timeout=self.ctx.request_timeout_s)
+
+    def check(self) -> dict[str, Any]:
+        reply = self._call(-1, 0)  # also fills the label cache
+        got = np.array([s.cosine for s in sorted(reply.scores, key=lambda s: s.index)])  # [L]
+        expected = expected_label_cosines(self.ctx, 0)  # [L]
+        if got.shape != expected.shape or not np.abs(got - expected).max() <= 1e-3:
+            raise WrongAnswer(f"Classify cosines {np.round(got, 4).tolist()} differ from the in-process "
+                              f"ONNX Runtime ones {np.round(expected, 4).tolist()}")
+        self.details["bundle_id"] = reply.bundle_id
+        return {"reference": "in-process ONNX Runtime image x label cosines, image 0",
+                "max_abs_diff": float(np.abs(got - expected).max())}
+
+    def make_request(self, worker: int) -> Request:
+        self.channel(worker, self.target)
+        return lambda n: self._call(worker, n)
+
+
+def expected_label_cosines(ctx: Context, image: int) -> np.ndarray:
+    """Cosines of image `image` with every prompt, computed in process: the text tower through ONNX Runtime.
+    The gateway fills the template by plain replacement of "{}", as here."""
+    manifest = ctx.bundle.manifest
+    ids = TextTokenizer(ctx.bundle.path, manifest.text).ids([TEMPLATE.replace("{}", label) for label in LABELS])
+    text = OnnxRuntimeEngine(ctx.bundle.engine_file("text"), input_name=TEXT_INPUT, output_name=TEXT_OUTPUT,
+                             precision=manifest.precision_of("text"), intra_op_threads=ctx.threads)
+    try:
+        labels = l2_normalize(text.infer_all(ids))  # [L, D]
+    finally:
+        text.close()
+    return labels @ l2_normalize(ctx.reference[image : image + 1])[0]  # [L]
+
+
+def all_systems() -> dict[str, type[System]]:
+    """Every system, in the order they run."""
+    from bench.triton import TritonSystem
+
+    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify, TritonSystem)
+    return {cls.key: cls for cls in order}
+
+
+__all__ = ["Context", "ServerFailed", "System", "SystemUnavailable", "WrongAnswer", "all_systems",
+           "setting_default"]
