@@ -7,11 +7,11 @@ concurrency and writes JSON (server version, the embedding of image 0 for the pa
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 
 import numpy as np
-import tritonclient
 import tritonclient.grpc as grpcclient
 
 from bench.load import run_point
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     result = {
         "server": {"name": metadata.name, "version": metadata.version},
-        "tritonclient": getattr(tritonclient, "__version__", ""),
+        "tritonclient": importlib.metadata.version("tritonclient"),
         "check_embedding": check.astype(float).tolist(),
         "points": points,
     }

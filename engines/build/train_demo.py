@@ -145,8 +145,9 @@ def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
                      float(np.mean(losses[-log_every:])), model.logit_scale.exp().item(), lr_at(step, recipe), rate)
         if (step + 1) % validate_every == 0 or step + 1 == recipe.steps:
             model.eval()
-            val = demo_eval.zero_shot(model, tokenizer, demo_eval.encode_images(model, val_pixels), val_labels,
-                                      (demo_eval.PLAIN_TEMPLATE,))[0]
+            low_res = step < recipe.low_res_steps
+            features = demo_eval.encode_images(model, F.avg_pool2d(val_pixels, 2) if low_res else val_pixels)
+            val = demo_eval.zero_shot(model, tokenizer, features, val_labels, (demo_eval.PLAIN_TEMPLATE,))[0]
             model.train()
             history.append({"step": step + 1, "val_top1": round(val.top1, 4),
                             "minutes": round((time.perf_counter() - wall_start) / 60, 2)})

@@ -69,36 +69,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_unary_rpc_method_handler(
-            self._wrap_unary(handler.stream_unary, method),
-            request_deserializer=handler.request_deserializer,
+        codec = dict(
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(handler.unary_unary, method), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **codec)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method), **codec)
+        return grpc.stream_unary_rpc_method_handler(self._wrap_unary(handler.stream_unary, method), **codec)
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context)
             try:
                 await call.begin()
-                return await behavior(request, context)
+                return await behavior(_checked(request), context)
             except BaseException as exc:  # noqa: BLE001 - every outcome is audited
                 await call.fail(exc)
                 raise
@@ -112,7 +100,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method, context)
             try:
                 await call.begin()
-                async for response in behavior(request, context):
+                async for response in behavior(_checked(request), context):
                     yield response
             except BaseException as exc:  # noqa: BLE001
                 await call.fail(exc)
@@ -121,6 +109,42 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 call.end()
 
         return wrapper
+
+
+class _Malformed:
+    """Stands for a request message that could not be parsed."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns _MALFORMED instead of raising, so that a corrupt message
+    becomes INVALID_ARGUMENT (gRPC itself would answer UNKNOWN with the parser's text)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return _MALFORMED
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    """The request, or for a client stream an iterator over it, refusing malformed messages."""
+    if request is _MALFORMED:
+        raise errors.InvalidInput("request is not a valid protobuf message of this method's type")
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: Any) -> Any:
+    async for message in requests:
+        yield _checked(message)
 
 
 class _Call:
