@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -114,6 +117,37 @@ async def tiny_stack(tiny_bundle):
     stack = await start_stack(tiny_bundle)
     yield stack
     await stack.stop()
+
+
+def spawn_service(service: str, *args: str, **env: str) -> subprocess.Popen:
+    """A service in its own process on free ports, its JSON log on a pipe."""
+    return subprocess.Popen(
+        [PYTHON, "-m", f"services.{service}", "--host", "127.0.0.1", "--port", "0", *args],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", **env),
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
+    """Read a spawned service's log until it reports serving; returns the ports it logged."""
+    ports: dict = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"service exited with {proc.returncode}")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "listening":
+            ports["metrics_port"] = record.get("metrics_port")
+        if record.get("event") == "serving":
+            ports["port"] = int(record["port"])
+            return ports
+    raise AssertionError("service did not report serving")
 
 
 async def health_status(port: int, service: str = "") -> int:

@@ -4,16 +4,12 @@ survives losing one."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import time
 import urllib.request
 
 import grpc
 import pytest
 
-from conftest import PYTHON, ROOT, encoder_settings, gateway_settings, start_server
+from conftest import encoder_settings, gateway_settings, spawn_service, start_server, wait_for_serving
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common.settings import TEXT
 from services.gateway.servicer import GatewayApp
@@ -24,37 +20,17 @@ EMBED_OK = 'medvlm_requests_total{code="OK",method="/medvlm.v1.VisionEncoderServ
 
 
 class Replica:
-    """A vision encoder in its own process, with its gRPC and metrics ports read from its log."""
+    """A vision encoder in its own process."""
 
     def __init__(self, bundle) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "services.vision", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-             "--bundle", str(bundle)],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-        )
+        self.proc = spawn_service("vision", "--metrics-port", "0", "--bundle", str(bundle))
         self.port = self.metrics_port = 0
 
-    def wait_serving(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"replica exited with {self.proc.returncode}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == "listening":
-                self.metrics_port = record["metrics_port"]
-            if record.get("event") == "serving":
-                self.port = record["port"]
-                # keep draining the log so the replica never blocks on a full pipe
-                self.drain = asyncio.get_running_loop().run_in_executor(None, self.proc.stderr.read)
-                return
-        raise AssertionError("replica did not become ready")
+    def wait_serving(self) -> None:
+        ports = wait_for_serving(self.proc)
+        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        # keep draining the log so the replica never blocks on a full pipe
+        self.drain = asyncio.get_running_loop().run_in_executor(None, self.proc.stderr.read)
 
     def served(self) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:

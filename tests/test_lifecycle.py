@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import subprocess
 import time
 
 import grpc
 import pytest
 
-from conftest import PYTHON, ROOT, encoder_settings, health_status, start_server
+from conftest import ROOT, encoder_settings, health_status, spawn_service, start_server, wait_for_serving
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
 from services.common.server import NOT_SERVING, SERVING
 from services.common.settings import TEXT, VISION, parse_settings
@@ -87,23 +85,6 @@ async def test_corrupt_bundle_stays_live_but_not_serving(tiny_bundle, tmp_path, 
         await server.stop(0)
 
 
-def _wait_for_port(proc: subprocess.Popen, timeout_s: float = 60) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}")
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == "serving":
-            return int(record["port"])
-    raise AssertionError("server did not report serving")
-
-
 def _large_png() -> bytes:
     """4 Mpx of smooth content: small to send, slow enough to decode that calls stay in flight."""
     import io
@@ -119,13 +100,10 @@ def _large_png() -> bytes:
 
 async def test_sigterm_goes_not_serving_drains_and_exits(tiny_bundle):
     drain_s = 0.5
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", MEDVLM_DRAIN_S=str(drain_s), MEDVLM_GRACE_S="10")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "services.vision", "--host", "127.0.0.1", "--port", "0", "--bundle", str(tiny_bundle)],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn_service("vision", "--bundle", str(tiny_bundle), "--no-metrics",
+                         MEDVLM_DRAIN_S=str(drain_s), MEDVLM_GRACE_S="10")
     try:
-        port = await asyncio.to_thread(_wait_for_port, proc)
+        port = (await asyncio.to_thread(wait_for_serving, proc))["port"]
         assert await health_status(port) == SERVING
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
