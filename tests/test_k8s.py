@@ -288,6 +288,9 @@ def _policy_allows(policy: dict, labels: dict) -> bool:
     )
 
 
+MONITORING = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+
+
 def check_network(docs: list[dict]) -> list[str]:
     """Default-deny ingress; encoders reachable only from gateway pods on their gRPC port; the
     gateway reachable on 50050."""
@@ -314,9 +317,13 @@ def check_network(docs: list[dict]) -> list[str]:
                 if not peers:
                     problems.append(f"{at}: a rule admits every source")
                     continue
-                if not ports or any(
-                    port_names.get(p.get("port"), p.get("port")) not in port_names.values() for p in ports
-                ):
+                numbers = {port_names.get(p.get("port"), p.get("port")) for p in ports or []}
+                if numbers and numbers == {port_names.get("metrics")}:
+                    # scraping: the metrics port only, from the monitoring namespace only
+                    if any(peer != {"namespaceSelector": MONITORING} for peer in peers):
+                        problems.append(f"{at}: the metrics port is open beyond the monitoring namespace")
+                    continue
+                if not numbers or numbers != {port_names.get("grpc")}:
                     problems.append(f"{at}: a rule admits ports other than the gRPC port")
                 for peer in peers:
                     if set(peer) != {"podSelector"}:
@@ -533,6 +540,16 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
     "no default deny": (
         lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny-ingress")[0]),
         "no default-deny",
+    ),
+    "metrics open to every namespace": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-metrics")[0]["spec"]["ingress"][0].update(
+            **{"from": [{"namespaceSelector": {}}]}
+        ),
+        "metrics port is open beyond the monitoring namespace",
+    ),
+    "gateway pods reach the encoders' metrics port": (
+        lambda d: _gateway_rule(d)["ports"].append({"protocol": "TCP", "port": "metrics"}),
+        "admits ports other than the gRPC port",
     ),
     "encoder open to every pod": (
         lambda d: _gateway_rule(d)["from"][0].update(podSelector={}),
