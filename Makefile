@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle run test smoke clean
+.PHONY: help venv protos lint-protos bundle run test smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,11 +25,13 @@ $(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/d
 
 protos: gen/.stamp  ## generate Python code and .pyi stubs from protos/ into gen/
 
+# Generated into a fresh folder and swapped in, so a running process never sees gen/ half-written.
 gen/.stamp: $(PROTOS) $(VENV)/.installed
-	rm -rf gen && mkdir -p gen
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen \
-		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=gen $(PROTOS)
-	touch $@
+	rm -rf gen.new && mkdir -p gen.new
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen.new --pyi_out=gen.new --grpc_python_out=gen.new \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=gen.new $(PROTOS)
+	touch gen.new/.stamp
+	rm -rf gen && mv gen.new gen
 
 lint-protos: $(VENV)/.installed  ## buf lint the contracts
 	$(VENV)/bin/buf lint protos
@@ -42,6 +44,22 @@ run: protos  ## start the local stack (vision, text, gateway) on the default bun
 
 test: protos  ## run the test suite
 	$(PY) -m pytest -q
+
+BENCH_TRITON ?= .cache/bench-triton
+BENCH_ARGS ?=
+
+bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (10-15 min); BENCH_ARGS=--quick: 1 min
+	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements/bench.txt -c requirements/constraints.txt
+	touch $@
+
+# Triton's own environment (it needs numpy<2 and protobuf<7). If it cannot be made, the
+# benchmark says why and runs the other systems, so a failure here does not stop make.
+$(BENCH_TRITON)/.installed: bench/requirements-triton.txt
+	-test -x $(BENCH_TRITON)/bin/python || $(PYTHON) -m venv $(BENCH_TRITON)
+	-$(BENCH_TRITON)/bin/python -m pip install -q -r bench/requirements-triton.txt && touch $@
 
 TARGET ?= 127.0.0.1:50050
 

@@ -17,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "demo,biomedclip-arch"
 DEFAULT_CONCURRENCY = "1,4,16,64"
-QUICK = {"models": "tiny", "concurrency": "1,4", "seconds": 1.0, "warmup_s": 0.3}
+QUICK = {"models": "tiny", "concurrency": "1,4", "seconds": 1.0, "warmup_s": 0.3, "max_round_s": 15.0}
 
 log = logging.getLogger("bench")
 
@@ -29,8 +29,9 @@ def _csv(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Latency and throughput of medvlm's vision path against in-process torch and ONNX Runtime "
-                    "and NVIDIA Triton, at several concurrencies. Writes results.json, README.md and plots.",
+        description="Latency and throughput of medvlm's vision path against in-process torch and ONNX "
+                    "Runtime and NVIDIA Triton, at several concurrencies. Writes results.json, README.md "
+                    "and plots.",
     )
     p.add_argument("--models", default=None,
                    help=f"comma-separated registry models (default {DEFAULT_MODELS}; demo falls back to tiny "
@@ -41,26 +42,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default=None,
                    help=f"comma-separated concurrencies (default {DEFAULT_CONCURRENCY}; --quick: 1,4)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="measurement window per point in seconds (default 5; --quick: 1). A time budget, not a "
-                        "request count, so slow models send few requests")
+                   help="measurement window per point in seconds (default 5; --quick: 1). A time budget, "
+                        "not a request count, so slow models send few requests")
     p.add_argument("--warmup-s", type=float, default=None,
                    help="least warm-up per point in seconds; it also lasts until every worker got an answer "
                         "(default 2; --quick: 0.3)")
+    p.add_argument("--max-round-s", type=float, default=None,
+                   help="skip a point whose first round (concurrency / the throughput of the point before) "
+                        "would take longer than this: a closed loop needs one round before it is steady, and "
+                        "a slow model at high concurrency would take minutes per point (default 15; 0: never "
+                        "skip)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine threads of every system (default: the core count)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="batching on: largest batch, ours and Triton's (default: the encoders' default)")
     p.add_argument("--max-delay-ms", type=float, default=None,
-                   help="batching on: longest wait for a fuller batch, ours and Triton's (default: the encoders' "
-                        "default)")
+                   help="batching on: longest wait for a fuller batch, ours and Triton's (default: the "
+                        "encoders' default)")
     p.add_argument("--bundles", type=Path, default=ROOT / "bundles",
                    help="folder of bundles; missing ones are built into it (default: bundles/)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default bench/results, which is committed; --quick: bench/out/quick, "
+                        "which git ignores)")
     p.add_argument("--triton-python", type=Path, default=None,
                    help="Python of the Triton environment (default: .cache/bench-triton/bin/python)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: tiny model, concurrency 1,4, 1 s points (about a minute)")
     p.add_argument("--keep-workdir", action="store_true", help="keep server logs and scratch files")
+    p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="measure nothing: recompute the ratios and rewrite README.md and the plots of a "
+                        "finished run (into --out, default: the folder of RESULTS_JSON)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -72,6 +83,7 @@ class Plan:
     concurrency: list[int]
     seconds: float
     warmup_s: float
+    max_round_s: float
 
 
 def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
@@ -94,7 +106,13 @@ def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
         concurrency=concurrency,
         seconds=float(pick("seconds", 5.0)),
         warmup_s=float(pick("warmup_s", 2.0)),
+        max_round_s=float(pick("max_round_s", 15.0)),
     )
+
+
+def _relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def decode_cost(ctx, rounds: int) -> dict[str, float]:
@@ -133,17 +151,46 @@ def run_system(cls, ctx, plan: Plan) -> dict[str, Any]:
     except (ServerFailed, WrongAnswer) as exc:
         entry.update(status="failed", reason=str(exc))
         log.error("%s failed: %s", cls.key, exc)
-    except Exception as exc:  # noqa: BLE001 - one broken system must not stop the others
+    except Exception as exc:  # one broken system must not stop the others
         entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
         log.exception("%s failed", cls.key)
     finally:
         try:
             system.stop()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("%s: stopping failed", cls.key)
     entry["details"] = system.details
     entry["seconds"] = round(time.perf_counter() - started, 1)
     return entry
+
+
+def summary(results: dict[str, Any], written: list[Path]) -> str:
+    """What the run found, for stdout: the ratios, what was not measured, where the files are."""
+    from bench import report
+
+    lines = []
+    for model, r in results["models"].items():
+        lines += report.ratio_lines(model, r["ratios"])
+        lines += [f"[{model}] {k} {s['status']}: {s['reason']}"
+                  for k, s in r["systems"].items() if s["status"] != "ok"]
+    lines += [f"model {x['model']} left out: {x['reason']}" for x in results.get("models_left_out", [])]
+    lines.append(f"took {results['duration_s'] / 60:.1f} min; wrote {', '.join(str(p) for p in written)}")
+    return "\n".join(lines) + "\n"
+
+
+def rerender(path: Path, out: Path) -> int:
+    """Recompute the ratios of a finished run and rewrite its report; nothing is measured."""
+    import json
+
+    from bench import bundles, report
+
+    results = json.loads(path.read_text())
+    for r in results["models"].values():
+        # notes of earlier runs kept a log line's prefix and absolute repository paths
+        r["note"] = bundles.LOG_PREFIX.sub("", r.get("note", "")).replace(f"{ROOT}/", "")
+        r["ratios"] = report.ratios(r, results["config"]["concurrency"])
+    sys.stdout.write(summary(results, report.write(results, out)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from bench import bundles, machine, report
+
+    if args.from_json:
+        return rerender(args.from_json, args.out or args.from_json.parent)
+
     from bench.images import load_images
     from bench.systems import Context, all_systems, setting_default
     from bench.triton import TritonSystem
@@ -162,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     classes = all_systems()
     plan = make_plan(args, list(classes))
-    TritonSystem.python = args.triton_python.resolve() if args.triton_python else None
+    TritonSystem.python = args.triton_python.absolute() if args.triton_python else None  # keep the venv link
     max_batch = args.max_batch or setting_default("max_batch")
     max_delay_ms = args.max_delay_ms if args.max_delay_ms is not None else setting_default("max_delay_ms")
     batch_flags = ([f"--max-batch={args.max_batch}"] if args.max_batch else []) + (
@@ -174,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
              plan.systems, plan.concurrency, plan.seconds, args.threads)
     results: dict[str, Any] = {
         "schema": 1,
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "started": started,
         "machine": machine.describe(ROOT),
         "background": {"start": machine.busy_processes(machine.own_pids())},
@@ -182,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(ROOT)
     results["config"] = {
         "models": plan.models, "systems": plan.systems, "concurrency": plan.concurrency,
-        "seconds": plan.seconds, "warmup_s": plan.warmup_s, "threads": args.threads, "quick": args.quick,
+        "seconds": plan.seconds, "warmup_s": plan.warmup_s, "max_round_s": plan.max_round_s,
+        "threads": args.threads, "quick": args.quick,
         "max_batch": max_batch, "max_delay_ms": max_delay_ms, "batch_flags": batch_flags,
         "images": images.describe(),
     }
@@ -197,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("model %s: bundle %s", choice.model, bundle.bundle_id)
             ctx = Context(root=ROOT, model=choice.model, bundle=bundle, images=images, threads=args.threads,
                           max_batch=max_batch, max_delay_ms=max_delay_ms, batch_flags=batch_flags,
-                          workdir=workdir / choice.model)
+                          workdir=workdir / choice.model, max_round_s=plan.max_round_s)
             ctx.workdir.mkdir(parents=True)
             model_result: dict[str, Any] = {
-                "asked": choice.asked, "bundle": str(choice.bundle), "bundle_id": bundle.bundle_id,
+                "asked": choice.asked, "bundle": _relative(choice.bundle), "bundle_id": bundle.bundle_id,
                 "kind": bundle.manifest.kind, "embed_dim": bundle.manifest.embed_dim,
                 "image_size": bundle.manifest.image.size, "note": choice.note,
                 "bundle_build_s": None if choice.built_s is None else round(choice.built_s, 1),
@@ -220,15 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results["background"]["end"] = machine.busy_processes(machine.own_pids())
     results["duration_s"] = round(time.perf_counter() - began, 1)
-    written = report.write(results, args.out)
+    out = args.out or (ROOT / "bench" / "out" / "quick" if args.quick else ROOT / "bench" / "results")
+    written = report.write(results, out)
 
-    lines = []
-    for model, r in results["models"].items():
-        lines += report.ratio_lines(model, r["ratios"])
-        lines += [f"[{model}] {k} {s['status']}: {s['reason']}" for k, s in r["systems"].items() if s["status"] != "ok"]
-    lines += [f"model {x['model']} left out: {x['reason']}" for x in left_out]
-    lines.append(f"took {results['duration_s'] / 60:.1f} min; wrote {', '.join(str(p) for p in written)}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(summary(results, written))
     measured = any(s["status"] == "ok" for r in results["models"].values() for s in r["systems"].values())
     return 0 if measured else 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 log = logging.getLogger("bench.bundles")
 
+# "2026-01-01 12:00:00,000 ERROR engines.build: " before a logged message
+LOG_PREFIX = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: ")
 FALLBACKS = {"demo": "tiny"}  # a model that cannot be built is replaced by this one, with the reason recorded
 
 
@@ -35,7 +38,8 @@ def find_bundle(bundles: Path, model: str) -> Path | None:
     return found[-1].parent if found else None
 
 
-def ensure_bundle(bundles: Path, model: str, root: Path, timeout_s: float = 900.0) -> tuple[Path, float | None]:
+def ensure_bundle(bundles: Path, model: str, root: Path,
+                  timeout_s: float = 900.0) -> tuple[Path, float | None]:
     """The model's bundle, built first if there is none. Raises BundleUnavailable with the build's reason."""
     existing = find_bundle(bundles, model)
     if existing is not None:
@@ -45,14 +49,15 @@ def ensure_bundle(bundles: Path, model: str, root: Path, timeout_s: float = 900.
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "engines.build", "--model", model, "--out", str(bundles)],
-            cwd=root, capture_output=True, text=True, timeout=timeout_s,
+            cwd=root, capture_output=True, text=True, timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise BundleUnavailable(f"building {model} took longer than {timeout_s:.0f} s") from exc
     built = find_bundle(bundles, model)
     if proc.returncode != 0 or built is None:
         lines = [line for line in (proc.stderr or "").splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        reason = LOG_PREFIX.sub("", lines[-1]) if lines else f"exit status {proc.returncode}"
+        reason = reason.replace(f"{root}/", "")  # repository paths, relative
         raise BundleUnavailable(f"`python -m engines.build --model {model}` failed: {reason}")
     return built, time.perf_counter() - start
 

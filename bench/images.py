@@ -41,7 +41,8 @@ def synthetic_png(index: int, size: int = DEFAULT_SIZE) -> bytes:
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] each, in [0, 1)
     base = 40 + 80 * y + 20 * np.sin(6 * x + index)  # [S, S]
     for _ in range(3):
-        cx, cy, rx, ry = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3), rng.uniform(0.1, 0.35)
+        cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+        rx, ry = rng.uniform(0.08, 0.3), rng.uniform(0.1, 0.35)
         base = base + rng.uniform(60, 120) * np.exp(-(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2))
     tint = np.array([1.0, 0.95 + 0.05 * (index % 2), 0.9], dtype=np.float32)  # [3]
     noise = rng.normal(0, 6, size=(size, size, 1)).astype(np.float32)  # [S, S, 1]

@@ -14,21 +14,29 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_b
 BUSY_PERCENT = 10.0  # a process using more than this share of one core counts as background load
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
-    model, flags = "", []
+def _cpuinfo() -> dict[str, object]:
+    """Model name, family/model numbers and the SIMD flags that matter for inference speed."""
+    info: dict[str, str] = {}
+    flags: list[str] = []
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown", flags
+        text = ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
+        if key in ("model name", "cpu family", "model") and key not in info:
+            info[key] = value.strip()
         elif key == "flags" and not flags:
             present = set(value.split())
             flags = [f for f in CPU_FLAGS_OF_INTEREST if f in present]
-    return model or platform.processor() or "unknown", flags
+            if "hypervisor" in present:
+                flags.append("hypervisor")
+    return {
+        "cpu_model": info.get("model name") or platform.processor() or "unknown",
+        "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "cpu_flags": flags,
+    }
 
 
 def _mem_total_gib() -> float | None:
@@ -62,10 +70,8 @@ def git_revision(root: Path) -> dict[str, object]:
 
 def describe(root: Path) -> dict[str, object]:
     """The machine and software the run used (Triton's version is added by the Triton system)."""
-    model, flags = _cpuinfo()
     return {
-        "cpu_model": model,
-        "cpu_flags": flags,
+        **_cpuinfo(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _mem_total_gib(),
@@ -73,7 +79,7 @@ def describe(root: Path) -> dict[str, object]:
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in
                      ("torch", "open_clip_torch", "onnxruntime", "grpcio", "numpy", "pillow")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git": git_revision(root),
     }
 

@@ -1,4 +1,4 @@
-"""Results of a run: results.json, a markdown summary with the machine, latency/throughput plots, and ratios."""
+"""Results of a run: results.json, a markdown summary with the machine, latency plots, and ratios."""
 
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ def _point(result: dict[str, Any], key: str, concurrency: int) -> dict[str, Any]
     return next((p for p in system["points"] if p["concurrency"] == concurrency and p["requests"] > 0), None)
 
 
-def _pick(measured: list[int], wanted: int) -> int | None:
-    """`wanted` if measured, else the largest measured concurrency below it, else the smallest."""
-    if not measured:
-        return None
-    if wanted in measured:
-        return wanted
-    below = [c for c in measured if c < wanted]
-    return max(below) if below else min(measured)
+def _pick(result: dict[str, Any], concurrency: list[int], wanted: int) -> int | None:
+    """The concurrency to compare systems at: `wanted`, or if fewer systems were measured there (a point
+    skipped as too slow), the highest one below it at which the most systems were measured."""
+    candidates = sorted((c for c in concurrency if c <= wanted), reverse=True) or sorted(concurrency)
+    coverage = {c: sum(1 for key in result["systems"] if _point(result, key, c)) for c in candidates}
+    best = max(coverage.values(), default=0)
+    return next((c for c in candidates if coverage[c] == best), None) if best else None
 
 
 def _round(x: float | None, digits: int = 2) -> float | None:
@@ -38,7 +37,7 @@ def _round(x: float | None, digits: int = 2) -> float | None:
 
 def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     """Comparisons between systems measured in this run (absolute numbers vary +-30 % between runs)."""
-    low, mid = _pick(concurrency, RATIO_LOW), _pick(concurrency, RATIO_MID)
+    low, mid = _pick(result, concurrency, RATIO_LOW), _pick(result, concurrency, RATIO_MID)
     out: dict[str, Any] = {"low_concurrency": low, "mid_concurrency": mid}
 
     def p50(key: str, c: int | None) -> float | None:
@@ -102,8 +101,8 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         lines.append(f"  {key:15} {t['throughput']:9.2f} img/s  {vs_triton:>7} Triton  {vs_torch:>7} torch")
     b = r["batching_at_mid"]
     if b["throughput_on_over_off"] is not None:
-        lines.append(f"[{model}] batching on vs off at concurrency {mid}: throughput x{b['throughput_on_over_off']:.2f}, "
-                     f"p50 x{b['p50_on_over_off']:.2f}")
+        lines.append(f"[{model}] batching on vs off at concurrency {mid}: "
+                     f"throughput x{b['throughput_on_over_off']:.2f}, p50 x{b['p50_on_over_off']:.2f}")
     else:
         lines.append(f"[{model}] batching on vs off: not both measured")
     return lines
@@ -116,93 +115,117 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 
 def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
-    m = results["machine"]
-    cfg = results["config"]
-    background = results["background"]
-    busy = "; ".join(f"{b['command']} ({b['cpu_percent']} % of a core)" for b in background["start"]["busy"]) or "none seen"
-    busy_end = "; ".join(f"{b['command']} ({b['cpu_percent']} %)" for b in background["end"]["busy"]) or "none seen"
-    triton_versions = results.get("triton_versions") or {}
-    triton = (f"tritonserver {triton_versions.get('tritonserver', '?')} (nvidia-pytriton "
-              f"{triton_versions.get('nvidia-pytriton', '?')}, tritonclient {triton_versions.get('tritonclient', '?')}, "
-              f"onnxruntime {triton_versions.get('onnxruntime', '?')}, numpy {triton_versions.get('numpy', '?')})"
-              if triton_versions else "not run (see below)")
+    """README.md of a run: the machine, the method, a table and the ratios per model, the plots."""
+    m, cfg, background = results["machine"], results["config"], results["background"]
+
+    def busy(when: str) -> str:
+        return "; ".join(f"{b['command']} ({b['cpu_percent']} % of a core)"
+                         for b in background[when]["busy"]) or "none seen"
+
+    tv = results.get("triton_versions") or {}
+    triton = "not run (see below)"
+    if tv:
+        triton = (f"tritonserver {tv.get('tritonserver', '?')} "
+                  f"(nvidia-pytriton {tv.get('nvidia-pytriton', '?')}, "
+                  f"tritonclient {tv.get('tritonclient', '?')}, onnxruntime {tv.get('onnxruntime', '?')}, "
+                  f"numpy {tv.get('numpy', '?')})")
     git = m["git"]
     code = f"commit {git['commit']}" + (f" + {git['uncommitted_changes']} uncommitted file(s)"
                                          if git.get("uncommitted_changes") else "")
     v = m["versions"]
+    img = cfg["images"]
     out = [
         "# medvlm benchmark results",
         "",
         f"`{results['command']}` — started {results['started']}, took {results['duration_s'] / 60:.1f} min.",
-        "Timings on these shared machines vary by +-30 % between runs: compare systems within one run "
-        "(the ratios below), not across runs.",
+        ("Timings on these shared machines vary by +-30 % between runs: compare systems within one run "
+         "(the ratios below), not across runs."),
         "",
         "## Machine",
         "",
         "| | |",
         "|---|---|",
-        f"| CPU | {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable); flags: {', '.join(m['cpu_flags']) or '-'} |",
+        (f"| CPU | {m['cpu_model']} (family/model {m['cpu_family_model']}), {m['cores']} cores "
+         f"({m['cores_usable']} usable); flags: {', '.join(m['cpu_flags']) or '-'} |"),
         f"| memory | {m['memory_gib']} GiB |",
         f"| OS | {m['os']} |",
         f"| Python | {m['python']} |",
-        f"| packages | torch {v['torch']}, open_clip {v['open_clip_torch']}, onnxruntime {v['onnxruntime']}, "
-        f"grpcio {v['grpcio']}, numpy {v['numpy']}, pillow {v['pillow']} |",
+        (f"| packages | torch {v['torch']}, open_clip {v['open_clip_torch']}, "
+         f"onnxruntime {v['onnxruntime']}, grpcio {v['grpcio']}, numpy {v['numpy']}, pillow {v['pillow']} |"),
         f"| Triton | {triton} |",
         f"| code | {code} |",
-        f"| other load at start | load average {background['start']['loadavg']}; busy processes: {busy} |",
-        f"| other load at end | load average {background['end']['loadavg']}; busy processes: {busy_end} |",
+        f"| other load at start | load average {background['start']['loadavg']}; busy: {busy('start')} |",
+        f"| other load at end | load average {background['end']['loadavg']}; busy: {busy('end')} |",
         "",
         "## How it was measured",
         "",
-        f"* Closed loop: N worker threads each send one request (one image) and wait for its answer. Per point "
-        f"a warm-up of at least {cfg['warmup_s']} s (until every worker has had an answer), then a "
-        f"{cfg['seconds']} s window. Throughput = answers completed in the window / window length (images/s); "
-        f"latency percentiles over the requests started in the window, which are all awaited.",
-        f"* Concurrency {', '.join(str(c) for c in cfg['concurrency'])}. Systems run one after another, never together.",
-        f"* Every engine gets {cfg['threads']} threads (torch.set_num_threads, ONNX Runtime intra-op threads, "
-        f"--intra-op-threads of the encoders, ONNX Runtime inside Triton). The load generator shares the same "
-        f"{m['cores']} cores with the system under test.",
-        f"* Batching on: ours with {' '.join(cfg['batch_flags']) or 'the service defaults'} "
-        f"(max batch {cfg['max_batch']}, max delay {cfg['max_delay_ms']} ms); Triton with max_batch_size "
-        f"{cfg['max_batch']} and dynamic_batching max_queue_delay_microseconds {int(cfg['max_delay_ms'] * 1000)}, "
-        f"one model instance. Our delay applies only while other requests are still being decoded; Triton's "
-        f"applies to every batch.",
-        f"* Images: {cfg['images']['source']}; {cfg['images']['count']} PNGs of {cfg['images']['width']}x"
-        f"{cfg['images']['height']}, {cfg['images']['png_bytes_mean'] // 1024} KiB on average.",
-        "* **Inputs differ by design.** Triton, torch and ort receive preprocessed float32 tensors "
-        "(3x224x224 = 588 KiB) and do no image decoding; the medvlm encoder and gateway receive PNG bytes and "
-        "decode, resize and normalize them themselves. `ort-decode` is the in-process engine with that same "
-        "decode work per request, so `vision-*` minus `ort-decode` is the serving overhead proper, and "
-        "`ort-decode` minus `ort` is the decode cost (also measured alone, single-threaded, per model below).",
-        "* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer before "
-        "it is measured (cosine >= 0.999; for the gateway the image x label cosines, within 1e-3).",
+        (f"* Closed loop: N worker threads each send one request (one image) and wait for its answer. "
+         f"Per point a warm-up of at least {cfg['warmup_s']} s and until every worker has had an answer "
+         f"(one round), then a window of {cfg['seconds']} s or one round if longer. Latency percentiles "
+         f"cover the requests started in the window, all awaited. Throughput (images/s) = N / mean "
+         f"latency (Little's law): requests served side by side or in batches complete in bursts once "
+         f"per round, which skews a count over a short window (the count is in results.json as "
+         f"`throughput_window`). A point whose round would exceed {cfg['max_round_s']} s, judged from "
+         f"the point before, is skipped and listed."),
+        (f"* Concurrency {', '.join(str(c) for c in cfg['concurrency'])}. Systems run one after another, "
+         f"never together."),
+        (f"* Every engine gets {cfg['threads']} threads (torch.set_num_threads, ONNX Runtime intra-op "
+         f"threads, --intra-op-threads of the encoders, ONNX Runtime inside Triton). The load generator "
+         f"shares the same {m['cores']} cores with the system under test."),
+        (f"* Batching on: ours with {' '.join(cfg['batch_flags']) or 'the service defaults'} "
+         f"(max batch {cfg['max_batch']}, max delay {cfg['max_delay_ms']} ms); Triton with max_batch_size "
+         f"{cfg['max_batch']} and dynamic_batching max_queue_delay_microseconds "
+         f"{round(cfg['max_delay_ms'] * 1000)}, one model instance. Our delay applies only while other "
+         f"requests are still being decoded; Triton's applies to every batch."),
+        (f"* Images: {img['source']}; {img['count']} PNGs of {img['width']}x{img['height']}, "
+         f"{img['png_bytes_mean'] // 1024} KiB on average."),
+        ("* **Inputs differ by design.** Triton, torch and ort receive preprocessed float32 tensors "
+         "(3x224x224 = 588 KiB) and do no image decoding; the medvlm encoder and gateway receive PNG "
+         "bytes and decode, resize and normalize them themselves. `ort-decode` is the in-process engine "
+         "with that same decode work per request, so `vision-*` minus `ort-decode` is the serving "
+         "overhead proper, and `ort-decode` minus `ort` is the decode cost (also measured alone, "
+         "single-threaded, per model below)."),
+        (f"* *other load* is the CPU that processes outside the benchmark used during each window, in "
+         f"cores (of {m['cores']}): where it is high, that point was measured on a busy machine."),
+        ("* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer "
+         "before it is measured (cosine >= 0.999; for the gateway the image x label cosines, "
+         "within 1e-3)."),
         "",
     ]
-    systems_meta = results["systems"]
     for model, r in results["models"].items():
         out += [f"## {model}", ""]
-        out.append(f"Bundle `{r['bundle_id']}` ({r['kind']}){'; ' + r['note'] if r.get('note') else ''}. "
-                   f"Decode + preprocess alone, one thread: p50 {_fmt(r['decode_ms']['p50_ms'], 2)} ms "
-                   f"(p95 {_fmt(r['decode_ms']['p95_ms'], 2)} ms) per {cfg['images']['width']}x"
-                   f"{cfg['images']['height']} PNG.")
-        out += ["", "| system | concurrency | img/s | p50 ms | p95 ms | p99 ms | requests | errors |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        note = f"; {r['note']}" if r.get("note") else ""
+        out.append(f"Bundle `{r['bundle_id']}` ({r['kind']}){note}. Decode + preprocess alone, one thread: "
+                   f"p50 {_fmt(r['decode_ms']['p50_ms'], 2)} ms (p95 {_fmt(r['decode_ms']['p95_ms'], 2)} ms) "
+                   f"per {img['width']}x{img['height']} PNG.")
+        out += ["", ("| system | concurrency | img/s | p50 ms | p95 ms | p99 ms | requests | errors "
+                     "| other load (cores) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        skipped_points, incomplete = [], False
         for key, s in r["systems"].items():
-            if s["status"] != "ok":
-                continue
-            for p in s["points"]:
-                out.append(f"| {key} | {p['concurrency']} | {_fmt(p['throughput'])} | {_fmt(p['p50_ms'])} | "
-                           f"{_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['requests']} | {p['errors']} |")
+            for p in s["points"] if s["status"] == "ok" else []:
+                if p.get("skipped"):
+                    skipped_points.append(f"* `{key}` at concurrency {p['concurrency']}: {p['skipped']}")
+                    continue
+                warm = p.get("warmed_up", True)
+                incomplete = incomplete or not warm
+                out.append(f"| {key} | {p['concurrency']}{'' if warm else '*'} | {_fmt(p['throughput'])} | "
+                           f"{_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | "
+                           f"{p['requests']} | {p['errors']} | {_fmt(p.get('background_cores'), 2)} |")
+        if incomplete:
+            out += ["", "\\* warm-up incomplete: not every worker had an answer before the window opened."]
         out += ["", "```", *ratio_lines(model, r["ratios"]), "```", ""]
-        missing = [(k, s) for k, s in r["systems"].items() if s["status"] != "ok"]
-        if missing:
-            out += ["Not measured:", ""]
-            out += [f"* `{k}` {s['status']}: {s['reason']}" for k, s in missing]
-            out.append("")
+        missing = [f"* `{k}` {s['status']}: {s['reason']}" for k, s in r["systems"].items()
+                   if s["status"] != "ok"]
+        if missing or skipped_points:
+            out += ["Not measured:", "", *missing, *skipped_points, ""]
+        served = [f"* `{k}`: {'; '.join(s['details']['served_engines'])}" for k, s in r["systems"].items()
+                  if s.get("details", {}).get("served_engines")]
+        if served:
+            out += ["What the servers reported running (GetModelInfo):", "", *served, ""]
         if model in plots:
             out += [f"![p50 latency vs throughput, {model}]({plots[model]})", ""]
     out += ["## Systems", "", "| key | system | one request |", "|---|---|---|"]
-    out += [f"| `{k}` | {s['title']} | {s['request']} |" for k, s in systems_meta.items()]
+    out += [f"| `{k}` | {s['title']} | {s['request']} |" for k, s in results["systems"].items()]
     if results.get("models_left_out"):
         out += ["", "Models left out:", ""]
         out += [f"* {x['model']}: {x['reason']}" for x in results["models_left_out"]]
@@ -217,6 +240,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> tuple[dict[str, str], str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return {}, "matplotlib is not installed (pip install -r requirements/bench.txt): no plots"
     files = {}
@@ -228,17 +252,19 @@ def plot(results: dict[str, Any], out_dir: Path) -> tuple[dict[str, str], str]:
             if not pts:
                 continue
             xs, ys = [p["throughput"] for p in pts], [p["p50_ms"] for p in pts]
-            ax.plot(xs, ys, marker="o", label=key)
-            for p, x, y in zip(pts, xs, ys):
-                ax.annotate(str(p["concurrency"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.plot(xs, ys, marker="o", label=key, linestyle="-" if key in OURS_SERVED else "--")
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(str(p["concurrency"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
             drawn = True
         if not drawn:
             plt.close(fig)
             continue
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("throughput (images/s)")
         ax.set_ylabel("p50 latency (ms, log scale)")
-        ax.set_title(f"{model}: p50 latency vs throughput (labels: concurrency)")
+        ax.set_title(f"{model}: p50 latency vs throughput (labels: concurrency; solid: medvlm served)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

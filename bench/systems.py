@@ -4,7 +4,7 @@
 |---|---|
 | torch | open_clip `encode_image` in this process, on a tensor made by open_clip's own transform |
 | ort | OnnxRuntimeEngine.infer in this process, on a tensor made by services.vision.preprocess |
-| ort-decode | the encoder's work in this process, unbatched: PNG decode + preprocess (ImagePreparer) + engine |
+| ort-decode | the encoder's work in process, unbatched: PNG decode + preprocess (ImagePreparer) + engine |
 | vision-nobatch | EmbedImages on `python -m services.vision --max-batch 1` over gRPC, PNG bytes |
 | vision-batch | the same with the service's default batching settings |
 | gateway | Classify on the gateway (vision + text + gateway processes), PNG bytes, labels cached |
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bench.images import ImageSet
-from bench.load import Point, Request, run_point
+from bench.load import Point, Request, run_points
 from bench.procs import HOST, Server, ServerFailed, free_port, service_env
 from engines.runtime.bundle import Bundle, row_cosines
 from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
@@ -74,6 +74,7 @@ class Context:
     max_delay_ms: float  # batching on: longest wait for more items (ours and Triton's)
     batch_flags: list[str]  # what the batching-on encoder is started with ([] = the service's defaults)
     workdir: Path
+    max_round_s: float = 0.0  # see bench.load.run_points; 0 measures every point
     request_timeout_s: float = 120.0
     server_start_timeout_s: float = 300.0
     tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, services.vision.preprocess
@@ -95,6 +96,15 @@ def decode_limits() -> DecodeLimits:
 def open_vision_engine(bundle: Bundle, threads: int) -> OnnxRuntimeEngine:
     return OnnxRuntimeEngine(bundle.engine_file("vision"), input_name=VISION_INPUT, output_name=VISION_OUTPUT,
                              precision=bundle.manifest.precision_of("vision"), intra_op_threads=threads)
+
+
+def log_point(key: str, point: Point) -> None:
+    if point.skipped:
+        log.info("%-15s c=%-3d skipped: %s", key, point.concurrency, point.skipped)
+        return
+    log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d other load %s cores%s",
+             key, point.concurrency, point.throughput, point.p50_ms, point.p99_ms, point.requests,
+             point.errors, point.background_cores, "" if point.warmed_up else " (warm-up incomplete)")
 
 
 def check_cosine(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -129,19 +139,16 @@ class System(abc.ABC):
     def make_request(self, worker: int) -> Request:
         """The request function of one load-generator worker."""
 
-    def run(self, concurrency: list[int], seconds: float, warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
+    def run(self, concurrency: list[int], seconds: float,
+            warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
         """Check, then one point per concurrency."""
         checked = self.check()
-        points = []
-        for c in concurrency:
-            point = run_point(self.make_request, c, seconds, warmup_s,
-                              drain_timeout_s=self.ctx.request_timeout_s + 10)
-            log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d", self.key, c,
-                     point.throughput, point.p50_ms, point.p99_ms, point.requests, point.errors)
-            points.append(point)
+        points = run_points(self.make_request, concurrency, seconds, warmup_s,
+                            max_round_s=self.ctx.max_round_s, on_point=lambda p: log_point(self.key, p),
+                            drain_timeout_s=self.ctx.request_timeout_s + 10)
         return checked, points
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # a hook: systems without resources keep this default
         """Release what start() took."""
 
 
@@ -229,23 +236,35 @@ class GrpcSystem(System):
         self.channels: dict[int, grpc.Channel] = {}
 
     def launch(self, name: str, args: list[str], port: int) -> str:
-        server = Server(name, [sys.executable, "-m", *args], cwd=self.ctx.root, env=service_env(self.ctx.root),
-                        log_dir=self.ctx.workdir)
+        server = Server(name, [sys.executable, "-m", *args], cwd=self.ctx.root,
+                        env=service_env(self.ctx.root), log_dir=self.ctx.workdir)
         self.servers.append(server)
         target = f"{HOST}:{port}"
         server.wait_serving(target, self.ctx.server_start_timeout_s)
         return target
 
     def encoder_args(self, service: str, port: int) -> list[str]:
-        return [f"services.{service}", "--host", HOST, "--port", str(port), "--bundle", str(self.ctx.bundle.path),
-                "--allow-benchmark", "--intra-op-threads", str(self.ctx.threads), "--no-metrics"]
+        return [f"services.{service}", "--host", HOST, "--port", str(port),
+                "--bundle", str(self.ctx.bundle.path), "--allow-benchmark",
+                "--intra-op-threads", str(self.ctx.threads), "--no-metrics"]
 
     def channel(self, worker: int, target: str) -> grpc.Channel:
         """One channel per load-generator worker, reused across points (grpc shares the connection)."""
         if worker not in self.channels:
             self.channels[worker] = grpc.insecure_channel(target, options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ])
         return self.channels[worker]
+
+    def served_engines(self, stub) -> list[str]:
+        """What the server says it runs (GetModelInfo): tower, engine, precision, largest batch."""
+        from medvlm.v1 import types_pb2
+
+        info = stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10).model
+        return [f"{types_pb2.Tower.Name(e.tower).removeprefix('TOWER_').lower()}: {e.engine} "
+                f"{types_pb2.Precision.Name(e.precision).removeprefix('PRECISION_').lower()}, "
+                f"max batch {e.max_batch}" for e in info.engines]
 
     def stop(self) -> None:
         for channel in self.channels.values():
@@ -282,6 +301,7 @@ class VisionGrpc(GrpcSystem):
     def check(self) -> dict[str, Any]:
         reply = self._call(-1, 0)
         self.details["bundle_id"] = reply.bundle_id
+        self.details["served_engines"] = self.served_engines(self.stub_class(self.channel(-1, self.target)))
         return check_cosine(np.array(reply.embeddings[0].values), l2_normalize(self.ctx.reference[:1])[0])
 
     def make_request(self, worker: int) -> Request:
@@ -331,6 +351,7 @@ class GatewayClassify(GrpcSystem):
             raise WrongAnswer(f"Classify cosines {np.round(got, 4).tolist()} differ from the in-process "
                               f"ONNX Runtime ones {np.round(expected, 4).tolist()}")
         self.details["bundle_id"] = reply.bundle_id
+        self.details["served_engines"] = self.served_engines(self.stub_class(self.channel(-1, self.target)))
         return {"reference": "in-process ONNX Runtime image x label cosines, image 0",
                 "max_abs_diff": float(np.abs(got - expected).max())}
 
@@ -343,7 +364,8 @@ def expected_label_cosines(ctx: Context, image: int) -> np.ndarray:
     """Cosines of image `image` with every prompt, computed in process: the text tower through ONNX Runtime.
     The gateway fills the template by plain replacement of "{}", as here."""
     manifest = ctx.bundle.manifest
-    ids = TextTokenizer(ctx.bundle.path, manifest.text).ids([TEMPLATE.replace("{}", label) for label in LABELS])
+    prompts = [TEMPLATE.replace("{}", label) for label in LABELS]
+    ids = TextTokenizer(ctx.bundle.path, manifest.text).ids(prompts)
     text = OnnxRuntimeEngine(ctx.bundle.engine_file("text"), input_name=TEXT_INPUT, output_name=TEXT_OUTPUT,
                              precision=manifest.precision_of("text"), intra_op_threads=ctx.threads)
     try:
@@ -357,7 +379,8 @@ def all_systems() -> dict[str, type[System]]:
     """Every system, in the order they run."""
     from bench.triton import TritonSystem
 
-    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify, TritonSystem)
+    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify,
+             TritonSystem)
     return {cls.key: cls for cls in order}
 
 

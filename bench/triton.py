@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.load import Point
 from bench.procs import HOST, Server, ServerFailed, free_port, log_tail
-from bench.systems import Context, System, SystemUnavailable, check_cosine
+from bench.systems import Context, System, SystemUnavailable, check_cosine, log_point
 
 log = logging.getLogger("bench.triton")
 
@@ -61,13 +61,15 @@ class TritonSystem(System):
 
     def _probe(self, python: Path) -> dict[str, str]:
         try:
-            proc = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                                  check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SystemUnavailable(f"the Triton environment's Python {python} does not run: {exc}") from exc
         if proc.returncode != 0:
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            raise SystemUnavailable(f"the Triton environment {python} lacks a package "
-                                    f"({lines[-1] if lines else proc.returncode}); {how_to_create(self.ctx.root)}")
+            said = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise SystemUnavailable(f"the Triton environment {python} lacks a package ({said}); "
+                                    f"{how_to_create(self.ctx.root)}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def start(self) -> None:
@@ -80,11 +82,13 @@ class TritonSystem(System):
         self.python_path = python
         # The Python backend stub links libpython dynamically; without the lib folder of the Python that
         # runs the environment it may load the system's libpython and fail (`_recursion_count`).
-        library_path = os.pathsep.join(p for p in (probe["libdir"], os.environ.get("LD_LIBRARY_PATH", "")) if p)
+        paths = (probe["libdir"], os.environ.get("LD_LIBRARY_PATH", ""))
+        library_path = os.pathsep.join(p for p in paths if p)
         self.env = dict(os.environ, PYTHONPATH=str(self.ctx.root), LD_LIBRARY_PATH=library_path)
         self.grpc_port = free_port()
-        delay_us = int(round(self.ctx.max_delay_ms * 1000))
-        argv = [str(python), "-m", "bench.triton_server", "--onnx", str(self.ctx.bundle.engine_file("vision")),
+        delay_us = round(self.ctx.max_delay_ms * 1000)
+        argv = [str(python), "-m", "bench.triton_server",
+                "--onnx", str(self.ctx.bundle.engine_file("vision")),
                 "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()),
                 "--metrics-port", str(free_port()), "--threads", str(self.ctx.threads),
                 "--max-batch", str(self.ctx.max_batch), "--max-delay-us", str(delay_us)]
@@ -100,7 +104,7 @@ class TritonSystem(System):
         }
 
     def _read_ready(self, server: Server) -> dict[str, Any]:
-        """The server's {"ready": ...} line on stdout (other lines are tritonserver's); ServerFailed otherwise."""
+        """The server's {"ready": ...} line on stdout (other lines are tritonserver's), else ServerFailed."""
         found: list[dict[str, Any]] = []
         other: list[str] = []
 
@@ -120,7 +124,8 @@ class TritonSystem(System):
             said = f"; stdout: {' | '.join(other[-3:])}" if other else ""
             if reader.is_alive():
                 raise server.failure(f"was not ready after {START_TIMEOUT_S:.0f} s{said}")
-            raise server.failure(f"exited with status {server.proc.wait(timeout=60)} before it was ready{said}")
+            status = server.proc.wait(timeout=60)
+            raise server.failure(f"exited with status {status} before it was ready{said}")
         if not found[0].get("ready"):
             raise server.failure(f"reported {found[0]}")
         # keep draining stdout so that tritonserver never blocks on a full pipe
@@ -133,7 +138,8 @@ class TritonSystem(System):
     def make_request(self, worker: int):  # the load runs in the Triton environment, see run()
         raise NotImplementedError
 
-    def run(self, concurrency: list[int], seconds: float, warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
+    def run(self, concurrency: list[int], seconds: float,
+            warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
         tensors = self.ctx.workdir / "triton-images.npy"
         np.save(tensors, self.ctx.tensors)
         out = self.ctx.workdir / "triton-client.json"
@@ -142,11 +148,12 @@ class TritonSystem(System):
         argv = [str(self.python_path), "-m", "bench.triton_client", "--target", f"{HOST}:{self.grpc_port}",
                 "--tensors", str(tensors), "--concurrency", ",".join(str(c) for c in concurrency),
                 "--seconds", str(seconds), "--warmup-s", str(warmup_s),
-                "--timeout-s", str(self.ctx.request_timeout_s), "--out", str(out)]
+                "--timeout-s", str(self.ctx.request_timeout_s), "--max-round-s", str(self.ctx.max_round_s),
+                "--out", str(out)]
         with open(client_log, "wb") as log_file:
             try:
-                proc = subprocess.run(argv, cwd=self.ctx.root, env=self.env, stdout=log_file, stderr=log_file,
-                                      timeout=budget)
+                proc = subprocess.run(argv, cwd=self.ctx.root, env=self.env, stdout=log_file,
+                                      stderr=log_file, timeout=budget, check=False)
             except subprocess.TimeoutExpired as exc:
                 raise ServerFailed(f"the Triton client ran longer than {budget:.0f} s") from exc
         if proc.returncode != 0:
@@ -156,8 +163,7 @@ class TritonSystem(System):
         checked = check_cosine(np.array(result["check_embedding"]), self.ctx.reference[0])
         points = [Point(**p) for p in result["points"]]
         for point in points:
-            log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d", self.key,
-                     point.concurrency, point.throughput, point.p50_ms, point.p99_ms, point.requests, point.errors)
+            log_point(self.key, point)
         return checked, points
 
     def stop(self) -> None:

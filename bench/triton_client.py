@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from bench.load import run_point
+from bench.load import Point, run_points
 from bench.triton_server import INPUT, MODEL_NAME, OUTPUT
 
 
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup-s", type=float, required=True)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of one request")
+    parser.add_argument("--max-round-s", type=float, default=0.0, help="see bench.load.run_points")
     parser.add_argument("--out", required=True, help="JSON file to write")
     return parser
 
@@ -53,17 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         client = grpcclient.InferenceServerClient(url=args.target)
         return lambda n: infer(client, rows[n % len(rows)])
 
-    points = []
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        point = run_point(make_request, concurrency, args.seconds, args.warmup_s)
-        points.append(point.as_dict())
-        print(json.dumps({"concurrency": concurrency, "throughput": point.throughput, "p50_ms": point.p50_ms}),
-              file=sys.stderr, flush=True)
+    def progress(point: Point) -> None:
+        line = {"concurrency": point.concurrency, "throughput": point.throughput, "skipped": point.skipped}
+        print(json.dumps(line), file=sys.stderr, flush=True)
+
+    # The harness that started this client also started the server: its tree is the benchmark's own CPU.
+    points = run_points(make_request, [int(c) for c in args.concurrency.split(",")], args.seconds,
+                        args.warmup_s, max_round_s=args.max_round_s, on_point=progress,
+                        own_root_pid=os.getppid(), drain_timeout_s=args.timeout_s + 10)
     result = {
         "server": {"name": metadata.name, "version": metadata.version},
         "tritonclient": importlib.metadata.version("tritonclient"),
         "check_embedding": check.astype(float).tolist(),
-        "points": points,
+        "points": [p.as_dict() for p in points],
     }
     with open(args.out, "w") as f:
         json.dump(result, f)
