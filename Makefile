@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle run test smoke bench clean
+.PHONY: help venv protos lint-protos bundle quantize run test smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,8 +36,11 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 lint-protos: $(VENV)/.installed  ## buf lint the contracts
 	$(VENV)/bin/buf lint protos
 
-bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir])
-	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS))
+bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir] [PRECISION=int8|fp16|int8,fp16] [CALIBRATION=dir])
+	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+
+quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
+	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)

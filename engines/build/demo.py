@@ -43,9 +43,12 @@ class Recipe:
     steps: int = 1200
     batch_size: int = 64
     captions_per_class: int = 2  # captions of each class in every batch
+    text_text_weight: float = 1.0  # weight of the caption-caption same-class loss
+    image_image_weight: float = 1.0  # weight of the image-image same-class loss
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 60
+    sincos_init: bool = True  # start the learned ViT position embedding from a 2-D sine-cosine table
     low_res_steps: int = 0  # the first steps see images average-pooled to half size (4x cheaper)
     init_logit_scale: float = 14.3  # exp() applied: cosine multiplier at the start
     max_logit_scale: float = 100.0

@@ -33,16 +33,18 @@ class ZeroShotResult:
     predictions: np.ndarray  # int64 [N]
 
 
-def normalize_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] with the OpenAI CLIP mean/std.
+def normalize_uint8(images: np.ndarray | torch.Tensor, downsample: int = 1) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H/downsample, W/downsample] with the OpenAI CLIP mean/std.
 
-    For 224 px generator output this equals open_clip's preprocessing (the resize and
-    centre crop are identities), without a round trip through PIL.
+    For 224 px generator output and no downsampling this equals open_clip's preprocessing
+    (the resize and centre crop are identities), without a round trip through PIL.
     """
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()  # [N, 3, H, W], 0..255
+    if downsample > 1:
+        x = torch.nn.functional.avg_pool2d(x, downsample)
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1) * 255.0
+    return x.sub_(mean).div_(std)
 
 
 @torch.no_grad()

@@ -42,21 +42,67 @@ def cached_images(seed: int, count: int, workers: int, cache_dir: Path = CACHE_D
     return images, labels
 
 
-def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_labels: torch.Tensor,
-                        text_labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss where every pair of the same class is a positive (soft targets).
+def multi_positive_loss(a: torch.Tensor, b: torch.Tensor, a_labels: torch.Tensor, b_labels: torch.Tensor,
+                        logit_scale: torch.Tensor, same_set: bool = False) -> torch.Tensor:
+    """Symmetric contrastive loss where every pair of the same class is a positive (soft targets).
 
-    image_features [B, D] and text_features [T, D] are L2-normalized. Image -> text: the
-    captions of the image's class share the target mass. Text -> image: the images of the
-    caption's class share it; captions whose class has no image in the batch are skipped.
+    a [A, D] and b [B, D] are L2-normalized. Each row of a spreads its target mass equally
+    over the items of b with its class, and each item of b over the rows of a with its
+    class; items without a positive are skipped. With `same_set` (a is b), self-pairs are
+    neither positives nor candidates.
     """
-    logits = logit_scale * image_features @ text_features.T  # [B, T]
-    positive = (image_labels[:, None] == text_labels[None, :]).float()  # [B, T]
-    i2t = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    present = positive.sum(0) > 0
-    pos_t, logits_t = positive[:, present], logits[:, present]
-    t2i = -(pos_t / pos_t.sum(0, keepdim=True) * logits_t.log_softmax(0)).sum(0).mean()
-    return (i2t + t2i) / 2
+    logits = logit_scale * a @ b.T  # [A, B]
+    positive = (a_labels[:, None] == b_labels[None, :]).float()  # [A, B]
+    if same_set:
+        eye = torch.eye(len(a), dtype=torch.bool)
+        logits = logits.masked_fill(eye, -1e4)
+        positive = positive.masked_fill(eye, 0.0)
+    return (_soft_cross_entropy(logits, positive) + _soft_cross_entropy(logits.T, positive.T)) / 2
+
+
+def _soft_cross_entropy(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows that have a positive of the cross-entropy against uniform weights on the positives."""
+    rows = positive.sum(1) > 0
+    target = positive[rows] / positive[rows].sum(1, keepdim=True)
+    return -(target * logits[rows].log_softmax(1)).sum(1).mean()
+
+
+def demo_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_labels: torch.Tensor,
+              text_labels: torch.Tensor, logit_scale: torch.Tensor, recipe: demo.Recipe) -> torch.Tensor:
+    """Image-text loss, plus same-class terms within captions and within images.
+
+    In a CLIP trained from scratch, classes that look alike start with near-identical image
+    features, which make their captions collapse too, and neither side then has a gradient
+    to separate them. The caption-caption term keeps the class prototypes apart (and makes
+    captions of one class agree across templates); the image-image term pulls images of one
+    class together and pushes the others away directly.
+    """
+    loss = multi_positive_loss(image_features, text_features, image_labels, text_labels, logit_scale)
+    if recipe.text_text_weight:
+        loss = loss + recipe.text_text_weight * multi_positive_loss(
+            text_features, text_features, text_labels, text_labels, logit_scale, same_set=True)
+    if recipe.image_image_weight:
+        loss = loss + recipe.image_image_weight * multi_positive_loss(
+            image_features, image_features, image_labels, image_labels, logit_scale, same_set=True)
+    return loss
+
+
+def sincos_position_embedding(grid: tuple[int, int], dim: int, prefix_tokens: int,
+                               temperature: float = 10.0) -> torch.Tensor:
+    """A 2-D sine-cosine position embedding [1, prefix_tokens + H*W, dim]; prefix tokens get zeros.
+
+    Used as the initial value of the ViT's learned position embedding: timm's default
+    (std 0.02) is about 30x weaker than the patch tokens, and a from-scratch model then
+    needs hundreds of steps before it can tell left from right. A low temperature spreads
+    the frequencies over a grid of only ten or so patches.
+    """
+    quarter = dim // 4
+    omega = temperature ** (-torch.arange(quarter, dtype=torch.float32) / quarter)  # [dim/4]
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32),
+                            indexing="ij")
+    phases = [c.flatten()[:, None] * omega[None, :] for c in (ys, xs)]  # 2 x [H*W, dim/4]
+    table = torch.cat([f(p) for p in phases for f in (torch.sin, torch.cos)], dim=1)  # [H*W, dim]
+    return torch.cat([torch.zeros(prefix_tokens, dim), table])[None]
 
 
 def lr_at(step: int, recipe: demo.Recipe) -> float:
@@ -96,14 +142,19 @@ def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
     vocab = build_wordpiece_vocab(synthetic.all_captions(), out / demo.VOCAB_NAME, vocab_size=recipe.vocab_size)
     images, labels = cached_images(recipe.seed, recipe.train_images, workers)
     val_images, val_labels = demo_eval.held_out_set(VALIDATION_SEED, 10)
-    val_pixels = demo_eval.normalize_uint8(val_images)
+    val_pixels = {d: demo_eval.normalize_uint8(val_images, d) for d in (1, 2)}
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(recipe.seed)
         loaded = load_local_dir(demo.write_demo_dir(recipe, Path(tmp) / "demo", vocab))
     model, tokenizer = loaded.model, loaded.tokenizer
+    pad_id = model.text.config.pad_token_id
     with torch.no_grad():
         model.logit_scale.fill_(math.log(recipe.init_logit_scale))
+        if recipe.sincos_init:
+            trunk = model.visual.trunk
+            trunk.pos_embed.copy_(sincos_position_embedding(
+                trunk.patch_embed.grid_size, trunk.embed_dim, 0 if trunk.no_embed_class else trunk.num_prefix_tokens))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s + BERT %dx%d, %.2f M parameters", recipe.timm_model, recipe.text_layers,
              recipe.text_width, n_params / 1e6)
@@ -121,17 +172,18 @@ def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
             perm, cursor = torch.randperm(len(images), generator=order), 0
         idx = perm[cursor:cursor + recipe.batch_size].sort().values.numpy()
         cursor += recipe.batch_size
-        pixels = demo_eval.normalize_uint8(np.asarray(images[idx]))  # [B, 3, 224, 224]
-        if step < recipe.low_res_steps:
-            pixels = F.avg_pool2d(pixels, 2)  # [B, 3, 112, 112]; the ViT resamples its position embedding
-        texts = [synthetic.caption(int(c), captions_rng) for c in text_labels]
+        # [B, 3, 224, 224], or [B, 3, 112, 112] early on: the ViT resamples its position embedding.
+        downsample = 2 if step < recipe.low_res_steps else 1
+        pixels = demo_eval.normalize_uint8(np.asarray(images[idx]), downsample)
+        tokens = tokenizer([synthetic.caption(int(c), captions_rng) for c in text_labels])  # [T, context]
+        tokens = tokens[:, :int((tokens != pad_id).sum(1).max())]  # drop all-pad columns: same outputs, cheaper
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
 
         image_features = F.normalize(model.encode_image(pixels), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
-        loss = multi_positive_loss(image_features, text_features, torch.as_tensor(labels[idx]), text_labels,
-                                   model.logit_scale.exp())
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)
+        loss = demo_loss(image_features, text_features, torch.as_tensor(labels[idx]), text_labels,
+                         model.logit_scale.exp(), recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -145,8 +197,7 @@ def train(recipe: demo.Recipe, out: Path, workers: int = 2, log_every: int = 50,
                      float(np.mean(losses[-log_every:])), model.logit_scale.exp().item(), lr_at(step, recipe), rate)
         if (step + 1) % validate_every == 0 or step + 1 == recipe.steps:
             model.eval()
-            low_res = step < recipe.low_res_steps
-            features = demo_eval.encode_images(model, F.avg_pool2d(val_pixels, 2) if low_res else val_pixels)
+            features = demo_eval.encode_images(model, val_pixels[downsample])
             val = demo_eval.zero_shot(model, tokenizer, features, val_labels, (demo_eval.PLAIN_TEMPLATE,))[0]
             model.train()
             history.append({"step": step + 1, "val_top1": round(val.top1, 4),
@@ -184,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes generating the training images")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override another recipe field (experiments), e.g. --set lr=3e-3")
+    parser.add_argument("--validate-every", type=int, default=200, help="steps between validation logs")
     parser.add_argument("--eval", action="store_true", help="evaluate on the held-out set afterwards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -193,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         name, _, value = item.partition("=")
         if name not in fields:
             parser.error(f"unknown recipe field {name!r}")
-        overrides[name] = type(getattr(defaults, name))(value)
+        kind = type(getattr(defaults, name))
+        overrides[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     recipe = dataclasses.replace(defaults, seed=args.seed, steps=args.steps, **overrides)
-    record = train(recipe, args.out, workers=args.workers)
+    record = train(recipe, args.out, workers=args.workers, validate_every=args.validate_every)
     print(f"trained in {record['seconds']['total'] / 60:.1f} min; weights in {args.out}")
     if args.eval:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""ONNX Runtime engine (CUDA or CPU provider) and the choice between them."""
+"""ONNX Runtime engine (CUDA or CPU provider). Choosing an engine is engines.runtime.select's job;
+choose_provider and open_engine here are the former entry points, kept for their callers."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ class OnnxRuntimeEngine(Engine):
 
 
 def choose_provider(requested: str, available: list[str] | None = None) -> str:
-    """The ONNX Runtime provider for an engine setting; `auto` prefers CUDA and logs why not."""
+    """The ONNX Runtime provider for an engine setting; `auto` prefers CUDA and logs why not.
+
+    Superseded by engines.runtime.select, which also considers TensorRT plans and precisions."""
     available = ort.get_available_providers() if available is None else available
     if requested == "auto":
         if CUDA in available:
@@ -74,7 +77,9 @@ def choose_provider(requested: str, available: list[str] | None = None) -> str:
 
 def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_threads: int = 0,
                 max_batch: int = 32) -> Engine:
-    """Open the engine serving `tower` of a verified bundle."""
+    """Open the fp32 ONNX Runtime engine serving `tower` of a verified bundle (no golden check).
+
+    Services use engines.runtime.select.open_engine, which picks among every engine and precision."""
     input_name, output_name = TOWER_TENSORS[tower]
     engine = OnnxRuntimeEngine(
         bundle.engine_file(tower),
