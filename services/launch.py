@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_LABELS = {
-    "chest": ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly"],
+    "chest": ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
+              "pneumothorax", "lobar consolidation"],
 }
 
 
