@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from engines.build import synthetic
-from engines.build.localdir import OPENAI_MEAN, OPENAI_STD, load_local_dir
+from engines.build.localdir import OPENAI_MEAN, OPENAI_STD, WEIGHTS_NAME, load_local_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def normalize_uint8(images: np.ndarray | torch.Tensor, downsample: int = 1) -> t
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """L2-normalized image embeddings [N, D] of preprocessed images [N, 3, H, W]."""
-    parts = [model.encode_image(images[i:i + batch_size], normalize=True) for i in range(0, len(images), batch_size)]
-    return torch.cat(parts)
+    starts = range(0, len(images), batch_size)
+    return torch.cat([model.encode_image(images[i:i + batch_size], normalize=True) for i in starts])
 
 
 @torch.no_grad()
@@ -61,8 +61,8 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.
     return model.encode_text(tokenizer(list(texts)), normalize=True)
 
 
-def zero_shot(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], image_features: torch.Tensor,
-              labels: np.ndarray, templates: Sequence[str]) -> list[ZeroShotResult]:
+def zero_shot(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
+              image_features: torch.Tensor, labels: np.ndarray, templates: Sequence[str]) -> list[ZeroShotResult]:
     """Classify image features against every class label put into each template."""
     results = []
     for template in templates:
@@ -138,12 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="data set seed of the held-out images")
     parser.add_argument("--per-class", type=int, default=25, help="held-out images per class")
     parser.add_argument("--workers", type=int, default=2, help="processes generating images")
-    parser.add_argument("--probe", action="store_true", help="add a nearest-class-mean probe on image features")
+    parser.add_argument("--probe", action="store_true",
+                        help="add a nearest-class-mean probe on image features (fitted on seed + 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
-    from engines.build.localdir import WEIGHTS_NAME
-
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = demo.write_demo_dir(demo.load_recipe(args.weights), Path(tmp) / "demo",
                                         args.weights / demo.VOCAB_NAME, args.weights / WEIGHTS_NAME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 # Bump when rendering changes, so caches keyed on it are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
 
@@ -45,8 +46,10 @@ class Finding:
 
 
 MODALITIES = (
-    Modality("chest", ("chest radiograph", "chest x-ray", "frontal chest film", "pa chest radiograph", "chest x-ray image")),
-    Modality("derm", ("dermoscopy image", "dermoscopic photograph", "dermatoscopy view", "skin lesion close-up")),
+    Modality("chest", ("chest radiograph", "chest x-ray", "frontal chest film", "pa chest radiograph",
+                       "chest x-ray image")),
+    Modality("derm", ("dermoscopy image", "dermoscopic photograph", "dermatoscopy view",
+                      "skin lesion close-up")),
     Modality("fundus", ("fundus photograph", "retinal photograph", "colour fundus image", "fundus photo")),
 )
 _MODALITY = {m.key: m for m in MODALITIES}
@@ -153,7 +156,7 @@ def caption(label: int, rng: np.random.Generator) -> str:
 
 
 def sample(seed: int, index: int) -> Sample:
-    """The sample at `index` of the data set `seed`: class `index % NUM_CLASSES`, everything else from the seed."""
+    """Sample `index` of data set `seed`: class `index % NUM_CLASSES`, everything else drawn from the seed."""
     rng = np.random.default_rng([seed, index])
     label = index % NUM_CLASSES
     finding = FINDINGS[label]
@@ -259,6 +262,13 @@ def _affine(img: Image.Image, rng: np.random.Generator, pose: _Pose, fill) -> Im
     return img.transform((IMAGE_SIZE, IMAGE_SIZE), Image.AFFINE, data, Image.BILINEAR, fillcolor=fill)
 
 
+@functools.cache
+def _noise_bank() -> np.ndarray:
+    """Unit Gaussian noise [2H, 2W, 3] from a fixed seed; images take random windows of it (cheap)."""
+    rng = np.random.default_rng(20261125)
+    return rng.standard_normal((2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3), dtype=np.float32)
+
+
 def _finish(img: np.ndarray, rng: np.random.Generator, noise: tuple[float, float], gamma: tuple[float, float],
             pose: _Pose | None = None, blur: float = 0.0) -> np.ndarray:
     """Pose, optional blur, gamma and sensor noise of a float image in [0, 1]; returns uint8 RGB [H, W, 3]."""
@@ -271,7 +281,9 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: tuple[float, float
         pil = pil.filter(ImageFilter.GaussianBlur(blur))
     lut = np.linspace(0.0, 1.0, 256, dtype=np.float32) ** np.float32(rng.uniform(*gamma))
     out = lut[np.asarray(pil)]
-    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(*noise))
+    oy, ox = rng.integers(0, IMAGE_SIZE, size=2)
+    window = _noise_bank()[oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE]
+    out += (window if out.ndim == 3 else window[..., 0]) * np.float32(rng.uniform(*noise))
     out = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return np.repeat(out[..., None], 3, axis=-1) if out.ndim == 2 else out
 
@@ -288,8 +300,9 @@ def _branches(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: 
         x, y = nx, ny
     if depth > 0:
         for side in (-1, 1):
-            _branches(draw, rng, x, y, angle + side * rng.uniform(0.2, spread), length * rng.uniform(0.55, 0.8),
-                      width * 0.7, depth - 1, value, spread)
+            turn = side * rng.uniform(0.2, spread)
+            _branches(draw, rng, x, y, angle + turn, length * rng.uniform(0.55, 0.8), width * 0.7, depth - 1,
+                      value, spread)
 
 
 # ----------------------------------------------------------------------------- chest radiograph
@@ -344,16 +357,16 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
     pleural_line = np.zeros_like(img)
     if key == "chest_pneumothorax":
         lx, field, _ = lungs[side]
-        shrink = rng.uniform(0.5, 0.7)
-        collapsed = _ellipse(lx - side * lung_rx * (1 - shrink) * 0.8, lung_cy + lung_ry * (1 - shrink) * 0.5,
-                             lung_rx * shrink, lung_ry * rng.uniform(0.65, 0.8), soft=1.5)
+        shrink = rng.uniform(0.4, 0.6)  # the collapsed lung keeps this fraction of its width, at the hilum
+        collapsed = _ellipse(lx - side * lung_rx * (1 - shrink) * 0.9, lung_cy + lung_ry * (1 - shrink) * 0.5,
+                             lung_rx * shrink, lung_ry * rng.uniform(0.6, 0.75), soft=1.5)
         air = field * (1.0 - collapsed)
-        img = _blend(img, max(bg, lung_dark - rng.uniform(0.12, 0.18)), air)
-        img = _blend(img, lung_dark + 0.06, field * collapsed)
+        img = _blend(img, lung_dark * rng.uniform(0.1, 0.4), air)  # black, without markings
+        img = _blend(img, lung_dark + rng.uniform(0.1, 0.14), field * collapsed)  # denser collapsed lung
         markings = markings * (1.0 - air)
         pleural_line = field * np.clip(4.0 * collapsed * (1.0 - collapsed), 0, 1)
 
-    img = img + markings * rng.uniform(0.1, 0.16) + pleural_line * rng.uniform(0.2, 0.3)
+    img = img + markings * rng.uniform(0.1, 0.16) + pleural_line * rng.uniform(0.25, 0.35)
     img = img + _as_mask(ribs_img, 1.0) * body * rng.uniform(0.05, 0.09)
 
     # Mediastinum, spine and heart.
@@ -364,7 +377,8 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
     heart_cy = lung_cy + lung_ry * 0.62 - heart_ry * 0.55
     img = _blend(img, dense, _ellipse(cx + heart_rx * 0.22, heart_cy, heart_rx, heart_ry,
                                       angle=rng.uniform(-0.2, 0.0), soft=2.0))
-    img = _blend(img, soft + 0.05, np.clip(body - lung_mask, 0, 1) * _step(_YY - (lung_cy + lung_ry * 0.6), 6.0))
+    abdomen = np.clip(body - lung_mask, 0, 1) * _step(_YY - (lung_cy + lung_ry * 0.6), 6.0)
+    img = _blend(img, soft + 0.05, abdomen)
 
     if key in ("chest_left_effusion", "chest_right_effusion"):
         s = 1 if key == "chest_left_effusion" else -1
@@ -409,6 +423,8 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
 
 _SKIN_LIGHT = np.array([0.93, 0.78, 0.68], np.float32)
 _SKIN_DARK = np.array([0.58, 0.39, 0.28], np.float32)
+_RED = np.array([0.78, 0.10, 0.16], np.float32)  # lacunae of a vascular lesion range from red ...
+_PURPLE = np.array([0.42, 0.08, 0.30], np.float32)  # ... to purple
 _LESION_COLOURS = {
     "black": (0.10, 0.07, 0.07), "dark_brown": (0.30, 0.18, 0.12), "light_brown": (0.62, 0.42, 0.28),
     "blue_grey": (0.38, 0.42, 0.52), "red": (0.72, 0.26, 0.26), "white": (0.88, 0.84, 0.80),
@@ -429,7 +445,8 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
         brown = np.array([0.45, 0.28, 0.18], np.float32) * rng.uniform(0.6, 1.15)
         centre = _ellipse(lcx, lcy, r * 0.6, r * 0.6, soft=r * 0.4)
         img = _blend(img, brown, mask * 0.95)
-        img = img * (1.0 - 0.12 * centre * mask)[..., None] * (1.0 + 0.03 * _smooth_noise(rng, 40) * mask)[..., None]
+        texture = (1.0 - 0.12 * centre * mask) * (1.0 + 0.03 * _smooth_noise(rng, 40) * mask)
+        img = img * texture[..., None]
     elif key == "derm_irregular":
         r = rng.uniform(40, 70)
         theta = np.arctan2(_YY - lcy, _XX - lcx)
@@ -465,8 +482,9 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
         for _ in range(rng.integers(8, 24)):
             a, d = rng.uniform(0, 2 * math.pi), r * math.sqrt(rng.uniform(0, 0.75))
             t = rng.uniform(0, 1)
-            colour = np.array([0.78, 0.10, 0.16], np.float32) * (1 - t) + np.array([0.42, 0.08, 0.30], np.float32) * t
-            _spot(img, colour, lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(3, 8, size=2), soft=1.2)
+            colour = _RED * (1 - t) + _PURPLE * t
+            _spot(img, colour, lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(3, 8, size=2),
+                  soft=1.2)
 
     hair_img, hairs = _canvas()
     for _ in range(rng.integers(0, 8)):
@@ -516,7 +534,8 @@ def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
         ux, uy = math.cos(a), math.sin(a)
         proj = (_XX - fcx) * ux + (_YY - fcy) * uy + 6 * _smooth_noise(rng, 4)
         region = _step(proj - radius * rng.uniform(-0.1, 0.3), 6.0)
-        folds = 0.5 + 0.5 * np.sin((_XX * -uy + _YY * ux) * rng.uniform(0.18, 0.3) + 4 * _smooth_noise(rng, 5))
+        across = _XX * -uy + _YY * ux
+        folds = 0.5 + 0.5 * np.sin(across * rng.uniform(0.18, 0.3) + 4 * _smooth_noise(rng, 5))
         grey = np.array([0.72, 0.68, 0.64], np.float32) * rng.uniform(0.85, 1.05)
         img = _blend(img, grey, region * rng.uniform(0.65, 0.85))
         img = img * (1.0 - 0.18 * region * folds)[..., None]
@@ -536,15 +555,15 @@ def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
           disc_r * cup_ratio * rng.uniform(1.0, 1.15), soft=1.5)
 
     if key == "fundus_diabetic":
-        for _ in range(rng.integers(20, 55)):  # dot and blot haemorrhages
+        for _ in range(rng.integers(30, 70)):  # dot and blot haemorrhages
             a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.7))
             _spot(img, (0.38, 0.03, 0.04), fcx + d * math.cos(a), fcy + d * math.sin(a),
-                  *rng.uniform(1.2, 3.8, size=2), soft=0.8)
-        for _ in range(rng.integers(8, 30)):  # hard exudates, around the macula
-            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(12, 45)
+                  *rng.uniform(1.5, 4.5, size=2), soft=0.8)
+        for _ in range(rng.integers(15, 40)):  # hard exudates, around the macula
+            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(12, 50)
             _spot(img, (0.98, 0.9, 0.4), mx + d * math.cos(a), my + d * math.sin(a),
-                  *rng.uniform(1.2, 3.2, size=2), soft=0.8)
-        for _ in range(rng.integers(0, 4)):  # cotton-wool spots
+                  *rng.uniform(1.5, 3.5, size=2), soft=0.8)
+        for _ in range(rng.integers(1, 5)):  # cotton-wool spots
             a, d = rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.2, 0.6)
             _spot(img, (0.95, 0.9, 0.82), fcx + d * math.cos(a), fcy + d * math.sin(a),
                   *rng.uniform(4, 8, size=2), soft=3.0, alpha=0.8)
@@ -559,14 +578,18 @@ _RENDERERS = {"chest": _render_chest, "derm": _render_derm, "fundus": _render_fu
 
 
 def write_samples(out_dir: Path, seed: int, per_class: int) -> list[Path]:
-    """Write `per_class` PNGs per class, named after the ground truth (e.g. chest_left_effusion_1.png)."""
+    """Write `per_class` PNGs per class, named after the ground truth (e.g. chest_left_effusion_1.png).
+
+    Images whose three channels are equal (the radiographs) are saved as grayscale PNGs.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for label, key in enumerate(CLASS_KEYS):
         for k in range(per_class):
             s = sample(seed, label + k * NUM_CLASSES)
             path = out_dir / (f"{key}.png" if per_class == 1 else f"{key}_{k + 1}.png")
-            Image.fromarray(s.image).save(path, optimize=True)
+            gray = bool((s.image == s.image[..., :1]).all())
+            Image.fromarray(s.image[..., 0] if gray else s.image).save(path, optimize=True)
             paths.append(path)
     return paths
 

@@ -106,11 +106,20 @@ def sincos_position_embedding(grid: tuple[int, int], dim: int, prefix_tokens: in
 
 
 def lr_at(step: int, recipe: demo.Recipe) -> float:
-    """Linear warmup, then cosine decay to zero."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Two phases, each a linear warmup and a cosine decay to zero: half resolution, then full resolution."""
+    if step < recipe.low_res_steps:
+        return _warmup_cosine(step, recipe.low_res_steps, recipe.warmup_steps, recipe.lr)
+    full_steps = recipe.steps - recipe.low_res_steps
+    warmup = max(1, full_steps // 10) if recipe.low_res_steps else recipe.warmup_steps
+    peak = recipe.full_res_lr if recipe.low_res_steps else recipe.lr
+    return _warmup_cosine(step - recipe.low_res_steps, full_steps, warmup, peak)
+
+
+def _warmup_cosine(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
