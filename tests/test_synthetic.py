@@ -36,6 +36,12 @@ def test_generate_covers_every_class_in_order():
         assert np.array_equal(image, synthetic.sample(5, int(label)).image)
 
 
+def test_write_npy_matches_generate(tmp_path):
+    images, _ = synthetic.generate(seed=5, count=6)
+    path = synthetic.write_npy(5, 6, tmp_path / "images.npy")
+    assert np.array_equal(np.load(path), images)
+
+
 def test_images_of_one_class_vary():
     k = synthetic.NUM_CLASSES
     for label in range(k):

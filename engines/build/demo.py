@@ -40,7 +40,7 @@ class Recipe:
     vocab_size: int = 2000  # an upper bound: the caption corpus yields fewer tokens
     # Training.
     train_images: int = 12000
-    steps: int = 1250
+    steps: int = 1200
     batch_size: int = 64
     captions_per_class: int = 2  # captions of each class in every batch
     text_text_weight: float = 1.0  # weight of the caption-caption same-class loss
@@ -49,7 +49,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_steps: int = 60
     sincos_init: bool = True  # start the learned ViT position embedding from a 2-D sine-cosine table
-    low_res_steps: int = 1000  # the first steps see images average-pooled to half size (4x cheaper)
+    low_res_steps: int = 900  # the first steps see images average-pooled to half size (4x cheaper)
     full_res_lr: float = 6e-4  # peak learning rate of the full-resolution phase that follows
     init_logit_scale: float = 14.3  # exp() applied: cosine multiplier at the start
     max_logit_scale: float = 100.0
@@ -104,7 +104,7 @@ def prepare(workdir: Path) -> Path:
     """
     weights = WEIGHTS_DIR / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"demo weights missing: {weights} (see {WEIGHTS_DIR / 'README.md'} to train them)")
+        raise FileNotFoundError(f"demo weights missing: {weights} (its README.md says how to train them)")
     dst = Path(workdir).resolve() / f"demo-{DEMO_VERSION}"
     log.info("writing demo model folder %s from %s", dst, WEIGHTS_DIR)
     return write_demo_dir(load_recipe(), dst, WEIGHTS_DIR / VOCAB_NAME, weights)

@@ -22,6 +22,8 @@ EVAL_SEED = 1000  # data set seed of the reported held-out evaluation; never use
 PLAIN_TEMPLATE = "{}"  # the plain prompt: the class label alone, e.g. "left pleural effusion"
 CHANGED_TEMPLATE = "an image showing {}"  # a template no training caption uses
 
+Tokenizer = Callable[[list[str]], torch.Tensor]  # texts -> token ids [N, context_length]
+
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotResult:
@@ -55,14 +57,13 @@ def encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
-                 texts: Sequence[str]) -> torch.Tensor:
+def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """L2-normalized text embeddings [N, D]."""
     return model.encode_text(tokenizer(list(texts)), normalize=True)
 
 
-def zero_shot(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
-              image_features: torch.Tensor, labels: np.ndarray, templates: Sequence[str]) -> list[ZeroShotResult]:
+def zero_shot(model: torch.nn.Module, tokenizer: Tokenizer, image_features: torch.Tensor, labels: np.ndarray,
+              templates: Sequence[str]) -> list[ZeroShotResult]:
     """Classify image features against every class label put into each template."""
     results = []
     for template in templates:

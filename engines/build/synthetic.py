@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 # Bump when rendering changes, so caches keyed on it are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
 
@@ -169,18 +169,43 @@ def _render_range(args: tuple[int, int, int]) -> np.ndarray:
     return np.stack([sample(seed, i).image for i in range(start, stop)])
 
 
-def generate(seed: int, count: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [count, H, W, 3] and labels int64 [count]; identical for any number of workers."""
-    labels = np.arange(count, dtype=np.int64) % NUM_CLASSES
-    chunk = 256
-    jobs = [(seed, s, min(s + chunk, count)) for s in range(0, count, chunk)]
+def _render_into(args: tuple[int, int, int, str]) -> None:
+    seed, start, stop, path = args
+    images = np.load(path, mmap_mode="r+")
+    for i in range(start, stop):
+        images[i] = sample(seed, i).image
+    images.flush()
+
+
+def _map(fn, jobs: list[tuple], workers: int) -> list:
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(_render_range, jobs)
-    else:
-        parts = [_render_range(j) for j in jobs]
+            return pool.map(fn, jobs)
+    return [fn(job) for job in jobs]
+
+
+def _chunks(count: int, size: int = 256) -> list[tuple[int, int]]:
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def generate(seed: int, count: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [count, H, W, 3] and labels int64 [count], in memory; the same for any worker count."""
+    labels = np.arange(count, dtype=np.int64) % NUM_CLASSES
+    parts = _map(_render_range, [(seed, a, b) for a, b in _chunks(count)], workers)
     images = np.concatenate(parts) if parts else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return images, labels
+
+
+def write_npy(seed: int, count: int, path: Path, workers: int = 1) -> Path:
+    """Render data set `seed` straight into a .npy file (uint8 [count, H, W, 3]) that the workers share.
+
+    Same images as `generate`, without passing them between processes. Labels are
+    `arange(count) % NUM_CLASSES`.
+    """
+    shape = (count, IMAGE_SIZE, IMAGE_SIZE, 3)
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+    _map(_render_into, [(seed, a, b, str(path)) for a, b in _chunks(count)], workers)
+    return path
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -207,6 +232,15 @@ def _spot(img: np.ndarray, colour, cx: float, cy: float, rx: float, ry: float, s
     v = (_YY[y0:y1, x0:x1] - cy) / ry
     mask = np.clip((1.0 - np.sqrt(u * u + v * v)) * min(rx, ry) / soft + 0.5, 0.0, 1.0) * alpha
     img[y0:y1, x0:x1] = _blend(img[y0:y1, x0:x1], colour, mask)
+
+
+def _dots(img: np.ndarray, colour, spots: list[tuple[float, float, float, float]], blur: float = 0.7,
+          alpha: float = 1.0) -> np.ndarray:
+    """Blend small ellipses (x, y, rx, ry) of one colour in one pass: drawn by PIL, softened by a blur."""
+    canvas, draw = _canvas()
+    for x, y, rx, ry in spots:
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=255)
+    return _blend(img, colour, _as_mask(canvas, blur) * alpha)
 
 
 def _step(x: np.ndarray, soft: float) -> np.ndarray:
@@ -319,7 +353,7 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
     lung_cy = rng.uniform(98, 110)
     lung_rx = half_w * rng.uniform(0.40, 0.45)
     lung_ry = rng.uniform(66, 76)
-    lung_dark = soft - rng.uniform(0.24, 0.3)
+    lung_dark = soft - rng.uniform(0.18, 0.24)
     dense = soft + rng.uniform(0.16, 0.24)  # heart, mediastinum, fluid
     side = 1 if rng.random() < 0.5 else -1  # +1 is the image's right (the patient's left)
 
@@ -357,11 +391,11 @@ def _render_chest(key: str, rng: np.random.Generator) -> np.ndarray:
     pleural_line = np.zeros_like(img)
     if key == "chest_pneumothorax":
         lx, field, _ = lungs[side]
-        shrink = rng.uniform(0.4, 0.6)  # the collapsed lung keeps this fraction of its width, at the hilum
+        shrink = rng.uniform(0.35, 0.55)  # the collapsed lung keeps this fraction of its width, at the hilum
         collapsed = _ellipse(lx - side * lung_rx * (1 - shrink) * 0.9, lung_cy + lung_ry * (1 - shrink) * 0.5,
                              lung_rx * shrink, lung_ry * rng.uniform(0.6, 0.75), soft=1.5)
         air = field * (1.0 - collapsed)
-        img = _blend(img, lung_dark * rng.uniform(0.1, 0.4), air)  # black, without markings
+        img = _blend(img, lung_dark * rng.uniform(0.0, 0.3), air)  # black, without markings
         img = _blend(img, lung_dark + rng.uniform(0.1, 0.14), field * collapsed)  # denser collapsed lung
         markings = markings * (1.0 - air)
         pleural_line = field * np.clip(4.0 * collapsed * (1.0 - collapsed), 0, 1)
@@ -462,19 +496,22 @@ def _render_derm(key: str, rng: np.random.Generator) -> np.ndarray:
         zone = np.argmax(fields, axis=0)
         colour = np.asarray([_LESION_COLOURS[n] for n in names], np.float32)[zone]
         img = img + (colour - img) * mask[..., None] * 0.95
+        dots = []
         for _ in range(rng.integers(8, 25)):  # dots and globules, denser at the periphery
             a, d = rng.uniform(0, 2 * math.pi), r * rng.uniform(0.6, 1.1)
-            _spot(img, _LESION_COLOURS["black"], lcx + d * math.cos(a), lcy + d * math.sin(a),
-                  *rng.uniform(1.5, 4, size=2))
+            dots.append((lcx + d * math.cos(a), lcy + d * math.sin(a), *rng.uniform(1.5, 4, size=2)))
+        img = _dots(img, _LESION_COLOURS["black"], dots)
     elif key == "derm_erythema":
         patch = _step(_smooth_noise(rng, 4) + rng.uniform(0.0, 0.8), 0.8)
         redness = rng.uniform(0.6, 0.9) * patch * (1.0 + 0.25 * _smooth_noise(rng, 20))
         red = np.array([0.86, 0.36, 0.36], np.float32)
         img = _blend(img, red, np.clip(redness, 0, 1))
-        for _ in range(rng.integers(10, 40)):  # papules and scale flecks
+        papules, flecks = [], []
+        for _ in range(rng.integers(10, 40)):
             x, y = rng.uniform(0, IMAGE_SIZE, size=2)
-            colour = (0.75, 0.22, 0.24) if rng.random() < 0.7 else (0.95, 0.92, 0.9)
-            _spot(img, colour, x, y, *rng.uniform(1.5, 3.5, size=2), alpha=0.8)
+            (papules if rng.random() < 0.7 else flecks).append((x, y, *rng.uniform(1.5, 3.5, size=2)))
+        img = _dots(img, (0.75, 0.22, 0.24), papules, alpha=0.8)
+        img = _dots(img, (0.95, 0.92, 0.9), flecks, alpha=0.8)
     elif key == "derm_vascular":
         r = rng.uniform(22, 42)
         mask = _ellipse(lcx, lcy, r, r * rng.uniform(0.75, 1.0), angle=rng.uniform(0, math.pi), soft=2.5)
@@ -555,14 +592,19 @@ def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
           disc_r * cup_ratio * rng.uniform(1.0, 1.15), soft=1.5)
 
     if key == "fundus_diabetic":
-        for _ in range(rng.integers(30, 70)):  # dot and blot haemorrhages
-            a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.7))
-            _spot(img, (0.38, 0.03, 0.04), fcx + d * math.cos(a), fcy + d * math.sin(a),
-                  *rng.uniform(1.5, 4.5, size=2), soft=0.8)
-        for _ in range(rng.integers(15, 40)):  # hard exudates, around the macula
-            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(12, 50)
-            _spot(img, (0.98, 0.9, 0.4), mx + d * math.cos(a), my + d * math.sin(a),
-                  *rng.uniform(1.5, 3.5, size=2), soft=0.8)
+        haemorrhages, exudates = [], []
+        for _ in range(rng.integers(35, 80)):  # dots and blots
+            a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.75))
+            size = (4.0, 7.0) if rng.random() < 0.3 else (1.5, 4.0)
+            haemorrhages.append((fcx + d * math.cos(a), fcy + d * math.sin(a), *rng.uniform(*size, size=2)))
+        for _ in range(rng.integers(3, 7)):  # clusters of hard exudates around the macula
+            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(15, 50)
+            ex, ey = mx + d * math.cos(a), my + d * math.sin(a)
+            for _ in range(rng.integers(4, 11)):
+                x, y = ex + rng.normal(0, 5), ey + rng.normal(0, 5)
+                exudates.append((x, y, *rng.uniform(1.5, 3.5, size=2)))
+        img = _dots(img, (0.36, 0.03, 0.04), haemorrhages)
+        img = _dots(img, (0.98, 0.9, 0.4), exudates)
         for _ in range(rng.integers(1, 5)):  # cotton-wool spots
             a, d = rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.2, 0.6)
             _spot(img, (0.95, 0.9, 0.82), fcx + d * math.cos(a), fcy + d * math.sin(a),
