@@ -7,16 +7,14 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engines.build import synthetic
+from engines.build import demo, synthetic
 from engines.build.localdir import OPENAI_MEAN, OPENAI_STD, WEIGHTS_NAME, load_local_dir
-
-log = logging.getLogger(__name__)
 
 EVAL_SEED = 1000  # data set seed of the reported held-out evaluation; never used for training
 PLAIN_TEMPLATE = "{}"  # the plain prompt: the class label alone, e.g. "left pleural effusion"
@@ -122,17 +120,8 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
     return "\n".join([head, rule, *rows, total])
 
 
-def summary(results: Sequence[ZeroShotResult]) -> dict[str, Any]:
-    """JSON-ready figures of the results."""
-    return {r.template: {"top1": round(r.top1, 4),
-                         "per_class": dict(zip(synthetic.CLASS_KEYS, (round(a, 4) for a in r.per_class)))}
-            for r in results}
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI: evaluate committed (or other) demo weights and print the per-class table."""
-    from engines.build import demo
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", type=Path, default=demo.WEIGHTS_DIR,
                         help="folder with recipe.json, vocab.txt and open_clip_model.safetensors")

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-log = logging.getLogger(__name__)
-
 IMAGE_SIZE = 224
 # Bump when rendering changes, so caches keyed on it are rebuilt.
 GENERATOR_VERSION = 4
