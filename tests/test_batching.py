@@ -36,12 +36,14 @@ class Recorder:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.calls: list[np.ndarray] = []
+        self.threads: list[str] = []  # the thread of each engine call
         self.gate = threading.Event()
         self.gate.set()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.gate.wait(10)
         self.calls.append(batch.copy())
+        self.threads.append(threading.current_thread().name)
         return self.engine.infer(batch)
 
 
@@ -57,8 +59,7 @@ def make_batcher(recorder: Recorder, **kwargs) -> Batcher:
 
 async def test_concurrent_requests_get_exactly_their_own_results(vision_engine):
     recorder = Recorder(vision_engine)
-    pending = {"n": 0}
-    batcher = make_batcher(recorder, pending=lambda: pending["n"])
+    batcher = make_batcher(recorder)
     try:
         requests = [rows(seed, n) for seed, n in enumerate([1, 3, 5, 2, 7, 1, 4, 6])]
         alone = [vision_engine.infer(np.stack(r)) for r in requests]
@@ -156,6 +157,34 @@ async def test_cancelled_requests_free_their_slots_and_are_not_computed(vision_e
         await busy
         assert (await after).shape[0] == 2
         assert sum(len(c) for c in recorder.calls) == 3  # busy + after, never the cancelled 5
+    finally:
+        batcher.close()
+
+
+async def test_a_lone_request_runs_in_its_own_thread_and_concurrent_ones_are_batched(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_delay_s=5.0)  # the worker waits for announced requests
+    loop_thread = threading.current_thread().name
+    try:
+        # Alone (engine idle, nothing else queued or announced): computed by the thread that queued it.
+        ticket = batcher.announce()
+        await asyncio.to_thread(lambda: (batcher.enqueue(ticket, rows(1, 2)), batcher.run_if_idle(ticket)))
+        assert (await batcher.result(ticket)).shape[0] == 2
+        assert recorder.threads[-1] not in (loop_thread, "medvlm-batcher-engine")
+        # Another request announced (still being prepared): the first is left for the worker, which
+        # waits for the second and merges both into one engine call.
+        first, second = batcher.announce(), batcher.announce()
+        await asyncio.to_thread(lambda: (batcher.enqueue(first, rows(2, 3)), batcher.run_if_idle(first)))
+        assert len(recorder.calls) == 1  # not computed by the helper
+        batcher.enqueue(second, rows(3, 4))
+        assert (await batcher.result(first)).shape[0] == 3 and (await batcher.result(second)).shape[0] == 4
+        assert [len(c) for c in recorder.calls] == [2, 7]
+        assert recorder.threads[-1] == "medvlm-batcher-engine"
+        # Abandoned while being prepared (e.g. cancelled): its rows are never queued or computed.
+        gone = batcher.announce()
+        batcher.abandon(gone)
+        batcher.enqueue(gone, rows(4, 5))
+        assert batcher.queued == 0 and len(recorder.calls) == 2
     finally:
         batcher.close()
 

@@ -23,17 +23,21 @@ PRIORITIES = (STAT, URGENT, ROUTINE)
 
 
 @dataclasses.dataclass(eq=False)
-class _Request:
-    """One caller's items. Touched by the worker thread only, except `future` (the loop's)."""
+class Ticket:
+    """One caller's request, from the moment it is announced until its result is delivered.
 
-    rows: Sequence[np.ndarray]
+    Fields other than `future` are guarded by the batcher's lock; `future` belongs to the loop.
+    """
+
     priority: int
     deadline: float | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
-    results: list[np.ndarray | None]
-    queued: int  # items of this request still in the queue
-    remaining: int  # items without a result yet
+    rows: Sequence[np.ndarray] = ()
+    results: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    queued: int = 0  # items of this request still in the queue
+    remaining: int = 0  # items without a result yet
+    announced: bool = True  # counted as in preparation until enqueued or abandoned
     dead: bool = False  # cancelled, expired or failed: its queued items are skipped
 
     def settle(self, result: np.ndarray | None = None, error: BaseException | None = None) -> None:
@@ -51,7 +55,7 @@ class _Request:
 
 @dataclasses.dataclass(eq=False)
 class _Item:
-    request: _Request
+    request: Ticket
     index: int
     enqueued: float
 
@@ -62,9 +66,14 @@ class Batcher:
     Policy: higher priority first (STAT, URGENT, ROUTINE), first come first served within a
     priority; an item that has waited longer than `aging_s` is served before fresher items
     of any priority, so routine work is delayed but never starved. A batch is sent as soon
-    as it is full, or when nothing more is known to be coming (`pending()` is 0), or after
+    as it is full, or when no announced request is still being prepared, or after
     `max_delay_s`. Items whose deadline passed are dropped before compute; items of
     cancelled calls are skipped. At most `max_queue` items wait; more are refused.
+
+    One batch runs at a time. The worker thread runs batches while requests keep coming;
+    a thread that has just queued a request and finds the engine idle with nothing more
+    coming runs the batch itself (`run_if_idle`), which saves two thread hand-offs per
+    request when the service is not busy.
     """
 
     def __init__(
@@ -76,7 +85,6 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         aging_s: float,
-        pending: Callable[[], int] = lambda: 0,
         name: str = "engine",
     ) -> None:
         if max_batch < 1 or max_queue < 1:
@@ -87,10 +95,11 @@ class Batcher:
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
         self._aging_s = aging_s
-        self._pending = pending
         self._name = name
         self._queues: dict[int, collections.deque[_Item]] = {p: collections.deque() for p in PRIORITIES}
         self._queued = 0
+        self._preparing = 0  # announced requests not yet queued: a fuller batch is worth a short wait
+        self._busy = False  # a batch is being computed (by the worker or by run_if_idle)
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"medvlm-batcher-{name}", daemon=True)
@@ -102,14 +111,22 @@ class Batcher:
         with self._cond:
             return self._queued
 
-    async def submit(self, rows: Sequence[np.ndarray], priority: int = ROUTINE,
-                     deadline: float | None = None) -> np.ndarray:
-        """Queue one request's rows; returns [len(rows), D] outputs in row order."""
+    def announce(self, priority: int = ROUTINE, deadline: float | None = None) -> Ticket:
+        """A request is on its way (its inputs are being prepared). On the event loop."""
         loop = asyncio.get_running_loop()
-        request = _Request(rows, priority, deadline, loop, loop.create_future(),
-                           [None] * len(rows), len(rows), len(rows))
+        with self._cond:
+            if self._closed:
+                raise NotReady("server is shutting down")
+            self._preparing += 1
+        return Ticket(priority, deadline, loop, loop.create_future())
+
+    def enqueue(self, ticket: Ticket, rows: Sequence[np.ndarray]) -> None:
+        """Queue an announced request's rows (from any thread); Overloaded when the queue is full."""
         now = time.monotonic()
         with self._cond:
+            self._unannounce(ticket)
+            if ticket.dead:
+                return  # abandoned while it was being prepared
             if self._closed:
                 raise NotReady("server is shutting down")
             if self._queued + len(rows) > self._max_queue:
@@ -118,28 +135,51 @@ class Batcher:
                     f"queue full: {self._queued} items waiting (limit {self._max_queue}); retry shortly",
                     retry_after_s=self._retry_hint(),
                 )
+            ticket.rows, ticket.results = rows, [None] * len(rows)
+            ticket.queued = ticket.remaining = len(rows)
             for index in range(len(rows)):
-                self._queues[priority].append(_Item(request, index, now))
+                self._queues[ticket.priority].append(_Item(ticket, index, now))
             self._queued += len(rows)
             metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
-            self._cond.notify()
+
+    async def result(self, ticket: Ticket) -> np.ndarray:
+        """[len(rows), D] outputs of a queued request in row order; cancelling gives its slots back."""
         try:
-            return await request.future
+            return await ticket.future
         except asyncio.CancelledError:
-            self._abandon(request)
+            self.abandon(ticket)
             raise
+
+    async def submit(self, rows: Sequence[np.ndarray], priority: int = ROUTINE,
+                     deadline: float | None = None) -> np.ndarray:
+        """Announce, queue and await one request whose rows are ready (the worker computes it)."""
+        ticket = self.announce(priority, deadline)
+        try:
+            self.enqueue(ticket, rows)
+        except BaseException:
+            self.abandon(ticket)
+            raise
+        return await self.result(ticket)
+
+    def abandon(self, ticket: Ticket) -> None:
+        """A caller gave up or failed: its queued items free their slots now and are never computed."""
+        with self._cond:
+            self._unannounce(ticket)
+            if not ticket.dead:
+                ticket.dead = True
+                self._queued -= ticket.queued
+                ticket.queued = 0
+                metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+
+    def _unannounce(self, ticket: Ticket) -> None:
+        """Under the lock: the ticket is no longer in preparation; the worker may stop waiting for it."""
+        if ticket.announced:
+            ticket.announced = False
+            self._preparing -= 1
+            self._cond.notify()
 
     def _retry_hint(self) -> float:
         return max(0.05, min(5.0, 0.01 * self._queued))
-
-    def _abandon(self, request: _Request) -> None:
-        """A caller gave up: its queued items free their slots now and are never computed."""
-        with self._cond:
-            if not request.dead:
-                request.dead = True
-                self._queued -= request.queued
-                request.queued = 0
-                metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
 
     def close(self) -> None:
         """Stop taking requests; queued work is refused, the running batch finishes."""
@@ -155,28 +195,48 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
-    # --- worker thread -------------------------------------------------------------------
+    # --- engine side: the worker thread, or a thread that found the engine idle ----------------
+
+    def run_if_idle(self, ticket: Ticket) -> None:
+        """Compute a queued request in the calling thread (never the event loop) when it is the only
+        work there is: the engine idle, nothing else queued or being prepared. Otherwise the worker
+        batches it with the others."""
+        with self._cond:
+            if self._busy or self._closed or self._preparing or self._queued != ticket.queued:
+                return
+            self._busy = True
+            batch, expired = self._take(time.monotonic())
+        self._finish(batch, expired)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and self._queued == 0:
+                while not self._closed and (self._queued == 0 or self._busy):
                     self._cond.wait()
                 if self._closed:
                     return
+                self._busy = True
                 started = time.monotonic()
-                while self._queued < self.max_batch and self._pending() > 0 and not self._closed:
+                while self._queued < self.max_batch and self._preparing > 0 and not self._closed:
                     left = self._max_delay_s - (time.monotonic() - started)
                     if left <= 0:
                         break
                     self._cond.wait(left)
                 batch, expired = self._take(time.monotonic())
-                metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+            self._finish(batch, expired)
+
+    def _finish(self, batch: list[_Item], expired: list[Ticket]) -> None:
+        """Outside the lock: settle what expired, compute the batch, then let the next one start."""
+        try:
             for request in expired:
                 metrics.EXPIRED.labels(self._name).inc()
                 request.settle(error=DeadlineExpired("deadline passed while waiting for the engine"))
             if batch:
                 self._compute(batch)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()
 
     def _head(self, priority: int) -> _Item | None:
         queue = self._queues[priority]
@@ -193,9 +253,9 @@ class Batcher:
             return self._queues[min(aged, key=lambda p: heads[p].enqueued)]
         return self._queues[min(heads)]
 
-    def _take(self, now: float) -> tuple[list[_Item], list[_Request]]:
+    def _take(self, now: float) -> tuple[list[_Item], list[Ticket]]:
         batch: list[_Item] = []
-        expired: list[_Request] = []
+        expired: list[Ticket] = []
         while len(batch) < self.max_batch and (queue := self._next(now)) is not None:
             item = queue.popleft()
             request = item.request
@@ -209,6 +269,7 @@ class Batcher:
                 continue
             metrics.QUEUE_WAIT.labels(self._name).observe(now - item.enqueued)
             batch.append(item)
+        metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
         # items of a request that expired after some of its items were taken are not computed
         batch = [item for item in batch if not item.request.dead]
         return batch, expired

@@ -14,7 +14,7 @@ from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.select import open_engine
 from services.common import convert, metrics
-from services.common.batching import Batcher
+from services.common.batching import Batcher, Ticket
 from services.common.errors import NotReady
 from services.common.settings import Settings
 from services.common.work import WorkPool
@@ -103,7 +103,6 @@ class EncoderApp:
             max_delay_s=self.settings.max_delay_ms / 1000,
             max_queue=self.settings.max_queue,
             aging_s=self.settings.priority_aging_ms / 1000,
-            pending=lambda: self.pool.inflight,
             name=self.tower,
         )
         self._loaded = loaded
@@ -118,8 +117,18 @@ class EncoderApp:
     async def embed(self, payload: Any, priority: int, deadline: float | None) -> np.ndarray:
         """One request's inputs -> [N, D] unit-length embeddings, batched with other requests."""
         self.loaded  # noqa: B018 - NotReady before start
-        rows = await self.pool.run(self._preparer.prepare, payload, deadline=deadline)
-        return l2_normalize(await self._batcher.submit(rows, priority, deadline))
+        ticket = self._batcher.announce(priority, deadline)
+        try:
+            await self.pool.run(self._prepare_and_queue, payload, ticket, deadline=deadline)
+        except BaseException:
+            self._batcher.abandon(ticket)
+            raise
+        return l2_normalize(await self._batcher.result(ticket))
+
+    def _prepare_and_queue(self, payload: Any, ticket: Ticket) -> None:
+        """In a work-pool thread: decode/tokenize, queue, and run the batch here if the engine is idle."""
+        self._batcher.enqueue(ticket, self._preparer.prepare(payload))
+        self._batcher.run_if_idle(ticket)
 
     def model_info(self):
         loaded = self.loaded
