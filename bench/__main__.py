@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.describe(ROOT),
         "background": {"start": machine.busy_processes(machine.own_pids())},
     }
+    results["machine"]["gemm"] = machine.gemm_rates(args.threads)
     images = load_images(ROOT)
     results["config"] = {
         "models": plan.models, "systems": plan.systems, "concurrency": plan.concurrency,

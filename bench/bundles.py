@@ -85,3 +85,92 @@ def choose(bundles: Path, models: list[str], root: Path) -> tuple[list[ModelChoi
         log.warning("model %s left out: %s", asked, reason)
         left_out.append({"model": asked, "reason": reason})
     return chosen, left_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Bundle:
+    """A bundle that serves an int8 vision engine, and where that engine came from."""
+
+    path: Path
+    gated: bool  # False: random weights, made for speed only (the gate cannot judge such a model)
+    note: str
+    built_s: float | None = None
+
+
+def _has_int8_vision(bundle_dir: Path) -> bool:
+    from engines.runtime import manifest as mf
+
+    return any(e.role == "vision" and e.precision == mf.INT8 for e in mf.Manifest.read(bundle_dir).files.values())
+
+
+def _copy_bundle(src: Path, dst: Path) -> None:
+    """A copy of a bundle to amend without touching the original: files hard-linked where the file
+    system allows (amending replaces files, it never writes into them), copied otherwise."""
+    import os
+    import shutil
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
+
+
+def _add_speed_only_int8(bundle_dir: Path, work: Path) -> str:
+    """Random-weight bundles: dynamic int8 of the vision graph, the scheme the demo model's gate
+    keeps, added WITHOUT the precision gate (random weights cannot be judged; the gate refuses
+    them), with the golden tolerance it measures. Returns what it did."""
+    from engines.build import gate, quantize
+    from engines.build.amend import amend_bundle
+    from engines.runtime import manifest as mf
+    from engines.runtime.bundle import golden_cosine, load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    prepared = quantize.prepare_graph(bundle.engine_file("vision"), work / "vision.prepared.onnx")
+    graph = quantize.quantize_dynamic_graph(prepared, work / "vision.int8.onnx")
+    engine = quantize.open_cpu(graph, "vision", mf.INT8, 2)
+    try:
+        worst = golden_cosine(bundle.golden(), "vision", engine.infer_all)
+    finally:
+        engine.close()
+    entry = mf.FileEntry(sha256="", role="vision", precision=mf.INT8, scheme=mf.SCHEME_DYNAMIC,
+                         golden_min_cosine=gate.golden_tolerance(worst))
+    amend_bundle(bundle_dir, {"vision.int8.onnx": (graph, entry)},
+                 build=lambda record: record.__setitem__("precision", {"ungated": "speed measurement only"}))
+    return (f"random weights: the precision gate cannot judge int8 on them (it refuses it), so this run "
+            f"made an ungated dynamic int8 vision graph to measure speed only (golden cosine {worst:.4f})")
+
+
+def int8_bundle(bundle_dir: Path, kind: str, workdir: Path, root: Path, timeout_s: float = 1800.0) -> Int8Bundle:
+    """A bundle serving an int8 vision engine: the bundle itself if it has one; otherwise a copy in
+    `workdir` given one by the gated build step (`python -m engines.build quantize`), or for a
+    random-weight benchmark bundle an ungated one for speed only. BundleUnavailable with the gate's
+    reasons when the gate keeps none. The original bundle is never changed."""
+    from engines.runtime import manifest as mf
+
+    if _has_int8_vision(bundle_dir):
+        return Int8Bundle(bundle_dir, True, "the bundle's own int8 vision engine (kept by its precision gate)")
+    copy = workdir / f"{bundle_dir.name}-int8"
+    _copy_bundle(bundle_dir, copy)
+    start = time.perf_counter()
+    if kind == mf.KIND_BENCHMARK:
+        scratch = workdir / "int8-scratch"
+        scratch.mkdir(exist_ok=True)
+        note = _add_speed_only_int8(copy, scratch)
+        return Int8Bundle(copy, False, note, time.perf_counter() - start)
+    log.info("quantizing a copy of %s with the precision gate (the demo model takes a few minutes)", bundle_dir.name)
+    command = [sys.executable, "-m", "engines.build", "quantize", "--bundle", str(copy)]
+    try:
+        proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BundleUnavailable(f"quantizing took longer than {timeout_s:.0f} s") from exc
+    if proc.returncode != 0 or not _has_int8_vision(copy):
+        kept = [LOG_PREFIX.sub("", line) for line in (proc.stderr or "").splitlines()
+                if "not kept vision" in line or "Error" in line]
+        raise BundleUnavailable("the precision gate kept no int8 vision engine: "
+                                + ("; ".join(kept) or f"exit status {proc.returncode}"))
+    return Int8Bundle(copy, True, "int8 vision engine kept by the precision gate "
+                      "(`python -m engines.build quantize` on a copy of the bundle, for this run)",
+                      time.perf_counter() - start)

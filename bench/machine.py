@@ -154,3 +154,48 @@ def own_pids() -> set[int]:
         found.add(pid)
         todo.extend(children.get(pid, []))
     return found
+
+
+# One projection of a ViT-B/16 block (197 tokens x 768 -> 3072); the whole image tower is ~17.6 G
+# multiply-adds of mostly such products, so this machine's rate on it bounds the tower's latency.
+GEMM_SHAPE = (197, 768, 3072)
+VIT_B16_GMAC = 17.6
+
+
+def gemm_rates(threads: int, repeats: int = 100) -> dict[str, object]:
+    """ONNX Runtime's fp32 MatMul and int8 MatMulInteger on GEMM_SHAPE with `threads` threads: the
+    multiply-adds per second this machine reaches, and the ViT-B/16 latency floor that implies."""
+    import statistics
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = GEMM_SHAPE
+    rng = np.random.default_rng(0)
+    cases = {
+        "fp32": ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, rng.normal(size=(k, n)).astype(np.float32),
+                 rng.normal(size=(m, k)).astype(np.float32)),
+        "int8": ("MatMulInteger", TensorProto.UINT8, TensorProto.INT32,
+                 rng.integers(-127, 128, (k, n)).astype(np.int8), rng.integers(0, 256, (m, k)).astype(np.uint8)),
+    }
+    out: dict[str, object] = {"shape": list(GEMM_SHAPE), "threads": threads}
+    for name, (op, in_type, out_type, weights, example) in cases.items():
+        graph = helper.make_graph([helper.make_node(op, ["a", "w"], ["y"])], name,
+                                  [helper.make_tensor_value_info("a", in_type, [m, k])],
+                                  [helper.make_tensor_value_info("y", out_type, [m, n])],
+                                  [numpy_helper.from_array(weights, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(10):
+            session.run(None, {"a": example})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, {"a": example})
+            times.append(time.perf_counter() - start)
+        gmac_s = m * k * n / statistics.median(times) / 1e9
+        out[name] = {"gmac_per_s": round(gmac_s, 1), "vit_b16_floor_ms": round(VIT_B16_GMAC / gmac_s * 1000)}
+    return out

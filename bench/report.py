@@ -12,7 +12,9 @@ log = logging.getLogger("bench.report")
 
 RATIO_LOW = 1  # served overhead is compared at this concurrency
 RATIO_MID = 16  # throughput ratios are compared at this concurrency
-OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway")
+OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway", "gateway-int8", "gateway-torch")
+# Classify end to end and the in-process engines, compared at low concurrency across precisions
+PRECISION_ROWS = ("gateway-int8", "gateway", "gateway-torch", "ort-int8", "ort", "torch")
 
 
 def _point(result: dict[str, Any], key: str, concurrency: int) -> dict[str, Any] | None:
@@ -74,6 +76,16 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
                          "vs_torch": _round(div(value, thr("torch", mid)), 3)}
     out["throughput_at_mid"] = relative
 
+    out["precision_at_low"] = {key: _round(p50(key, low)) for key in PRECISION_ROWS if p50(key, low) is not None}
+    int8 = p50("gateway-int8", low)
+    out["int8_speedup_at_low"] = {
+        "classify_vs_fp32": _round(div(p50("gateway", low), int8), 3),
+        "classify_vs_torch_served": _round(div(p50("gateway-torch", low), int8), 3),
+        "classify_vs_torch_eager_in_process": _round(div(p50("torch", low), int8), 3),
+        "engine_vs_fp32_engine": _round(div(p50("ort", low), p50("ort-int8", low)), 3),
+        "engine_vs_torch_eager": _round(div(p50("torch", low), p50("ort-int8", low)), 3),
+    }
+
     out["batching_at_mid"] = {
         "throughput_on_over_off": _round(div(thr("vision-batch", mid), thr("vision-nobatch", mid)), 3),
         "p50_on_over_off": _round(div(p50("vision-batch", mid), p50("vision-nobatch", mid)), 3),
@@ -99,6 +111,14 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         vs_triton = "n/a" if t["vs_triton"] is None else f"{t['vs_triton']:.2f}x"
         vs_torch = "n/a" if t["vs_torch"] is None else f"{t['vs_torch']:.2f}x"
         lines.append(f"  {key:15} {t['throughput']:9.2f} img/s  {vs_triton:>7} Triton  {vs_torch:>7} torch")
+    precision = r.get("precision_at_low") or {}
+    if precision:
+        lines.append(f"[{model}] p50 at concurrency {low}, by precision (ms): "
+                     + ", ".join(f"{key} {ms}" for key, ms in precision.items()))
+        speedup = {k: v for k, v in r["int8_speedup_at_low"].items() if v is not None}
+        if speedup:
+            lines.append(f"[{model}] int8 speed-up at concurrency {low}: "
+                         + ", ".join(f"{k.replace('_', ' ')} x{v:.2f}" for k, v in speedup.items()))
     b = r["batching_at_mid"]
     if b["throughput_on_over_off"] is not None:
         lines.append(f"[{model}] batching on vs off at concurrency {mid}: "
@@ -112,6 +132,15 @@ def _fmt(x: Any, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{digits}f}"
+
+
+def gemm_row(g: dict[str, Any]) -> str:
+    """The machine's matrix-multiply rates and the ViT-B/16 latency floors they imply."""
+    shape = "x".join(str(x) for x in g["shape"])
+    return (f"| GEMM ({shape}, {g['threads']} threads, ONNX Runtime) | fp32 {g['fp32']['gmac_per_s']} G "
+            f"multiply-adds/s, int8 {g['int8']['gmac_per_s']} G/s: at these rates a ViT-B/16 image tower "
+            f"(17.6 G) needs at least {g['fp32']['vit_b16_floor_ms']} ms in fp32 and "
+            f"{g['int8']['vit_b16_floor_ms']} ms in int8 |")
 
 
 def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
@@ -148,6 +177,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         (f"| CPU | {m['cpu_model']} (family/model {m['cpu_family_model']}), {m['cores']} cores "
          f"({m['cores_usable']} usable); flags: {', '.join(m['cpu_flags']) or '-'} |"),
         f"| memory | {m['memory_gib']} GiB |",
+        *([gemm_row(m["gemm"])] if m.get("gemm") else []),
         f"| OS | {m['os']} |",
         f"| Python | {m['python']} |",
         (f"| packages | torch {v['torch']}, open_clip {v['open_clip_torch']}, "
@@ -188,8 +218,13 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         (f"* *other load* is the CPU that processes outside the benchmark used during each window, in "
          f"cores (of {m['cores']}): where it is high, that point was measured on a busy machine."),
         ("* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer "
-         "before it is measured (cosine >= 0.999; for the gateway the image x label cosines, "
-         "within 1e-3)."),
+         "before it is measured (cosine >= 0.999 with fp32; int8 >= 0.98 with fp32, a sanity bound, since "
+         "precision is the build's gate to judge; for the gateway the image x label cosines within 1e-3 "
+         "of the same engine's in process)."),
+        ("* Precision rows: `ort-int8` and `gateway-int8` run the model's int8 vision graph (the note "
+         "under each model says where it came from: kept by the precision gate, or, for random weights "
+         "that no gate can judge, made for speed only); `gateway-torch` serves the torch reference "
+         "engine in both encoders; every other served row pins `--precision fp32`."),
         "",
     ]
     for model, r in results["models"].items():
@@ -220,6 +255,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             out += ["Not measured:", "", *missing, *skipped_points, ""]
         served = [f"* `{k}`: {'; '.join(s['details']['served_engines'])}" for k, s in r["systems"].items()
                   if s.get("details", {}).get("served_engines")]
+        int8_notes = sorted({s["details"]["int8"] for s in r["systems"].values() if s.get("details", {}).get("int8")})
+        if int8_notes:
+            out += ["int8 engine of this model: " + "; ".join(int8_notes) + ".", ""]
         if served:
             out += ["What the servers reported running (GetModelInfo):", "", *served, ""]
         if model in plots:

@@ -8,9 +8,13 @@
 | vision-nobatch | EmbedImages on `python -m services.vision --max-batch 1` over gRPC, PNG bytes |
 | vision-batch | the same with the service's default batching settings |
 | gateway | Classify on the gateway (vision + text + gateway processes), PNG bytes, labels cached |
+| ort-int8 | ort with the bundle's int8 vision engine |
+| gateway-int8 | gateway with the vision encoder serving int8 (--precision int8) |
+| gateway-torch | gateway with both encoders serving the torch reference engine (--engine torch-cpu) |
 | triton | NVIDIA Triton (bench.triton), preprocessed float32 tensors over gRPC |
 
-Tensor preparation for torch, ort and triton happens once, before timing.
+Tensor preparation for torch, ort, ort-int8 and triton happens once, before timing. The fp32 rows pin
+--precision fp32, so a bundle that also holds int8 engines does not change what they measure.
 """
 
 from __future__ import annotations
@@ -27,12 +31,16 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from bench import bundles
 from bench.images import ImageSet
 from bench.load import Point, Request, run_points
 from bench.procs import HOST, Server, ServerFailed, free_port, service_env
-from engines.runtime.bundle import Bundle, row_cosines
+from engines.runtime import manifest as mf
+from engines.runtime.bundle import Bundle, load_bundle, row_cosines
+from engines.runtime.engine import Engine
 from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
 from engines.runtime.onnx import OnnxRuntimeEngine
+from engines.runtime.select import ORT_CPU, open_engine
 from engines.runtime.text import TextTokenizer
 from services.common.encoder import l2_normalize
 from services.common.settings import Settings
@@ -42,6 +50,9 @@ from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, deco
 log = logging.getLogger("bench.systems")
 
 MIN_CHECK_COSINE = 0.999  # an answer further than this from the in-process reference is a wrong answer
+# int8 against fp32: only a sanity bound (the right image); precision is judged by the build's gate
+MIN_INT8_CHECK_COSINE = 0.98
+MAX_LABEL_COSINE_DIFF = 1e-3  # served Classify vs the same engine's cosines in process
 MAX_MESSAGE = 64 << 20
 LABELS = ("normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
           "dermoscopy of a melanocytic naevus")
@@ -79,6 +90,8 @@ class Context:
     server_start_timeout_s: float = 300.0
     tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, services.vision.preprocess
     reference: np.ndarray = dataclasses.field(init=False)  # [K, D] in-process ORT outputs, not normalized
+    _int8: bundles.Int8Bundle | Exception | None = dataclasses.field(init=False, default=None)
+    _int8_reference: np.ndarray | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         spec = self.bundle.manifest.image
@@ -87,6 +100,29 @@ class Context:
         engine = open_vision_engine(self.bundle, self.threads)
         self.reference = engine.infer_all(self.tensors)
         engine.close()
+
+    def int8(self) -> bundles.Int8Bundle:
+        """The bundle serving this model's int8 vision engine, prepared once; SystemUnavailable if none."""
+        if self._int8 is None:
+            try:
+                self._int8 = bundles.int8_bundle(self.bundle.path, self.bundle.manifest.kind, self.workdir,
+                                                 self.root)
+            except bundles.BundleUnavailable as exc:
+                self._int8 = exc
+        if isinstance(self._int8, Exception):
+            raise SystemUnavailable(str(self._int8))
+        return self._int8
+
+    def int8_reference(self) -> np.ndarray:
+        """[D] output of the int8 vision engine in process for image 0 alone, not normalized (dynamic int8
+        scales activations per call, so the answer depends on what else is in the batch)."""
+        if self._int8_reference is None:
+            engine = open_int8_vision_engine(self)
+            try:
+                self._int8_reference = engine.infer(self.tensors[:1])[0]
+            finally:
+                engine.close()
+        return self._int8_reference
 
 
 def decode_limits() -> DecodeLimits:
@@ -98,6 +134,11 @@ def open_vision_engine(bundle: Bundle, threads: int) -> OnnxRuntimeEngine:
                              precision=bundle.manifest.precision_of("vision"), intra_op_threads=threads)
 
 
+def open_int8_vision_engine(ctx: Context) -> Engine:
+    """The int8 vision engine of the model's int8 bundle, on ONNX Runtime CPU, golden-checked."""
+    return open_engine(load_bundle(ctx.int8().path), "vision", ORT_CPU, mf.INT8, ctx.threads).engine
+
+
 def log_point(key: str, point: Point) -> None:
     if point.skipped:
         log.info("%-15s c=%-3d skipped: %s", key, point.concurrency, point.skipped)
@@ -107,13 +148,13 @@ def log_point(key: str, point: Point) -> None:
              point.errors, point.background_cores, "" if point.warmed_up else " (warm-up incomplete)")
 
 
-def check_cosine(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
-    """Cosine of one answer [D] with the reference [D]; WrongAnswer below MIN_CHECK_COSINE."""
+def check_cosine(got: np.ndarray, expected: np.ndarray, bound: float = MIN_CHECK_COSINE) -> dict[str, float]:
+    """Cosine of one answer [D] with the in-process fp32 reference [D]; WrongAnswer below `bound`."""
     cosine = float(row_cosines(np.asarray(got, dtype=np.float32)[None], expected[None])[0])
-    if not cosine >= MIN_CHECK_COSINE:
-        raise WrongAnswer(f"image 0: cosine {cosine:.5f} with the in-process ONNX Runtime answer "
-                          f"(need >= {MIN_CHECK_COSINE})")
-    return {"reference": "in-process ONNX Runtime, image 0", "cosine": round(cosine, 7)}
+    if not cosine >= bound:
+        raise WrongAnswer(f"image 0: cosine {cosine:.5f} with the in-process ONNX Runtime fp32 answer "
+                          f"(need >= {bound})")
+    return {"reference": "in-process ONNX Runtime fp32, image 0", "cosine": round(cosine, 7)}
 
 
 class System(abc.ABC):
@@ -227,6 +268,21 @@ class OrtWithDecode(OrtEngine):
         return check_cosine(self._embed(0)[0], self.ctx.reference[0])
 
 
+class OrtInt8(OrtEngine):
+    key = "ort-int8"
+    title = "ONNX Runtime engine, int8 vision graph (in process)"
+    request = OrtEngine.request
+
+    def start(self) -> None:
+        int8 = self.ctx.int8()
+        self.engine = open_int8_vision_engine(self.ctx)
+        self.details = {"engine": self.engine.kind, "precision": self.engine.precision,
+                        "intra_op_threads": self.ctx.threads, "int8": int8.note, "gated": int8.gated}
+
+    def check(self) -> dict[str, Any]:
+        return check_cosine(self._embed(0)[0], self.ctx.reference[0], MIN_INT8_CHECK_COSINE)
+
+
 class GrpcSystem(System):
     """Helpers of the systems that talk to medvlm servers: subprocesses, channels, stubs."""
 
@@ -243,9 +299,9 @@ class GrpcSystem(System):
         server.wait_serving(target, self.ctx.server_start_timeout_s)
         return target
 
-    def encoder_args(self, service: str, port: int) -> list[str]:
+    def encoder_args(self, service: str, port: int, bundle: Path | None = None) -> list[str]:
         return [f"services.{service}", "--host", HOST, "--port", str(port),
-                "--bundle", str(self.ctx.bundle.path), "--allow-benchmark",
+                "--bundle", str(bundle or self.ctx.bundle.path), "--allow-benchmark",
                 "--intra-op-threads", str(self.ctx.threads), "--no-metrics"]
 
     def channel(self, worker: int, target: str) -> grpc.Channel:
@@ -287,7 +343,7 @@ class VisionGrpc(GrpcSystem):
         self.pb = types_pb2
         self.stub_class = encoders_pb2_grpc.VisionEncoderServiceStub
         port = free_port()
-        flags = self.ctx.batch_flags if self.batching else ["--max-batch", "1"]
+        flags = ["--precision", "fp32", *(self.ctx.batch_flags if self.batching else ["--max-batch", "1"])]
         self.target = self.launch("vision", [*self.encoder_args("vision", port), *flags], port)
         self.details = {"flags": ["--intra-op-threads", str(self.ctx.threads), *flags]}
 
@@ -319,21 +375,34 @@ class GatewayClassify(GrpcSystem):
     key = "gateway"
     title = "medvlm gateway Classify end to end (vision + text + gateway), labels cached"
     request = f"PNG bytes + {len(LABELS)} labels over gRPC (Classify); text embeddings come from the cache"
+    vision_flags: tuple[str, ...] = ("--precision", "fp32")
+    text_flags: tuple[str, ...] = ("--precision", "fp32")
+
+    def bundle_path(self) -> Path:
+        return self.ctx.bundle.path
+
+    def image_reference(self) -> tuple[np.ndarray, str]:
+        """The in-process answer for image 0 [D] that the served one must match, and what it is."""
+        return self.ctx.reference[0], "ONNX Runtime fp32"
 
     def start(self) -> None:
         from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 
         self.pb, self.gpb = types_pb2, gateway_pb2
         self.stub_class = gateway_pb2_grpc.GatewayServiceStub
+        bundle = self.bundle_path()
         vision_port, text_port, gateway_port = free_port(), free_port(), free_port()
-        vision = self.launch("vision", [*self.encoder_args("vision", vision_port), *self.ctx.batch_flags],
-                             vision_port)
-        text = self.launch("text", [*self.encoder_args("text", text_port), *self.ctx.batch_flags], text_port)
+        vision = self.launch("vision", [*self.encoder_args("vision", vision_port, bundle), *self.vision_flags,
+                                        *self.ctx.batch_flags], vision_port)
+        text = self.launch("text", [*self.encoder_args("text", text_port, bundle), *self.text_flags,
+                                    *self.ctx.batch_flags], text_port)
         self.target = self.launch("gateway", [
             "services.gateway", "--host", HOST, "--port", str(gateway_port), "--no-metrics",
             "--vision-target", vision, "--text-target", text], gateway_port)
-        self.details = {"encoder_flags": ["--intra-op-threads", str(self.ctx.threads), *self.ctx.batch_flags],
-                        "labels": list(LABELS), "template": TEMPLATE}
+        self.details.update({
+            "vision_flags": ["--intra-op-threads", str(self.ctx.threads), *self.vision_flags, *self.ctx.batch_flags],
+            "text_flags": ["--intra-op-threads", str(self.ctx.threads), *self.text_flags, *self.ctx.batch_flags],
+            "labels": list(LABELS), "template": TEMPLATE})
 
     def _call(self, worker: int, n: int):
         pngs = self.ctx.images.pngs
@@ -346,13 +415,14 @@ class GatewayClassify(GrpcSystem):
     def check(self) -> dict[str, Any]:
         reply = self._call(-1, 0)  # also fills the label cache
         got = np.array([s.cosine for s in sorted(reply.scores, key=lambda s: s.index)])  # [L]
-        expected = expected_label_cosines(self.ctx, 0)  # [L]
-        if got.shape != expected.shape or not np.abs(got - expected).max() <= 1e-3:
+        image, what = self.image_reference()
+        expected = expected_label_cosines(self.ctx, image)  # [L]
+        if got.shape != expected.shape or not np.abs(got - expected).max() <= MAX_LABEL_COSINE_DIFF:
             raise WrongAnswer(f"Classify cosines {np.round(got, 4).tolist()} differ from the in-process "
-                              f"ONNX Runtime ones {np.round(expected, 4).tolist()}")
+                              f"{what} ones {np.round(expected, 4).tolist()}")
         self.details["bundle_id"] = reply.bundle_id
         self.details["served_engines"] = self.served_engines(self.stub_class(self.channel(-1, self.target)))
-        return {"reference": "in-process ONNX Runtime image x label cosines, image 0",
+        return {"reference": f"in-process image x label cosines, image 0, vision {what}, text ONNX Runtime fp32",
                 "max_abs_diff": float(np.abs(got - expected).max())}
 
     def make_request(self, worker: int) -> Request:
@@ -360,9 +430,29 @@ class GatewayClassify(GrpcSystem):
         return lambda n: self._call(worker, n)
 
 
-def expected_label_cosines(ctx: Context, image: int) -> np.ndarray:
-    """Cosines of image `image` with every prompt, computed in process: the text tower through ONNX Runtime.
-    The gateway fills the template by plain replacement of "{}", as here."""
+class GatewayInt8(GatewayClassify):
+    key = "gateway-int8"
+    title = "medvlm gateway Classify, vision encoder serving int8 (--precision int8), labels cached"
+    vision_flags = ("--precision", "int8")
+
+    def bundle_path(self) -> Path:
+        int8 = self.ctx.int8()
+        self.details.update({"int8": int8.note, "gated": int8.gated})
+        return int8.path
+
+    def image_reference(self) -> tuple[np.ndarray, str]:
+        return self.ctx.int8_reference(), "ONNX Runtime int8 (same graph)"
+
+
+class GatewayTorch(GatewayClassify):
+    key = "gateway-torch"
+    title = "medvlm gateway Classify, both encoders serving the torch reference engine (--engine torch-cpu)"
+    vision_flags = text_flags = ("--engine", "torch-cpu")
+
+
+def expected_label_cosines(ctx: Context, image: np.ndarray) -> np.ndarray:
+    """Cosines of an image embedding [D] with every prompt, computed in process: the text tower through
+    ONNX Runtime fp32. The gateway fills the template by plain replacement of "{}", as here."""
     manifest = ctx.bundle.manifest
     prompts = [TEMPLATE.replace("{}", label) for label in LABELS]
     ids = TextTokenizer(ctx.bundle.path, manifest.text).ids(prompts)
@@ -372,7 +462,7 @@ def expected_label_cosines(ctx: Context, image: int) -> np.ndarray:
         labels = l2_normalize(text.infer_all(ids))  # [L, D]
     finally:
         text.close()
-    return labels @ l2_normalize(ctx.reference[image : image + 1])[0]  # [L]
+    return labels @ l2_normalize(image[None])[0]  # [L]
 
 
 def all_systems() -> dict[str, type[System]]:
@@ -380,7 +470,7 @@ def all_systems() -> dict[str, type[System]]:
     from bench.triton import TritonSystem
 
     order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify,
-             TritonSystem)
+             OrtInt8, GatewayInt8, GatewayTorch, TritonSystem)
     return {cls.key: cls for cls in order}
 
 

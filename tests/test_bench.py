@@ -47,3 +47,39 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
     assert tiny["ratios"]["throughput_at_mid"]["ort"]["throughput"] > 0
     readme = (out / "README.md").read_text()
     assert "## Machine" in readme and "| vision-batch | 4 |" in readme
+
+
+def test_int8_for_random_weights_is_made_on_a_copy_for_speed_only(tiny_bundle, tmp_path):
+    """A random-weight bundle gets an ungated int8 vision graph on a copy, which the service's engine
+    selection then opens at --precision int8; the original bundle is left as it was."""
+    from bench.bundles import int8_bundle
+    from engines.runtime import manifest as mf
+    from engines.runtime.bundle import load_bundle
+    from engines.runtime.select import ORT_CPU, open_engine
+
+    before = (tiny_bundle / mf.MANIFEST_NAME).read_text()
+    made = int8_bundle(tiny_bundle, mf.KIND_BENCHMARK, tmp_path, tiny_bundle.parent)
+    assert not made.gated and "speed only" in made.note
+    assert made.path.parent == tmp_path
+    assert (tiny_bundle / mf.MANIFEST_NAME).read_text() == before
+    assert not (tiny_bundle / "vision.int8.onnx").exists()
+
+    copy = load_bundle(made.path)  # every file hash-checked
+    assert copy.bundle_id == load_bundle(tiny_bundle).bundle_id  # reduced-precision files are not in the id
+    assert copy.manifest.build["precision"] == {"ungated": "speed measurement only"}
+    selected = open_engine(copy, "vision", ORT_CPU, mf.INT8, 1)  # passes the golden tolerance it records
+    try:
+        assert selected.engine.precision == mf.INT8 and selected.option.file == "vision.int8.onnx"
+    finally:
+        selected.engine.close()
+    # a bundle that already holds an int8 vision engine is used as it is
+    assert int8_bundle(made.path, mf.KIND_BENCHMARK, tmp_path / "again", tiny_bundle.parent).path == made.path
+
+
+def test_gemm_rates_are_measured_and_give_a_floor():
+    from bench.machine import gemm_rates
+
+    rates = gemm_rates(1, repeats=5)
+    for precision in ("fp32", "int8"):
+        assert rates[precision]["gmac_per_s"] > 0
+        assert rates[precision]["vit_b16_floor_ms"] > 0
