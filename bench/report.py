@@ -57,7 +57,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
         return None if a is None or b is None or b == 0 else a / b
 
     overhead = {}
-    for key in (*OURS_SERVED, "triton"):
+    for key in (*OURS_SERVED, "triton", "triton-decode"):
         if p50(key, low) is None:
             continue
         overhead[key] = {
@@ -73,6 +73,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
         if value is None:
             continue
         relative[key] = {"throughput": _round(value), "vs_triton": _round(div(value, thr("triton", mid)), 3),
+                         "vs_triton_decode": _round(div(value, thr("triton-decode", mid)), 3),
                          "vs_torch": _round(div(value, thr("torch", mid)), 3)}
     out["throughput_at_mid"] = relative
 
@@ -101,16 +102,20 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         parts = [f"p50 {o['p50_ms']} ms"]
         if o["minus_ort_ms"] is not None:
             parts.append(f"{o['minus_ort_ms']:+.2f} ms over ort (engine only)")
-        if o["minus_ort_decode_ms"] is not None and key != "triton":
+        if o["minus_ort_decode_ms"] is not None and key != "triton":  # triton gets tensors: no decode
             parts.append(f"{o['minus_ort_decode_ms']:+.2f} ms over ort-decode (same decode work)")
         lines.append(f"  {key:15} " + ", ".join(parts))
     if not r["served_overhead_at_low"]:
         lines.append("  (no served system measured)")
-    lines.append(f"[{model}] throughput at concurrency {mid} (img/s; x Triton; x torch eager):")
+    lines.append(f"[{model}] throughput at concurrency {mid} (img/s; x Triton fed tensors; x Triton decoding "
+                 f"PNGs as we do; x torch eager):")
+
+    def times(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}x"
+
     for key, t in r["throughput_at_mid"].items():
-        vs_triton = "n/a" if t["vs_triton"] is None else f"{t['vs_triton']:.2f}x"
-        vs_torch = "n/a" if t["vs_torch"] is None else f"{t['vs_torch']:.2f}x"
-        lines.append(f"  {key:15} {t['throughput']:9.2f} img/s  {vs_triton:>7} Triton  {vs_torch:>7} torch")
+        lines.append(f"  {key:15} {t['throughput']:9.2f} img/s  {times(t['vs_triton']):>7} Triton  "
+                     f"{times(t.get('vs_triton_decode')):>7} Triton-decode  {times(t['vs_torch']):>7} torch")
     precision = r.get("precision_at_low") or {}
     if precision:
         lines.append(f"[{model}] p50 at concurrency {low}, by precision (ms): "
@@ -209,12 +214,13 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
          f"requests are still being decoded; Triton's applies to every batch."),
         (f"* Images: {img['source']}; {img['count']} PNGs of {img['width']}x{img['height']}, "
          f"{img['png_bytes_mean'] // 1024} KiB on average."),
-        ("* **Inputs differ by design.** Triton, torch and ort receive preprocessed float32 tensors "
-         "(3x224x224 = 588 KiB) and do no image decoding; the medvlm encoder and gateway receive PNG "
-         "bytes and decode, resize and normalize them themselves. `ort-decode` is the in-process engine "
-         "with that same decode work per request, so `vision-*` minus `ort-decode` is the serving "
-         "overhead proper, and `ort-decode` minus `ort` is the decode cost (also measured alone, "
-         "single-threaded, per model below)."),
+        ("* **Inputs differ by design.** `triton`, `torch`, `ort` and `ort-int8` receive preprocessed float32 "
+         "tensors (3x224x224 = 588 KiB) and do no image decoding; the medvlm encoder and gateway receive PNG "
+         "bytes and decode, resize and normalize them themselves, and so does `triton-decode` (in its Python "
+         "backend, with the encoder's own preprocessing code): compare served systems with `triton-decode` for "
+         "the same work, with `triton` for Triton's best case. `ort-decode` is the in-process engine with the "
+         "same decode work per request, so `vision-*` minus `ort-decode` is the serving overhead proper, and "
+         "`ort-decode` minus `ort` is the decode cost (also measured alone, single-threaded, per model below)."),
         (f"* *other load* is the CPU that processes outside the benchmark used during each window, in "
          f"cores (of {m['cores']}): where it is high, that point was measured on a busy machine."),
         ("* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer "

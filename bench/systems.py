@@ -12,6 +12,7 @@
 | gateway-int8 | gateway with the vision encoder serving int8 (--precision int8) |
 | gateway-torch | gateway with both encoders serving the torch reference engine (--engine torch-cpu) |
 | triton | NVIDIA Triton (bench.triton), preprocessed float32 tensors over gRPC |
+| triton-decode | the same Triton taking PNG bytes, decoding them in its Python backend with our code |
 
 Tensor preparation for torch, ort, ort-int8 and triton happens once, before timing. The fp32 rows pin
 --precision fp32, so a bundle that also holds int8 engines does not change what they measure.
@@ -467,10 +468,10 @@ def expected_label_cosines(ctx: Context, image: np.ndarray) -> np.ndarray:
 
 def all_systems() -> dict[str, type[System]]:
     """Every system, in the order they run."""
-    from bench.triton import TritonSystem
+    from bench.triton import TritonDecode, TritonSystem
 
     order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify,
-             OrtInt8, GatewayInt8, GatewayTorch, TritonSystem)
+             OrtInt8, GatewayInt8, GatewayTorch, TritonSystem, TritonDecode)
     return {cls.key: cls for cls in order}
 
 

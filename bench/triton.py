@@ -91,7 +91,7 @@ class TritonSystem(System):
                 "--onnx", str(self.ctx.bundle.engine_file("vision")),
                 "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()),
                 "--metrics-port", str(free_port()), "--threads", str(self.ctx.threads),
-                "--max-batch", str(self.ctx.max_batch), "--max-delay-us", str(delay_us)]
+                "--max-batch", str(self.ctx.max_batch), "--max-delay-us", str(delay_us), *self.server_flags()]
         self.server = Server("triton", argv, cwd=self.ctx.root, env=self.env, log_dir=self.ctx.workdir,
                              stdout_pipe=True)
         ready = self._read_ready(self.server)
@@ -132,6 +132,16 @@ class TritonSystem(System):
         threading.Thread(target=lambda: [None for _ in server.proc.stdout], daemon=True).start()
         return found[0]
 
+    def server_flags(self) -> list[str]:
+        """What the model takes: preprocessed tensors here."""
+        return []
+
+    def client_inputs(self) -> list[str]:
+        """The client's images: the preprocessed tensors, saved for the Triton environment."""
+        tensors = self.ctx.workdir / "triton-images.npy"
+        np.save(tensors, self.ctx.tensors)
+        return ["--tensors", str(tensors)]
+
     def check(self) -> dict[str, Any]:  # the client checks image 0 before its points, see run()
         raise NotImplementedError
 
@@ -140,13 +150,11 @@ class TritonSystem(System):
 
     def run(self, concurrency: list[int], seconds: float,
             warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
-        tensors = self.ctx.workdir / "triton-images.npy"
-        np.save(tensors, self.ctx.tensors)
-        out = self.ctx.workdir / "triton-client.json"
-        client_log = self.ctx.workdir / "triton-client.log"
+        out = self.ctx.workdir / f"{self.key}-client.json"
+        client_log = self.ctx.workdir / f"{self.key}-client.log"
         budget = len(concurrency) * (seconds + 300.0) + 60.0
         argv = [str(self.python_path), "-m", "bench.triton_client", "--target", f"{HOST}:{self.grpc_port}",
-                "--tensors", str(tensors), "--concurrency", ",".join(str(c) for c in concurrency),
+                *self.client_inputs(), "--concurrency", ",".join(str(c) for c in concurrency),
                 "--seconds", str(seconds), "--warmup-s", str(warmup_s),
                 "--timeout-s", str(self.ctx.request_timeout_s), "--max-round-s", str(self.ctx.max_round_s),
                 "--out", str(out)]
@@ -170,3 +178,24 @@ class TritonSystem(System):
         if self.server is not None:
             self.server.stop(grace_s=45.0)
             self.server = None
+
+
+class TritonDecode(TritonSystem):
+    key = "triton-decode"
+    title = ("NVIDIA Triton as above, decoding and preprocessing PNGs in its Python backend with the vision "
+             "encoder's code")
+    request = "PNG bytes over gRPC (a BYTES tensor); the model decodes and preprocesses them, as ours does"
+
+    def server_flags(self) -> list[str]:
+        from bench.systems import setting_default
+
+        return ["--decode-bundle", str(self.ctx.bundle.path),
+                "--max-image-bytes", str(setting_default("max_image_bytes")),
+                "--max-image-pixels", str(setting_default("max_image_pixels"))]
+
+    def client_inputs(self) -> list[str]:
+        folder = self.ctx.workdir / "triton-pngs"
+        folder.mkdir(exist_ok=True)
+        for i, png in enumerate(self.ctx.images.pngs):
+            (folder / f"{i:03d}.png").write_bytes(png)
+        return ["--pngs", str(folder)]

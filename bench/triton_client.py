@@ -1,7 +1,7 @@
 """Load on the Triton server from the Triton environment, with bench.load and tritonclient.grpc.
 
-Started by bench.triton: reads preprocessed images (.npy, [K, 3, S, S] float32), runs one point per
-concurrency and writes JSON (server version, the embedding of image 0 for the parity check, points).
+Started by bench.triton: reads preprocessed images (.npy, [K, 3, S, S] float32), or with --pngs the encoded
+images for a server started with --decode-bundle, runs one point per concurrency and writes JSON (server version, the embedding of image 0 for the parity check, points).
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import importlib.metadata
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 from bench.load import Point, run_points
-from bench.triton_server import INPUT, MODEL_NAME, OUTPUT
+from bench.triton_server import INPUT, MODEL_NAME, OUTPUT, PNG_INPUT
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="host:port of Triton's gRPC endpoint")
-    parser.add_argument("--tensors", required=True, help=".npy file of [K, 3, S, S] float32 images")
+    images = parser.add_mutually_exclusive_group(required=True)
+    images.add_argument("--tensors", help=".npy file of [K, 3, S, S] float32 images")
+    images.add_argument("--pngs", help="folder of PNG files, sent as bytes (sorted by name)")
     parser.add_argument("--concurrency", required=True, help="comma-separated, e.g. 1,4,16,64")
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup-s", type=float, required=True)
@@ -34,11 +37,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tensors = np.load(args.tensors)  # [K, 3, S, S]
-    rows = [np.ascontiguousarray(tensors[i : i + 1]) for i in range(len(tensors))]  # each [1, 3, S, S]
+    if args.pngs:
+        files = sorted(Path(args.pngs).glob("*.png"))
+        rows = [np.array([[f.read_bytes()]], dtype=np.object_) for f in files]  # each [1, 1] bytes
+        name, datatype = PNG_INPUT, "BYTES"
+    else:
+        tensors = np.load(args.tensors)  # [K, 3, S, S]
+        rows = [np.ascontiguousarray(tensors[i : i + 1]) for i in range(len(tensors))]  # each [1, 3, S, S]
+        name, datatype = INPUT, "FP32"
 
     def infer(client: grpcclient.InferenceServerClient, row: np.ndarray) -> np.ndarray:
-        image = grpcclient.InferInput(INPUT, list(row.shape), "FP32")
+        image = grpcclient.InferInput(name, list(row.shape), datatype)
         image.set_data_from_numpy(row)
         result = client.infer(MODEL_NAME, [image], outputs=[grpcclient.InferRequestedOutput(OUTPUT)],
                               client_timeout=args.timeout_s)

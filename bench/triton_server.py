@@ -1,6 +1,9 @@
 """NVIDIA Triton serving a bundle's vision.onnx through ONNX Runtime in its Python backend, with its dynamic
 batcher. Runs in the Triton environment (nvidia-pytriton, numpy < 2), started by bench.triton.
 
+With --decode-bundle the model takes PNG bytes instead of tensors and decodes and preprocesses them in the
+Python backend with the vision encoder's own code (services.vision.preprocess), so both do the same work.
+
 `python -m bench.triton_server --onnx vision.onnx --grpc-port P ...` prints one JSON line
 {"ready": true, ...} on stdout once the model is loaded, then serves until SIGTERM or SIGINT.
 """
@@ -22,6 +25,7 @@ from pytriton.triton import Triton, TritonConfig
 
 MODEL_NAME = "vision"
 INPUT, OUTPUT = "images", "image_embeds"  # the bundle's tensor names
+PNG_INPUT = "png"  # --decode-bundle: one encoded image per request
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size of the model config")
     parser.add_argument("--max-delay-us", type=int, default=5000,
                         help="dynamic batcher max_queue_delay_microseconds")
+    parser.add_argument("--decode-bundle", default=None,
+                        help="take PNG bytes and decode and preprocess them as the vision encoder does, "
+                             "with this bundle's image spec")
+    parser.add_argument("--max-image-bytes", type=int, default=20 << 20, help="decoding limit, as the encoder's")
+    parser.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decoding limit, as the encoder's")
     return parser
+
+
+def png_decoder(args: argparse.Namespace):
+    """PNG bytes [N, 1] -> preprocessed float32 [N, 3, S, S], exactly as the vision encoder prepares them."""
+    from pathlib import Path
+
+    from engines.runtime.manifest import Manifest
+    from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, decode_image, preprocess
+
+    spec = Manifest.read(Path(args.decode_bundle)).image
+    limits = DecodeLimits(args.max_image_bytes, args.max_image_pixels)
+    configure_pillow(limits.max_pixels)
+
+    def decode(pngs: np.ndarray) -> np.ndarray:
+        return np.stack([preprocess(decode_image(bytes(row[0]), PNG, limits), spec) for row in pngs])
+
+    return decode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     size = int(meta_in.shape[-1])
     dim = int(session.get_outputs()[0].shape[-1])
 
-    @batch
-    def infer(images: np.ndarray) -> dict[str, np.ndarray]:
+    def embed(images: np.ndarray) -> dict[str, np.ndarray]:
         (out,) = session.run([OUTPUT], {INPUT: images})  # [N, 3, S, S] -> [N, D]
         return {OUTPUT: out}
+
+    @batch
+    def infer(images: np.ndarray) -> dict[str, np.ndarray]:
+        return embed(images)
+
+    image_input = Tensor(name=INPUT, dtype=np.float32, shape=(3, size, size))
+    if args.decode_bundle:
+        decode = png_decoder(args)
+
+        @batch
+        def infer(png: np.ndarray) -> dict[str, np.ndarray]:  # noqa: F811 - the PNG-bytes model instead
+            return embed(decode(png))  # [N, 1] bytes -> [N, D]
+
+        image_input = Tensor(name=PNG_INPUT, dtype=bytes, shape=(1,))
 
     config = TritonConfig(
         grpc_address="127.0.0.1", grpc_port=args.grpc_port,
@@ -67,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         triton.bind(
             model_name=MODEL_NAME,
             infer_func=infer,
-            inputs=[Tensor(name=INPUT, dtype=np.float32, shape=(3, size, size))],
+            inputs=[image_input],
             outputs=[Tensor(name=OUTPUT, dtype=np.float32, shape=(dim,))],
             config=ModelConfig(
                 max_batch_size=args.max_batch,
