@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                 model_result["systems"][key] = run_system(classes[key], ctx, plan)
                 if key == "triton" and model_result["systems"][key]["status"] == "ok":
                     results["triton_versions"] = model_result["systems"][key]["details"].get("versions", {})
+            if "ort-decode" in plan.systems and 1 in plan.concurrency:
+                from bench.paired import paired_overhead
+
+                model_result["paired_overhead"] = paired_overhead(ctx, pairs=60 if args.quick else 300)
             model_result["ratios"] = report.ratios(model_result, plan.concurrency)
             results["models"][choice.model] = model_result
     finally:

@@ -66,6 +66,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
             "minus_ort_decode_ms": _round(diff(p50(key, low), p50("ort-decode", low))),
         }
     out["served_overhead_at_low"] = overhead
+    out["paired_overhead"] = result.get("paired_overhead", {})
 
     relative = {}
     for key in result["systems"]:
@@ -107,6 +108,17 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         lines.append(f"  {key:15} " + ", ".join(parts))
     if not r["served_overhead_at_low"]:
         lines.append("  (no served system measured)")
+    paired = r.get("paired_overhead") or {}
+    if paired:
+        lines.append(f"[{model}] served overhead at concurrency 1, in alternating pairs with ort-decode "
+                     f"(median of the differences, p25-p75):")
+    for key, o in paired.items():
+        if "error" in o:
+            lines.append(f"  {key:15} failed: {o['error']}")
+            continue
+        lines.append(f"  {key:15} +{o['overhead_p50_ms']:.2f} ms ({o['overhead_p25_ms']:+.2f} to "
+                     f"{o['overhead_p75_ms']:+.2f}) over {o['pairs']} pairs; p50 {o['served_p50_ms']} ms "
+                     f"served vs {o['in_process_p50_ms']} ms in process")
     lines.append(f"[{model}] throughput at concurrency {mid} (img/s; x Triton fed tensors; x Triton decoding "
                  f"PNGs as we do; x torch eager):")
 
@@ -221,6 +233,10 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
          "the same work, with `triton` for Triton's best case. `ort-decode` is the in-process engine with the "
          "same decode work per request, so `vision-*` minus `ort-decode` is the serving overhead proper, and "
          "`ort-decode` minus `ort` is the decode cost (also measured alone, single-threaded, per model below)."),
+        ("* *Served overhead in pairs*: separate runs drift apart on a shared machine by more than a server "
+         "adds, so the overhead at concurrency 1 is also measured in alternating pairs: the same PNG through "
+         "`ort-decode` and through the served system back to back, first one then the other, and the median "
+         "of the per-pair differences is reported (bench/paired.py)."),
         (f"* *other load* is the CPU that processes outside the benchmark used during each window, in "
          f"cores (of {m['cores']}): where it is high, that point was measured on a busy machine."),
         ("* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer "
