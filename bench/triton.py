@@ -111,8 +111,9 @@ class TritonSystem(System):
         def read() -> None:
             for raw in server.proc.stdout:
                 line = raw.decode(errors="replace").strip()
-                if line.startswith("{") and '"ready"' in line:
-                    found.append(json.loads(line))
+                at = line.find('{"ready"')  # tritonserver's own output can run into the line without a newline
+                if at >= 0:
+                    found.append(json.loads(line[at:]))
                     return
                 if line:
                     other.append(line[:200])

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=False,
         )
         triton.connect()  # waits until the model is loaded
-        print(json.dumps({"ready": True, "model": MODEL_NAME, "image_size": size, "embed_dim": dim,
+        print("\n" + json.dumps({"ready": True, "model": MODEL_NAME, "image_size": size, "embed_dim": dim,
                           "onnxruntime": ort.__version__}), flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():

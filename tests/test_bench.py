@@ -10,7 +10,7 @@ import pytest
 
 from bench.__main__ import main
 
-SYSTEMS = ("ort", "vision-batch")
+SYSTEMS = ("ort", "ort-decode", "vision-batch")
 
 
 @pytest.mark.slow
@@ -44,9 +44,15 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
 
     overhead = tiny["ratios"]["served_overhead_at_low"]["vision-batch"]
     assert overhead["minus_ort_ms"] is not None
+    for key in ("vision-batch", "gateway"):  # measured in alternating pairs with ort-decode
+        paired = tiny["paired_overhead"][key]
+        assert paired["pairs"] >= 20, paired
+        assert paired["overhead_p25_ms"] <= paired["overhead_p50_ms"] <= paired["overhead_p75_ms"]
+        assert paired["served_p50_ms"] > 0 and paired["in_process_p50_ms"] > 0
     assert tiny["ratios"]["throughput_at_mid"]["ort"]["throughput"] > 0
     readme = (out / "README.md").read_text()
     assert "## Machine" in readme and "| vision-batch | 4 |" in readme
+    assert "in alternating pairs" in readme
 
 
 def test_int8_for_random_weights_is_made_on_a_copy_for_speed_only(tiny_bundle, tmp_path):

@@ -97,7 +97,7 @@ class EncoderApp:
         loaded = await asyncio.to_thread(load_tower, self.settings, self.tower)
         self._preparer = self.make_preparer(loaded)
         self._batcher = Batcher(
-            loaded.engine.infer,
+            lambda batch: l2_normalize(loaded.engine.infer(batch)),  # in the engine's thread, off the loop
             self._preparer.collate,
             max_batch=loaded.engine.max_batch,
             max_delay_s=self.settings.max_delay_ms / 1000,
@@ -123,7 +123,7 @@ class EncoderApp:
         except BaseException:
             self._batcher.abandon(ticket)
             raise
-        return l2_normalize(await self._batcher.result(ticket))
+        return await self._batcher.result(ticket)
 
     def _prepare_and_queue(self, payload: Any, ticket: Ticket) -> None:
         """In a work-pool thread: decode/tokenize, queue, and run the batch here if the engine is idle."""
