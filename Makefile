@@ -51,7 +51,7 @@ test: protos  ## run the test suite
 BENCH_TRITON ?= .cache/bench-triton
 BENCH_ARGS ?=
 
-bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (10-15 min); BENCH_ARGS=--quick: 1 min
+bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 25 min); BENCH_ARGS=--quick: 1 min
 	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed

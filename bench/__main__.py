@@ -17,7 +17,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "demo,biomedclip-arch"
 DEFAULT_CONCURRENCY = "1,4,16,64"
-QUICK = {"models": "tiny", "concurrency": "1,4", "seconds": 1.0, "warmup_s": 0.3, "max_round_s": 15.0}
+QUICK = {"models": "tiny", "concurrency": "1,4", "seconds": 1.0, "warmup_s": 0.3, "max_round_s": 15.0,
+         "min_rounds": 1}
 
 log = logging.getLogger("bench")
 
@@ -52,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
                         "would take longer than this: a closed loop needs one round before it is steady, and "
                         "a slow model at high concurrency would take minutes per point (default 15; 0: never "
                         "skip)")
+    p.add_argument("--min-rounds", type=int, default=None,
+                   help="a window lasts at least this many rounds (every worker's first answer): a slow "
+                        "model answers in bursts of one batch (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine threads of every system (default: the core count)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -84,6 +88,7 @@ class Plan:
     seconds: float
     warmup_s: float
     max_round_s: float
+    min_rounds: int
 
 
 def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
@@ -107,6 +112,7 @@ def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
         seconds=float(pick("seconds", 5.0)),
         warmup_s=float(pick("warmup_s", 2.0)),
         max_round_s=float(pick("max_round_s", 15.0)),
+        min_rounds=max(1, int(pick("min_rounds", 3))),
     )
 
 
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     results["config"] = {
         "models": plan.models, "systems": plan.systems, "concurrency": plan.concurrency,
         "seconds": plan.seconds, "warmup_s": plan.warmup_s, "max_round_s": plan.max_round_s,
+        "min_rounds": plan.min_rounds,
         "threads": args.threads, "quick": args.quick,
         "max_batch": max_batch, "max_delay_ms": max_delay_ms, "batch_flags": batch_flags,
         "images": images.describe(),
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("model %s: bundle %s", choice.model, bundle.bundle_id)
             ctx = Context(root=ROOT, model=choice.model, bundle=bundle, images=images, threads=args.threads,
                           max_batch=max_batch, max_delay_ms=max_delay_ms, batch_flags=batch_flags,
-                          workdir=workdir / choice.model, max_round_s=plan.max_round_s)
+                          workdir=workdir / choice.model, max_round_s=plan.max_round_s,
+                          min_rounds=plan.min_rounds)
             ctx.workdir.mkdir(parents=True)
             model_result: dict[str, Any] = {
                 "asked": choice.asked, "bundle": _relative(choice.bundle), "bundle_id": bundle.bundle_id,

@@ -140,12 +140,15 @@ def run_point(
     max_warmup_s: float = 120.0,
     drain_timeout_s: float = 120.0,
     own_root_pid: int | None = None,
+    min_rounds: int = 1,
 ) -> Point:
     """Drive `concurrency` workers, each with its own request function `make_request(worker)`.
 
     Worker w's k-th call gets the number w + k * concurrency, so workers cycle through inputs
     without sharing one. Requests that raise count as errors and not as latency samples.
     `own_root_pid` (default: this process) roots the process tree whose CPU is the benchmark's own.
+    The window lasts `seconds`, or `min_rounds` rounds (every worker's first answer) if that is longer:
+    a slow model at high concurrency answers in bursts of one batch, and one burst is no rate.
     """
     own_root = os.getpid() if own_root_pid is None else own_root_pid
     requests = [make_request(w) for w in range(concurrency)]  # clients are built before the clock starts
@@ -187,7 +190,7 @@ def run_point(
     round_s = (max(firsts) - begin) if warmed_up and firsts else time.perf_counter() - begin
     cpu_start = cpu_snapshot(own_root)
     window_start = time.perf_counter()
-    time.sleep(max(seconds, round_s))
+    time.sleep(max(seconds, min_rounds * round_s))
     window_end = time.perf_counter()
     cpu_end = cpu_snapshot(own_root)
     stop.set()

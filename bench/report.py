@@ -208,7 +208,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         (f"* Closed loop: N worker threads each send one request (one image) and wait for its answer. "
          f"Per point a warm-up of at least {cfg['warmup_s']} s and until every worker has had an answer "
-         f"(one round), then a window of {cfg['seconds']} s or one round if longer. Latency percentiles "
+         f"(one round), then a window of {cfg['seconds']} s or {cfg.get('min_rounds', 1)} round(s) if longer "
+         f"(a slow model answers in bursts of one batch). Latency percentiles "
          f"cover the requests started in the window, all awaited. Throughput (images/s) = N / mean "
          f"latency (Little's law): requests served side by side or in batches complete in bursts once "
          f"per round, which skews a count over a short window (the count is in results.json as "

@@ -87,6 +87,7 @@ class Context:
     batch_flags: list[str]  # what the batching-on encoder is started with ([] = the service's defaults)
     workdir: Path
     max_round_s: float = 0.0  # see bench.load.run_points; 0 measures every point
+    min_rounds: int = 1  # see bench.load.run_point
     request_timeout_s: float = 120.0
     server_start_timeout_s: float = 300.0
     tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, services.vision.preprocess
@@ -187,7 +188,7 @@ class System(abc.ABC):
         checked = self.check()
         points = run_points(self.make_request, concurrency, seconds, warmup_s,
                             max_round_s=self.ctx.max_round_s, on_point=lambda p: log_point(self.key, p),
-                            drain_timeout_s=self.ctx.request_timeout_s + 10)
+                            drain_timeout_s=self.ctx.request_timeout_s + 10, min_rounds=self.ctx.min_rounds)
         return checked, points
 
     def stop(self) -> None:  # a hook: systems without resources keep this default
@@ -397,8 +398,11 @@ class GatewayClassify(GrpcSystem):
                                         *self.ctx.batch_flags], vision_port)
         text = self.launch("text", [*self.encoder_args("text", text_port, bundle), *self.text_flags,
                                     *self.ctx.batch_flags], text_port)
+        # Callers here wait up to request_timeout_s; the gateway's default cap on an encoder call
+        # (--downstream-timeout-s 10) would fail requests queued longer at high concurrency.
         self.target = self.launch("gateway", [
             "services.gateway", "--host", HOST, "--port", str(gateway_port), "--no-metrics",
+            "--downstream-timeout-s", str(self.ctx.request_timeout_s),
             "--vision-target", vision, "--text-target", text], gateway_port)
         self.details.update({
             "vision_flags": ["--intra-op-threads", str(self.ctx.threads), *self.vision_flags, *self.ctx.batch_flags],

@@ -158,6 +158,7 @@ class TritonSystem(System):
                 *self.client_inputs(), "--concurrency", ",".join(str(c) for c in concurrency),
                 "--seconds", str(seconds), "--warmup-s", str(warmup_s),
                 "--timeout-s", str(self.ctx.request_timeout_s), "--max-round-s", str(self.ctx.max_round_s),
+                "--min-rounds", str(self.ctx.min_rounds),
                 "--out", str(out)]
         with open(client_log, "wb") as log_file:
             try:

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-s", type=float, required=True)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of one request")
     parser.add_argument("--max-round-s", type=float, default=0.0, help="see bench.load.run_points")
+    parser.add_argument("--min-rounds", type=int, default=1, help="see bench.load.run_point")
     parser.add_argument("--out", required=True, help="JSON file to write")
     return parser
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     # The harness that started this client also started the server: its tree is the benchmark's own CPU.
     points = run_points(make_request, [int(c) for c in args.concurrency.split(",")], args.seconds,
                         args.warmup_s, max_round_s=args.max_round_s, on_point=progress,
-                        own_root_pid=os.getppid(), drain_timeout_s=args.timeout_s + 10)
+                        own_root_pid=os.getppid(), drain_timeout_s=args.timeout_s + 10,
+                        min_rounds=args.min_rounds)
     result = {
         "server": {"name": metadata.name, "version": metadata.version},
         "tritonclient": importlib.metadata.version("tritonclient"),
