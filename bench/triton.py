@@ -111,9 +111,14 @@ class TritonSystem(System):
         def read() -> None:
             for raw in server.proc.stdout:
                 line = raw.decode(errors="replace").strip()
-                at = line.find('{"ready"')  # tritonserver's own output can run into the line without a newline
+                # tritonserver writes to the same stdout: its output can run into our line on either side
+                at = line.find('{"ready"')
                 if at >= 0:
-                    found.append(json.loads(line[at:]))
+                    try:
+                        found.append(json.JSONDecoder().raw_decode(line[at:])[0])
+                    except ValueError:
+                        other.append(line[:200])
+                        continue
                     return
                 if line:
                     other.append(line[:200])
@@ -125,7 +130,10 @@ class TritonSystem(System):
             said = f"; stdout: {' | '.join(other[-3:])}" if other else ""
             if reader.is_alive():
                 raise server.failure(f"was not ready after {START_TIMEOUT_S:.0f} s{said}")
-            status = server.proc.wait(timeout=60)
+            try:
+                status = server.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise server.failure(f"closed its output without saying it was ready{said}") from None
             raise server.failure(f"exited with status {status} before it was ready{said}")
         if not found[0].get("ready"):
             raise server.failure(f"reported {found[0]}")
