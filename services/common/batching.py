@@ -141,6 +141,7 @@ class Batcher:
                 self._queues[ticket.priority].append(_Item(ticket, index, now))
             self._queued += len(rows)
             metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+            self._cond.notify()
 
     async def result(self, ticket: Ticket) -> np.ndarray:
         """[len(rows), D] outputs of a queued request in row order; cancelling gives its slots back."""
