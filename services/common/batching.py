@@ -163,10 +163,16 @@ class Batcher:
         return await self.result(ticket)
 
     def abandon(self, ticket: Ticket) -> None:
-        """A caller gave up or failed: its queued items free their slots now and are never computed."""
+        """A caller gave up or failed: its queued items free their slots now and are never computed.
+
+        A caller whose deadline has passed is counted as deadline-dropped: gRPC cancels a call
+        when its deadline expires, so this is where most expired work is seen.
+        """
         with self._cond:
             self._unannounce(ticket)
             if not ticket.dead:
+                if ticket.deadline is not None and time.monotonic() >= ticket.deadline:
+                    metrics.EXPIRED.labels(self._name).inc()
                 ticket.dead = True
                 self._queued -= ticket.queued
                 ticket.queued = 0

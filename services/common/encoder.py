@@ -79,6 +79,7 @@ class EncoderApp:
 
     tower: str
     service_names: tuple[str, ...]
+    admission_limit = None  # the work pool bounds calls in flight (settings.max_inflight)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -129,6 +130,9 @@ class EncoderApp:
         """In a work-pool thread: decode/tokenize, queue, and run the batch here if the engine is idle."""
         self._batcher.enqueue(ticket, self._preparer.prepare(payload))
         self._batcher.run_if_idle(ticket)
+
+    async def watch(self, set_serving) -> None:
+        """An encoder depends on nothing that can go away: its health is its start-up's."""
 
     def model_info(self):
         loaded = self.loaded
