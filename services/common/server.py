@@ -22,6 +22,11 @@ log = structlog.get_logger("medvlm.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Liveness is its own health service name, apart from readiness ("" and the service names):
+# SERVING while the process can make progress, also while it warms up or drains; NOT_SERVING
+# only when the app reports itself stuck. An unresponsive event loop cannot answer at all.
+LIVENESS = "medvlm.liveness"
+LIVENESS_CHECK_S = 1.0
 
 
 class App(Protocol):
@@ -40,6 +45,9 @@ class App(Protocol):
     async def watch(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         """While serving: call set_serving(False) when the app can no longer serve (a
         dependency is down) and set_serving(True) when it can again. May return at once."""
+
+    def stalled(self) -> str | None:
+        """Why the app is stuck and needs a restart (e.g. an engine call that never ends), or None."""
 
     async def close(self) -> None:
         """Release what start() acquired."""
@@ -87,6 +95,7 @@ class Server:
         self.ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def _set_all(self, status: int) -> None:
@@ -96,11 +105,27 @@ class Server:
     async def start(self) -> None:
         """Listen at once (so health answers NOT_SERVING), then load the app in the background."""
         await self._set_all(NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
         await self.grpc.start()
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
         log.info("listening", port=self.port, metrics_port=self.metrics_port)
         self._start_task = asyncio.create_task(self._start_app())
+        self._liveness_task = asyncio.create_task(self._follow_liveness())
+
+    async def _follow_liveness(self) -> None:
+        """Ask the app every second whether it is stuck; liveness NOT_SERVING while it is."""
+        stuck: str | None = None
+        while True:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            reason = self.app.stalled()
+            if (reason is None) != (stuck is None):
+                if reason is None:
+                    log.info("live_again")
+                else:
+                    log.error("stalled", reason=reason)
+                await self.health.set(LIVENESS, SERVING if reason is None else NOT_SERVING)
+            stuck = reason
 
     async def _start_app(self) -> None:
         try:
@@ -122,13 +147,15 @@ class Server:
         """NOT_SERVING at once, drain, stop accepting, let in-flight calls finish, unload."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         self._stopping = True
-        await self.health.enter_graceful_shutdown()
+        await self._set_all(NOT_SERVING)  # readiness only: liveness holds while draining
         for task in (self._start_task, self._watch_task):
             if task is not None and not task.done():
                 task.cancel()
         if self.settings.drain_s > 0:
             await asyncio.sleep(self.settings.drain_s)
         await self.grpc.stop(grace)
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
         await self.app.close()
         log.info("stopped")
 

@@ -105,6 +105,10 @@ class GatewayApp:
                     if name == "vision":
                         await set_serving(now)
 
+    def stalled(self) -> str | None:
+        """The gateway runs no engine: it is live while its event loop answers."""
+        return None
+
     async def _serves_our_bundle(self, client) -> bool:
         """A recovered (or replaced) encoder is used again only if it serves the verified bundle."""
         try:
