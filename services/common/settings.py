@@ -172,6 +172,12 @@ class Settings:
         "Higher keeps the encoders busier, lower bounds memory per stream.",
         (GATEWAY,),
     )
+    fault_retain_requests: bool = _opt(
+        False,
+        "Test only: the gateway keeps every Classify request in memory, a deliberate leak that "
+        "the soak's leak detector must catch. Never enable it in service.",
+        (GATEWAY,),
+    )
     verify_retry_max_s: float = _opt(
         5.0,
         "Longest pause between checks of the encoders while the gateway is not yet serving "

@@ -61,6 +61,7 @@ class GatewayApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.admission_limit = settings.max_inflight
+        self.retained: list | None = [] if settings.fault_retain_requests else None
         self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
         self.text = TextClient(settings.text_target, settings.max_message_bytes)
         self._core: ZeroShot | None = None
@@ -175,6 +176,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _classify(self, request, timeout: float) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
+        if self.app.retained is not None:
+            self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
         if not request.HasField("image"):
             raise InvalidInput("no image in the request")
         images = self.app.check_images([request.image])
