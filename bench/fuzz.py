@@ -47,7 +47,8 @@ def _seeds(target: str) -> list[bytes]:
                                         template="an image of {}", top_k=2).SerializeToString()]
 
 
-def _image_target():
+def image_target():
+    """One fuzz input -> the vision encoder's preparation of it."""
     from engines.runtime.manifest import ImageSpec
     from services.common.errors import InvalidInput
     from services.vision.encoder import ImagePreparer
@@ -67,16 +68,16 @@ def _image_target():
     return one
 
 
-def _text_target():
+def text_target(bundle_dir: Path):
+    """One fuzz input (labels, then a template, one per line) -> the gateway's checks and the tokenizer."""
     from engines.runtime.bundle import load_bundle
     from engines.runtime.text import TextTokenizer
     from services.common.errors import InvalidInput
     from services.common.settings import Settings
     from services.common.texts import check_texts
     from services.gateway.zeroshot import apply_template, check_template
-    from services.launch import ensure_bundle
 
-    bundle = load_bundle(ensure_bundle(ROOT / "bundles", "demo"))
+    bundle = load_bundle(bundle_dir)
     tokenizer = TextTokenizer(bundle.path, bundle.manifest.text)
     settings = Settings()
 
@@ -94,7 +95,8 @@ def _text_target():
     return one
 
 
-def _request_target():
+def request_target():
+    """One fuzz input as ClassifyRequest bytes -> every check the gateway makes before the encoders."""
     from google.protobuf.message import DecodeError
 
     from medvlm.v1 import gateway_pb2
@@ -126,7 +128,12 @@ def run_target(target: str, seconds: float, runs: int, out: Path) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["services", "engines", "PIL", "pydicom"]):
-        one = {"image": _image_target, "text": _text_target, "request": _request_target}[target]()
+        if target == "text":
+            from services.launch import ensure_bundle
+
+            one = text_target(ensure_bundle(ROOT / "bundles", "demo"))
+        else:
+            one = {"image": image_target, "request": request_target}[target]()
     corpus = out / f"corpus-{target}"
     corpus.mkdir(parents=True, exist_ok=True)
     for i, seed in enumerate(_seeds(target)):
