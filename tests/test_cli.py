@@ -228,3 +228,15 @@ async def test_readme_command_line_examples_run(demo_stack, tmp_path):
     assert len(json.loads(outputs["embed"])["embeddings"]) == 2
     assert len(csv_rows(tmp_path / "results.csv")) == len(list(SAMPLES.iterdir()))
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "roc.png").exists()
+
+
+def test_label_sets_refused_before_anything_is_written(tmp_path, capsys):
+    from medvlm.v1 import gateway_pb2
+
+    if "label_set" in gateway_pb2.ClassifyRequest.DESCRIPTOR.fields_by_name:
+        pytest.skip("the contract has label sets now: the label set tests cover them")
+    out = tmp_path / "results.csv"
+    code = main(["batch", str(SAMPLES), "--out", str(out), "--label-set", "chest-findings@1",
+                 "--target", "127.0.0.1:1"])
+    assert code == 1 and not out.exists()
+    assert "NOT_SUPPORTED" in capsys.readouterr().err

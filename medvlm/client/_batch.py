@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from medvlm.client._convert import check_labels
 from medvlm.client._errors import MedvlmError
 from medvlm.client._sync import Client
 from medvlm.client._types import ItemResult, Priority
@@ -204,6 +205,7 @@ def run_batch(client: Client, root: Path, output: Path, labels: Sequence[str] | 
 
     `progress(total)` returns a callable advanced once per finished item (or None for no bar).
     """
+    check_labels(labels, label_set)
     results = ResultsFile(output)
     files = discover(root, exclude=[output])
     summary = Summary(found=len(files), output=str(output))

@@ -31,8 +31,11 @@ def classify_request(image: types_pb2.Image | None, labels: Sequence[str] | None
 
 
 def check_labels(labels: Sequence[str] | None, label_set: str | None) -> None:
+    """Exactly one of labels and label set, and a label set only if the contract has them."""
     if bool(labels) == bool(label_set):
         raise ValueError("give labels or a label set, one of them")
+    if label_set:
+        classify_request(None, None, label_set, "", 0, 0)
 
 
 def label_score(score: gateway_pb2.LabelScore) -> LabelScore:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlm.client._batch import discover
+from medvlm.client._convert import check_labels
 from medvlm.client._errors import MedvlmError, NotSupported
 from medvlm.client._sync import Client
 from medvlm.client._types import ItemError, ModelInfo, Priority
@@ -76,13 +77,14 @@ class Predictions:
 def classify_dataset(client: Client, data: Dataset, label_set: str | None, template: str,
                      priority: Priority, window: int, advance=None) -> Predictions:
     """Every image through one ClassifyStream; classes map to labels by name (or a set's codes)."""
+    labels = None if label_set else data.classes
+    check_labels(labels, label_set)
     count, num_classes = len(data.paths), len(data.classes)
     probabilities = np.full((count, num_classes), np.nan, dtype=np.float32)
     failures: dict[int, ItemError] = {}
     bundle_ids: set[str] = set()
     started = time.monotonic()
     items = ((str(i), path) for i, path in enumerate(data.paths))
-    labels = None if label_set else data.classes
     columns: np.ndarray | None = None
     try:
         for item in client.classify_worklist(items, labels, label_set=label_set, template=template,

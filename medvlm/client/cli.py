@@ -283,6 +283,7 @@ def cmd_evaluate(client: Client, args: argparse.Namespace) -> int:
     from medvlm.client import _evaluate as ev
 
     data = ev.load_dataset(args.source)
+    ev.check_labels(None if args.label_set else data.classes, args.label_set)
     info = client.model_info()
     start, stop = _progress(not args.no_progress and not args.json, "evaluate")
     try:
