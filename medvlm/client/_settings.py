@@ -49,7 +49,7 @@ class ConnectionSettings:
     token: str = _opt("", "Bearer token sent with every call (TLS only). Prefer --token-file: a "
                           "flag is visible to other users of the machine.")
     token_file: str = _opt("", "File holding the bearer token (read once at start; TLS only).")
-    max_message_mb: int = _opt(64, "Largest message sent or received, in MiB.")
+    max_message_mb: int = _opt(0, "Largest message sent or received, in MiB; 0: 64, the gateway's default.")
 
     @property
     def uses_tls(self) -> bool:
@@ -88,7 +88,7 @@ class ConnectionSettings:
         return config
 
     def channel_options(self) -> list[tuple[str, Any]]:
-        size = self.max_message_mb << 20
+        size = (self.max_message_mb or 64) << 20
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", json.dumps(self.service_config())),
             ("grpc.enable_retries", 1 if self.retry_attempts > 1 else 0),
