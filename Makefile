@@ -15,9 +15,9 @@ export HF_HUB_OFFLINE := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv: $(VENV)/.installed  ## create the virtual environment (pinned requirements)
+venv: $(VENV)/.installed $(VENV)/.medvlm-installed  ## create the virtual environment (pinned requirements) and the medvlm command
 
-$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
@@ -32,6 +32,12 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=gen.new $(PROTOS)
 	touch gen.new/.stamp
 	rm -rf gen && mv gen.new gen
+
+# The project itself, editable: the client (medvlm.client), the generated contracts (medvlm.v1,
+# mapped to gen/medvlm/v1, so it needs gen/ first) and the `medvlm` command in $(VENV)/bin.
+$(VENV)/.medvlm-installed: pyproject.toml gen/.stamp
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
 
 lint-protos: $(VENV)/.installed  ## buf lint the contracts
 	$(VENV)/bin/buf lint protos
