@@ -1,9 +1,12 @@
-"""Kubernetes manifests: every kustomization renders, is valid Kubernetes 1.32 and keeps our policies."""
+"""Kubernetes manifests: every kustomization renders, is valid Kubernetes 1.30-1.34 and keeps our
+policies, and docs/deploy.md names only what the renders hold, in an order that works."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,6 +20,9 @@ from services.common.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32"
+KUBERNETES_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34")
+# Custom resources kubernetes-validate has no schema for; the checks below look at them instead.
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl not installed: it renders the kustomizations"
@@ -33,15 +39,22 @@ RESTRICTED_VOLUMES = set(
 DEFAULTS = Settings()
 
 
-# What each kustomization is: GPU pods expected, and whether it deploys the services (the Jobs'
-# kustomizations are applied next to an overlay and hold no Services or policies of their own).
+# What each kustomization is: GPU pods expected, and whether it deploys the services (the others
+# are applied next to an overlay and hold no Services or policies of their own).
 KUSTOMIZATIONS = {
     "base": {"gpu": False, "serving": True},
     "overlays/cpu": {"gpu": False, "serving": True},
     "overlays/gpu": {"gpu": True, "serving": True},
     "overlays/gpu/plans": {"gpu": True, "serving": False},
+    "overlays/gpu/smoke": {"gpu": False, "serving": False},
+    "overlays/cpu/volume": {"gpu": False, "serving": False},
+    "volume": {"gpu": False, "serving": False},
+    "bundle-loader": {"gpu": False, "serving": False},
     "smoke": {"gpu": False, "serving": False},
+    "monitoring": {"gpu": False, "serving": False},
+    "examples/ingress-tls": {"gpu": False, "serving": False},
 }
+OVERLAYS = ("overlays/cpu", "overlays/gpu")
 
 
 @functools.cache
@@ -105,14 +118,26 @@ def _selects(selector: dict | None, labels: dict) -> bool:
 
 
 def _env(docs: list[dict], container: dict) -> dict[str, str]:
-    """The variables a container gets: its envFrom ConfigMaps, then its env."""
+    """The variables a container gets: its envFrom ConfigMaps, then its env (values and
+    ConfigMap keys; a key of a ConfigMap the render lacks is left out)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source.get("configMapRef", {}).get("name")
         for cm in _find(docs, "ConfigMap", ref):
             env.update(cm.get("data", {}))
-    env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        if ref is None:
+            env[e["name"]] = e.get("value", "")
+        for cm in _find(docs, "ConfigMap", ref["name"]) if ref else []:
+            if ref["key"] in cm.get("data", {}):
+                env[e["name"]] = cm["data"][ref["key"]]
     return env
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """$(VAR) in a command, expanded from the container's variables as the kubelet does."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
 
 
 def check_pod_security(docs: list[dict]) -> list[str]:
@@ -291,18 +316,54 @@ def _policy_allows(policy: dict, labels: dict) -> bool:
 MONITORING = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
+def _namespaces_named(selector: dict) -> list[str] | None:
+    """The namespaces a namespaceSelector names by kubernetes.io/metadata.name (None: it selects
+    by anything else, or everything)."""
+    key = "kubernetes.io/metadata.name"
+    exprs = selector.get("matchExpressions", [])
+    labels = selector.get("matchLabels", {})
+    if set(labels) - {key} or any(e["key"] != key or e["operator"] != "In" for e in exprs):
+        return None
+    named = [labels[key]] if key in labels else []
+    named += [v for e in exprs for v in e.get("values", [])]
+    return named or None
+
+
+def _is_dns_peer(peer: dict) -> bool:
+    return (_namespaces_named(peer.get("namespaceSelector", {})) == ["kube-system"]
+            and peer.get("podSelector", {}).get("matchLabels", {}).get("k8s-app") == "kube-dns")
+
+
 def check_network(docs: list[dict]) -> list[str]:
-    """Default-deny ingress; encoders reachable only from gateway pods on their gRPC port; the
-    gateway reachable on 50050."""
+    """Default-deny ingress and egress; DNS allowed; encoders reachable only from gateway pods on
+    their gRPC port; the gateway reachable on 50050 from named namespaces and our own pods only,
+    and able to reach both encoders; no egress rule open to everything."""
     problems = []
     policies = _find(docs, "NetworkPolicy")
     if not any(
         p["spec"]["podSelector"] == {}
-        and "Ingress" in p["spec"].get("policyTypes", [])
-        and not p["spec"].get("ingress")
+        and {"Ingress", "Egress"} <= set(p["spec"].get("policyTypes", []))
+        and not p["spec"].get("ingress") and not p["spec"].get("egress")
         for p in policies
     ):
-        problems.append("no default-deny ingress NetworkPolicy (podSelector {}, Ingress, no rules)")
+        problems.append("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
+    egress = [(p, r) for p in policies if "Egress" in p["spec"].get("policyTypes", []) for r in p["spec"].get("egress", [])]
+    if not any(
+        p["spec"]["podSelector"] == {} and any(map(_is_dns_peer, r.get("to", [])))
+        and {(q.get("protocol", "TCP"), q.get("port")) for q in r.get("ports", [])} >= {("UDP", 53), ("TCP", 53)}
+        for p, r in egress
+    ):
+        problems.append("no DNS egress for every pod (kube-dns in kube-system, UDP and TCP 53)")
+    for policy, rule in egress:
+        at = f"NetworkPolicy/{policy['metadata']['name']}"
+        if not rule.get("to"):
+            problems.append(f"{at}: an egress rule admits every destination")
+            continue
+        if not rule.get("ports"):
+            problems.append(f"{at}: an egress rule admits every port")
+        for peer in rule["to"]:
+            if not (_is_dns_peer(peer) or set(peer) == {"podSelector"}):
+                problems.append(f"{at}: egress to {peer}, neither the cluster DNS nor a pod of the namespace")
     pods = list(_pods(docs))
     for where, pod in _encoder_pods(docs):
         labels = pod["metadata"]["labels"]
@@ -341,14 +402,112 @@ def check_network(docs: list[dict]) -> list[str]:
                     reachable |= GATEWAY in selected
         if not reachable:
             problems.append(f"{where}: no NetworkPolicy admits the gateway")
-    for where, pod in _pods(_find(docs, "Deployment")):
-        if _component(pod) == GATEWAY and not any(
-            any(p.get("port") in (50050, "grpc") for p in rule.get("ports", []))
-            for policy in policies
-            if _policy_allows(policy, pod["metadata"]["labels"])
-            for rule in policy["spec"].get("ingress", [])
+        # ...and the gateway's egress must let it out towards this encoder's gRPC port.
+        grpc_port = port_names.get("grpc")
+        if not any(
+            _selects(p["spec"]["podSelector"], {"app.kubernetes.io/name": "medvlm", COMPONENT: GATEWAY})
+            and any(set(peer) == {"podSelector"} and _selects(peer["podSelector"], labels) for peer in r["to"])
+            and any(q.get("port") == grpc_port for q in r.get("ports", []))
+            for p, r in egress if r.get("to")
         ):
+            problems.append(f"{where}: no egress rule lets the gateway reach it on {grpc_port}")
+    for where, pod in _pods(_find(docs, "Deployment")):
+        if _component(pod) != GATEWAY:
+            continue
+        rules = [
+            (policy, rule) for policy in policies if _policy_allows(policy, pod["metadata"]["labels"])
+            for rule in policy["spec"].get("ingress", [])
+        ]
+        if not any(any(p.get("port") in (50050, "grpc") for p in rule.get("ports", [])) for _, rule in rules):
             problems.append(f"{where}: no NetworkPolicy admits clients on 50050")
+        for policy, rule in rules:
+            at = f"{where} via NetworkPolicy/{policy['metadata']['name']}"
+            for peer in rule.get("from") or [{}]:
+                if peer == {"namespaceSelector": MONITORING}:
+                    continue
+                if "namespaceSelector" in peer:
+                    if set(peer) != {"namespaceSelector"} or _namespaces_named(peer["namespaceSelector"]) is None:
+                        problems.append(f"{at}: the gateway admits namespaces not named one by one: {peer}")
+                elif set(peer) != {"podSelector"}:
+                    problems.append(f"{at}: the gateway admits a source that is no named namespace or pod: {peer}")
+    return problems
+
+
+@functools.cache
+def exposed_metrics() -> frozenset[str]:
+    """Every series name the services expose (services/common/metrics.py): counters with _total,
+    histograms with _bucket, _sum and _count."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from services.common import metrics
+
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            (family,) = value.describe()
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            names |= {family.name + suffix for suffix in suffixes}
+    return frozenset(names)
+
+
+def unknown_metrics(promql: str) -> list[str]:
+    """medvlm_* series a PromQL expression names that no service exposes."""
+    return sorted(set(re.findall(r"\bmedvlm_[a-z_]+", promql)) - exposed_metrics())
+
+
+def _behavior(autoscaler: dict) -> dict:
+    if autoscaler["kind"] == "ScaledObject":
+        return autoscaler["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {})
+    return autoscaler["spec"].get("behavior", {})
+
+
+def check_autoscaling(docs: list[dict], queue: bool) -> list[str]:
+    """Every serving Deployment has exactly one autoscaler, with a scale-down stabilisation window
+    (engines load slowly). With queue (GPU encoders, whose CPU says little), each encoder is scaled
+    by a KEDA ScaledObject on its own tower's queue depth and queue wait, from metrics the
+    services expose, and waits before scaling up on a burst."""
+    problems = []
+    scalers = _find(docs, "HorizontalPodAutoscaler") + _find(docs, "ScaledObject")
+    for doc in _find(docs, "Deployment"):
+        name, component = doc["metadata"]["name"], _component(doc["spec"]["template"])
+        mine = [a for a in scalers if a["spec"]["scaleTargetRef"].get("name") == name
+                and a["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"]
+        if len(mine) != 1:
+            problems.append(f"Deployment/{name}: scaled by {len(mine)} autoscalers, not 1")
+            continue
+        (scaler,) = mine
+        at = f"{scaler['kind']}/{scaler['metadata']['name']}"
+        behavior = _behavior(scaler)
+        if behavior.get("scaleDown", {}).get("stabilizationWindowSeconds", 0) < 300:
+            problems.append(f"{at}: scale-down stabilizationWindowSeconds under 300 s")
+        if not queue or component not in ENCODERS:
+            continue
+        if scaler["kind"] != "ScaledObject":
+            problems.append(f"{at}: a GPU encoder is not scaled on its queue (a ScaledObject)")
+            continue
+        spec = scaler["spec"]
+        if not 1 <= spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 0):
+            problems.append(f"{at}: replica bounds {spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')}")
+        if behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0) <= 0:
+            problems.append(f"{at}: no scale-up stabilizationWindowSeconds: one burst adds GPUs")
+        signals = set()
+        for trigger in spec.get("triggers", []):
+            query = trigger.get("metadata", {}).get("query", "")
+            if trigger.get("type") != "prometheus" or not query:
+                problems.append(f"{at}: trigger {trigger.get('name')} is not a Prometheus query")
+                continue
+            for metric in unknown_metrics(query):
+                problems.append(f"{at}: trigger {trigger.get('name')} queries an unknown metric {metric}")
+            towers = set(re.findall(r'tower="(\w+)"', query))
+            if towers != {component}:
+                problems.append(f"{at}: trigger {trigger.get('name')} reads tower {sorted(towers)}, not {component}")
+            try:
+                float(trigger["metadata"].get("threshold", ""))
+            except ValueError:
+                problems.append(f"{at}: trigger {trigger.get('name')} has no numeric threshold")
+            signals |= {m for m in ("medvlm_queue_depth", "medvlm_queue_wait_seconds") if m in query}
+        if "medvlm_queue_depth" not in signals:
+            problems.append(f"{at}: not scaled on medvlm_queue_depth")
     return problems
 
 
@@ -358,6 +517,108 @@ def policy_problems(docs: list[dict], gpu: bool, serving: bool = True, deployabl
         problems += check_images(docs)
     if serving:
         problems += check_probes_and_shutdown(docs) + check_services(docs) + check_network(docs)
+        problems += check_autoscaling(docs, queue=gpu)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across kustomizations: what one applies must fit what another made.
+
+
+def _claims(docs: list[dict]) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for _, pod in _pods(docs)
+            for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+
+
+def _affinity_pools(pod: dict) -> set[str] | None:
+    terms = (pod["spec"].get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+    pools = [set(e.get("values", [])) for t in terms for e in t.get("matchExpressions", [])
+             if e["key"] == "medvlm.io/gpu" and e["operator"] == "In"]
+    return set().union(*pools) if pools and len(pools) == len(terms) else None
+
+
+def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
+    """The overlays keep out of `delete -k` what must survive it (namespace, bundle volume) and
+    claim only volumes k8s/volume makes; the encoders and the plans Jobs read one bundle setting;
+    GPU encoders fail closed and go only to pools that have a plans Job; plans have scratch room."""
+    problems = []
+    volume = renders["volume"]
+    namespaces = _find(volume, "Namespace")
+    if [n["metadata"]["name"] for n in namespaces] != ["medvlm"] or (
+            namespaces[0]["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce") != "restricted"):
+        problems.append("k8s/volume: not one Namespace medvlm enforcing Pod Security restricted")
+    made = {d["metadata"]["name"] for d in _find(volume, "PersistentVolumeClaim")}
+    for path, docs in renders.items():
+        if path in ("volume", "overlays/cpu/volume"):
+            continue
+        for doc in docs:
+            if doc["kind"] in ("Namespace", "PersistentVolumeClaim"):
+                problems.append(f"{path}: holds {doc['kind']}/{doc['metadata']['name']}, which `delete -k` would delete")
+        for claim in sorted(_claims(docs) - made):
+            problems.append(f"{path}: claims volume {claim}, which k8s/volume does not make")
+    served = set()
+    gpu = renders["overlays/gpu"]
+    for path in OVERLAYS:
+        for where, pod in _encoder_pods(renders[path]):
+            env = _env(renders[path], pod["spec"]["containers"][0])
+            served.add(env.get("MEDVLM_BUNDLE"))
+            if path == "overlays/gpu" and env.get("MEDVLM_ENGINE") != "tensorrt":
+                problems.append(f"{path} {where}: MEDVLM_ENGINE={env.get('MEDVLM_ENGINE')!r}: a GPU encoder "
+                                "must fail closed (tensorrt) instead of computing without its plan")
+    jobs = _find(renders["overlays/gpu/plans"], "Job")
+    job_pools = {j["spec"]["template"]["spec"].get("nodeSelector", {}).get("medvlm.io/gpu") for j in jobs}
+    if not jobs or None in job_pools or len(job_pools) != len(jobs):
+        problems.append(f"overlays/gpu/plans: not one Job per GPU pool: {sorted(map(str, job_pools))}")
+    for job in jobs:
+        at = f"overlays/gpu/plans Job/{job['metadata']['name']}"
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = _env(renders["overlays/gpu/plans"], container)
+        command = _expand(container.get("command", []), env)
+        bundle = command[command.index("--bundle") + 1] if "--bundle" in command else None
+        if command[:4] != ["python", "-m", "engines.build", "plans"] or {bundle} != served:
+            problems.append(f"{at}: builds {command}, not plans of the bundle the encoders serve {sorted(map(str, served))}")
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        if "/bundles" not in mounts or mounts["/bundles"].get("readOnly"):
+            problems.append(f"{at}: the bundle volume is not mounted writable on /bundles")
+        scratch = mounts.get(env.get("TMPDIR", "/tmp"))
+        size = volumes.get(scratch["name"], {}).get("emptyDir", {}).get("sizeLimit", "0") if scratch else "0"
+        if not size.endswith("Gi") or int(size[:-2]) < 8:
+            problems.append(f"{at}: TMPDIR {env.get('TMPDIR', '/tmp')} has {size}, under the 8Gi a BiomedCLIP build needs")
+    for where, pod in _encoder_pods(gpu):
+        pools = _affinity_pools(pod)
+        if pools != job_pools:
+            problems.append(f"overlays/gpu {where}: may run on pools {sorted(pools or ['any'])}, but plans Jobs "
+                            f"build for {sorted(map(str, job_pools))}")
+    for path in OVERLAYS:
+        for _, pod in _encoder_pods(renders[path]):
+            mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+            if mounts.get("/bundles", {}).get("readOnly") is not True:
+                problems.append(f"{path}: an encoder mounts the bundles writable")
+    return problems
+
+
+def monitoring_problems(monitoring: list[dict], serving: list[dict]) -> list[str]:
+    """The PodMonitor scrapes every serving pod on a port it has; every alert reads metrics the
+    services expose."""
+    problems = []
+    monitors = _find(monitoring, "PodMonitor")
+    for where, pod in _pods(_find(serving, "Deployment")):
+        ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        scraped = [m for m in monitors if _selects(m["spec"]["selector"], pod["metadata"]["labels"])
+                   and any(e.get("port") in ports for e in m["spec"].get("podMetricsEndpoints", []))]
+        if not scraped:
+            problems.append(f"{where}: no PodMonitor scrapes a port it has")
+    rules = [r for doc in _find(monitoring, "PrometheusRule") for g in doc["spec"]["groups"] for r in g["rules"]]
+    if not rules:
+        problems.append("no alert rules")
+    for rule in rules:
+        for metric in unknown_metrics(rule["expr"]):
+            problems.append(f"alert {rule.get('alert')}: unknown metric {metric}")
+        if not rule.get("for") or "severity" not in rule.get("labels", {}):
+            problems.append(f"alert {rule.get('alert')}: no `for` or no severity")
     return problems
 
 
@@ -376,18 +637,24 @@ def _kubernetes_validate():
 
 
 @needs_kubectl
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
-def test_valid_kubernetes_objects(path):
+def test_valid_kubernetes_objects(path, version):
     kv = _kubernetes_validate()
     errors = []
-    for doc in rendered(path):
+    docs = rendered(path)
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue  # no schema offline: check_autoscaling and check_monitoring read them
         try:
-            kv.validate(doc, KUBERNETES_VERSION, strict=True)  # strict: unknown fields are errors
+            kv.validate(doc, version, strict=True)  # strict: unknown fields are errors
         except kv.ValidationError as exc:
             errors.append(
                 f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}"
             )
     assert errors == []
+    assert all(doc["apiVersion"].startswith(CRD_GROUPS) or doc["metadata"].get("namespace", "medvlm") == "medvlm"
+               for doc in docs)
 
 
 @needs_kubectl
@@ -419,6 +686,10 @@ def _pod_spec(docs: list[dict], name: str) -> dict:
 def _set_env(docs: list[dict], key: str, value: str) -> None:
     for cm in _find(docs, "ConfigMap"):
         cm["data"][key] = value
+
+
+def _triggers(docs: list[dict], name: str) -> list[dict]:
+    return _find(docs, "ScaledObject", name)[0]["spec"]["triggers"]
 
 
 def _gateway_rule(docs: list[dict]) -> dict:
@@ -538,8 +809,82 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
         "not a headless encoder Service and port",
     ),
     "no default deny": (
-        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny-ingress")[0]),
+        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny")[0]),
         "no default-deny",
+    ),
+    "egress not denied": (
+        lambda d: _find(d, "NetworkPolicy", "default-deny")[0]["spec"].update(policyTypes=["Ingress"]),
+        "no default-deny",
+    ),
+    "no DNS": (lambda d: d.remove(_find(d, "NetworkPolicy", "allow-dns")[0]), "no DNS egress"),
+    "DNS anywhere": (
+        lambda d: _find(d, "NetworkPolicy", "allow-dns")[0]["spec"]["egress"][0]["to"].append(
+            {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        "neither the cluster DNS nor a pod",
+    ),
+    "gateway egress anywhere": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway-egress")[0]["spec"]["egress"][0].pop("to"),
+        "admits every destination",
+    ),
+    "gateway egress misses the text port": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway-egress")[0]["spec"]["egress"][0]["ports"].pop(),
+        "no egress rule lets the gateway reach it on 50052",
+    ),
+    "gateway open to every namespace": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0]["from"].append(
+            {"namespaceSelector": {}}),
+        "admits namespaces not named one by one",
+    ),
+    "gateway open to every source": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0].pop("from"),
+        "no named namespace or pod",
+    ),
+    "gateway open to an address block": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0]["from"].append(
+            {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        "no named namespace or pod",
+    ),
+    "GPU encoder scaled on CPU": (
+        lambda d: d.remove(_find(d, "ScaledObject", "medvlm-text")[0]) or d.append({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "medvlm-text"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medvlm-text"},
+                     "minReplicas": 2, "maxReplicas": 4, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+                     "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                         "type": "Utilization", "averageUtilization": 70}}}]}}),
+        "not scaled on its queue",
+    ),
+    "two autoscalers on one encoder": (
+        lambda d: d.append(copy.deepcopy(_find(d, "ScaledObject", "medvlm-vision")[0])),
+        "scaled by 2 autoscalers",
+    ),
+    "queue metric misspelt": (
+        lambda d: _triggers(d, "medvlm-vision")[0]["metadata"].update(
+            query='sum(medvlm_queue_length{namespace="medvlm", tower="vision"})'),
+        "unknown metric medvlm_queue_length",
+    ),
+    "scaling on the other tower's queue": (
+        lambda d: _triggers(d, "medvlm-text")[0]["metadata"].update(
+            query='sum(medvlm_queue_depth{namespace="medvlm", tower="vision"})'),
+        "reads tower ['vision'], not text",
+    ),
+    "queue wait only": (
+        lambda d: _find(d, "ScaledObject", "medvlm-vision")[0]["spec"].update(
+            triggers=_triggers(d, "medvlm-vision")[1:]),
+        "not scaled on medvlm_queue_depth",
+    ),
+    "scale-down without a window": (
+        lambda d: _behavior(_find(d, "ScaledObject", "medvlm-vision")[0])["scaleDown"].pop(
+            "stabilizationWindowSeconds"),
+        "scale-down stabilizationWindowSeconds",
+    ),
+    "scale-up on one burst": (
+        lambda d: _behavior(_find(d, "ScaledObject", "medvlm-text")[0])["scaleUp"].update(
+            stabilizationWindowSeconds=0),
+        "no scale-up stabilizationWindowSeconds",
+    ),
+    "gateway without autoscaler": (
+        lambda d: d.remove(_find(d, "HorizontalPodAutoscaler", "medvlm-gateway")[0]),
+        "Deployment/medvlm-gateway: scaled by 0",
     ),
     "metrics open to every namespace": (
         lambda d: _find(d, "NetworkPolicy", "medvlm-metrics")[0]["spec"]["ingress"][0].update(
@@ -607,24 +952,6 @@ def test_gateway_never_on_a_gpu_node():
                 spec = pod["spec"]
                 assert GPU not in str(spec.get("tolerations", [])) + str(spec.get("nodeSelector", {})), where
                 assert all(GPU not in str(c.get("resources", {})) for c in spec["containers"]), where
-
-
-@needs_kubectl
-def test_one_plans_job_per_gpu_pool_on_the_served_bundle():
-    jobs = _find(rendered("overlays/gpu/plans"), "Job")
-    bundle = next(cm["data"]["MEDVLM_BUNDLE"] for cm in _find(rendered("overlays/gpu"), "ConfigMap"))
-    pools = [j["spec"]["template"]["spec"]["nodeSelector"].get("medvlm.io/gpu") for j in jobs]
-    assert jobs and None not in pools and len(set(pools)) == len(pools)
-    for job in jobs:
-        (container,) = job["spec"]["template"]["spec"]["containers"]
-        assert container["command"] == ["python", "-m", "engines.build", "plans", "--bundle", bundle]
-        assert container["image"].split(":")[0].endswith("medvlm-engines")
-        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-        assert not mounts["/bundles"].get("readOnly")
-    for path in ("overlays/cpu", "overlays/gpu"):
-        for _, pod in _encoder_pods(rendered(path)):
-            mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
-            assert mounts["/bundles"]["readOnly"] is True
 
 
 @needs_kubectl
