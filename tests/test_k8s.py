@@ -944,6 +944,141 @@ def test_checker_catches_a_gpu_on_the_cpu_overlay():
     assert any("unexpected GPU limit" in p for p in policy_problems(docs, gpu=False))
 
 
+def _renders() -> dict[str, list[dict]]:
+    return {path: rendered(path) for path in KUSTOMIZATIONS}
+
+
+def _volume(pod: dict, name: str) -> dict:
+    return next(v for v in pod["spec"]["volumes"] if v["name"] == name)
+
+
+def _mount(container: dict, path: str) -> dict:
+    return next(m for m in container["volumeMounts"] if m["mountPath"] == path)
+
+
+def _plans_job(renders: dict[str, list[dict]]) -> dict:
+    return _find(renders["overlays/gpu/plans"], "Job")[0]
+
+
+# Each entry breaks one rule that spans kustomizations; deployment_problems must name it.
+DEPLOYMENT_BREAKAGES: dict[str, tuple[Callable[[dict[str, list[dict]]], object], str]] = {
+    "namespace back in the overlay": (
+        lambda r: r["overlays/gpu"].extend(_find(r["volume"], "Namespace")),
+        "overlays/gpu: holds Namespace/medvlm",
+    ),
+    "bundle volume in the overlay": (
+        lambda r: r["overlays/cpu"].extend(_find(r["overlays/cpu/volume"], "PersistentVolumeClaim")),
+        "holds PersistentVolumeClaim/medvlm-bundles",
+    ),
+    "a claim nobody makes": (
+        lambda r: _volume(_plans_job(r)["spec"]["template"], "bundles")["persistentVolumeClaim"].update(
+            claimName="bundles"),
+        "claims volume bundles",
+    ),
+    "namespace not restricted": (
+        lambda r: _find(r["volume"], "Namespace")[0]["metadata"]["labels"].pop(
+            "pod-security.kubernetes.io/enforce"),
+        "enforcing Pod Security restricted",
+    ),
+    "plans of a hard-coded bundle": (
+        lambda r: _plans_job(r)["spec"]["template"]["spec"]["containers"][0].update(
+            command=["python", "-m", "engines.build", "plans", "--bundle", "/bundles/biomedclip"]),
+        "not plans of the bundle the encoders serve",
+    ),
+    "plans in a small /tmp": (
+        lambda r: [e for e in _plans_job(r)["spec"]["template"]["spec"]["containers"][0]["env"]
+                   if e["name"] == "TMPDIR"][0].update(value="/tmp"),
+        "under the 8Gi",
+    ),
+    "plans volume read-only": (
+        lambda r: _mount(_plans_job(r)["spec"]["template"]["spec"]["containers"][0], "/bundles").update(
+            readOnly=True),
+        "not mounted writable",
+    ),
+    "GPU encoders fall back": (
+        lambda r: _set_env(r["overlays/gpu"], "MEDVLM_ENGINE", "auto"),
+        "must fail closed",
+    ),
+    "encoders on a pool without plans": (
+        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-vision")["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0][
+            "values"].append("nvidia-a100"),
+        "may run on pools ['nvidia-a100', 'nvidia-h100', 'nvidia-l4']",
+    ),
+    "encoders on any pool": (
+        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-text").pop("affinity"),
+        "may run on pools ['any']",
+    ),
+    "a pool without its plans Job": (
+        lambda r: r["overlays/gpu/plans"].remove(_plans_job(r)),
+        "but plans Jobs build for",
+    ),
+    "encoder writes the bundles": (
+        lambda r: _mount(_container(r["overlays/cpu"], "medvlm-text"), "/bundles").pop("readOnly"),
+        "mounts the bundles writable",
+    ),
+}
+
+
+@needs_kubectl
+def test_kustomizations_fit_together():
+    assert deployment_problems(_renders()) == []
+
+
+@needs_kubectl
+@pytest.mark.parametrize("breakage", DEPLOYMENT_BREAKAGES)
+def test_deployment_checker_catches(breakage):
+    renders = _renders()
+    mutate, expected = DEPLOYMENT_BREAKAGES[breakage]
+    mutate(renders)
+    problems = deployment_problems(renders)
+    assert any(expected in p for p in problems), problems
+
+
+MONITORING_BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
+    "scrapes a port the pods lack": (
+        lambda m: _find(m, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0].update(port="prometheus"),
+        "no PodMonitor scrapes",
+    ),
+    "misses the gateway": (
+        lambda m: _find(m, "PodMonitor")[0]["spec"]["selector"]["matchExpressions"][1].update(
+            values=["vision", "text"]),
+        "Deployment/medvlm-gateway: no PodMonitor",
+    ),
+    "alert on a metric nobody exposes": (
+        lambda m: _find(m, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update(
+            expr="rate(medvlm_queue_rejects_total[5m]) > 0"),
+        "unknown metric medvlm_queue_rejects_total",
+    ),
+    "alert that fires on one scrape": (
+        lambda m: _find(m, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][1].pop("for"),
+        "no `for`",
+    ),
+}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_monitoring_covers_every_serving_pod(overlay):
+    assert monitoring_problems(rendered("monitoring"), rendered(overlay)) == []
+
+
+@needs_kubectl
+@pytest.mark.parametrize("breakage", MONITORING_BREAKAGES)
+def test_monitoring_checker_catches(breakage):
+    monitoring = rendered("monitoring")
+    mutate, expected = MONITORING_BREAKAGES[breakage]
+    mutate(monitoring)
+    problems = monitoring_problems(monitoring, rendered("overlays/gpu"))
+    assert any(expected in p for p in problems), problems
+
+
+def test_metric_names_come_from_the_services():
+    assert {"medvlm_queue_depth", "medvlm_queue_wait_seconds_bucket", "medvlm_requests_total",
+            "medvlm_engine_info"} <= exposed_metrics()
+    assert unknown_metrics('sum(rate(medvlm_requests_total[1m])) / medvlm_queue_depthx') == ["medvlm_queue_depthx"]
+
+
 @needs_kubectl
 def test_gateway_never_on_a_gpu_node():
     for path in KUSTOMIZATIONS:
