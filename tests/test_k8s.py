@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -653,8 +654,9 @@ def test_valid_kubernetes_objects(path, version):
                 f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}"
             )
     assert errors == []
-    assert all(doc["apiVersion"].startswith(CRD_GROUPS) or doc["metadata"].get("namespace", "medvlm") == "medvlm"
-               for doc in docs)
+    outside = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+               if d["kind"] != "Namespace" and d["metadata"].get("namespace") != "medvlm"]
+    assert outside == []  # every object in the namespace, none left to kubectl's current one
 
 
 @needs_kubectl
@@ -1110,3 +1112,323 @@ def test_yaml_lint():
         for p in yamllint.run(path.read_text(), config, str(path))
     ]
     assert problems == []
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/deploy.md, walked: every command names what exists, in an order in which it works.
+
+DOCS = ROOT / "docs" / "deploy.md"
+
+
+def _doc_commands() -> list[list[str]]:
+    """The shell commands of the guide's ```sh blocks, in order: pipelines and `;` lists split
+    into single commands (a `|` is kept as a command of its own), loops unrolled, comments gone."""
+    commands: list[list[str]] = []
+    for block in re.findall(r"^[ \t]*```sh\n(.*?)^[ \t]*```", DOCS.read_text(), re.S | re.M):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            lexer = shlex.shlex(line.strip(), posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            current: list[str] = []
+            line_commands = []
+            for token in [*lexer, ";"]:
+                if token in (";", "&", "&&", "|"):
+                    if current:
+                        line_commands.append(current)
+                    if token == "|":
+                        line_commands.append(["|"])
+                    current = []
+                else:
+                    current.append(token)
+            loop: tuple[str, list[str]] | None = None
+            for command in line_commands:
+                if command[0] == "for":
+                    loop = (command[1], command[3:])
+                elif command[0] == "do" and loop:
+                    name, values = loop
+                    commands += [[t.replace(f"${name}", v) for t in command[1:]] for v in values]
+                elif command != ["done"]:
+                    commands.append(command)
+    return commands
+
+
+def _option(args: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+class GuideWalk:
+    """A cluster and a workstation as the guide's commands leave them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict] = {}  # (kind, name) in the namespace medvlm
+        self.namespaces: set[str] = set()
+        self.variables: dict[str, str] = {}
+        self.built_images: set[str] = set()
+        self.loaded_images: set[str] = set()
+        self.local_bundles: set[str] = set()
+        self.problems: list[str] = []
+        self.piped_from: list[str] | None = None
+        self.last: list[str] = []
+
+    def need(self, ok: bool, command: list[str], what: str) -> None:
+        if not ok:
+            self.problems.append(f"`{shlex.join(command)}`: {what}")
+
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self.objects
+
+    def labelled(self, kind: str, selector: str) -> list[str]:
+        key, _, value = selector.partition("=")
+        return [n for (k, n), d in self.objects.items()
+                if k == kind and d["metadata"].get("labels", {}).get(key) == value]
+
+    def run(self, command: list[str]) -> None:
+        command = [re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1), m.group(0)), t) for t in command]
+        assignments = {}
+        while command and re.fullmatch(r"[A-Z_]+=\S*", command[0]):
+            name, _, value = command.pop(0).partition("=")
+            assignments[name] = value
+        if not command:  # assignments on their own set shell variables
+            self.variables.update(assignments)
+            return
+        if command == ["|"]:
+            self.piped_from = self.last
+            return
+        tool = command[0]
+        handler = getattr(self, f"_{tool.replace('-', '_').replace('/', '_').replace('.', '_')}", None)
+        self.need(handler is not None, command, "a command this walk does not know: teach it")
+        if handler is not None:
+            handler(command)
+        self.last, self.piped_from = command, None
+
+    # -- the workstation -----------------------------------------------------------------------
+
+    def _make(self, command: list[str]) -> None:
+        target = command[1]
+        makefile = (ROOT / "Makefile").read_text()
+        self.need(re.search(rf"^{re.escape(target)}:", makefile, re.M) is not None, command, "no such make target")
+        if target == "bundle":
+            from engines.build import registry
+
+            model = _option(command, "MODEL") or re.search(r"^MODEL \?= (\S+)", makefile, re.M).group(1)
+            self.local_bundles.add(registry.get_source(model).bundle_name)
+
+    def _scripts_smoke_sh(self, command: list[str]) -> None:
+        self.need((ROOT / "scripts" / "smoke.sh").stat().st_mode & 0o111 != 0, command, "not executable")
+
+    def _docker(self, command: list[str]) -> None:
+        if command[1] == "push":
+            self.need(command[2] in self.built_images, command, "pushes an image no command built")
+            return
+        self.need(command[1] == "build" and command[-1] == ".", command, "not a build from the repository root")
+        dockerfile = ROOT / (_option(command, "-f") or "Dockerfile")
+        self.need(dockerfile.is_file(), command, f"no {dockerfile.relative_to(ROOT)}")
+        text = dockerfile.read_text() if dockerfile.is_file() else ""
+        target = _option(command, "--target")
+        if target:
+            self.need(re.search(rf"^FROM .* AS {re.escape(target)}$", text, re.M | re.I) is not None, command,
+                      f"no stage {target}")
+        for arg in [a for i, a in enumerate(command) if command[i - 1] == "--build-arg"]:
+            self.need(re.search(rf"^ARG {re.escape(arg.split('=')[0])}\b", text, re.M) is not None, command,
+                      f"the Dockerfile has no ARG for {arg}")
+        self.built_images.add(_option(command, "-t"))
+
+    def _kind(self, command: list[str]) -> None:
+        for image in command[3:]:
+            self.need(image in self.built_images, command, f"loads {image}, which no command built")
+            self.loaded_images.add(image)
+
+    def _tar(self, command: list[str]) -> None:
+        if "-c" in command:
+            folder = command[command.index("-c") + 1]
+            self.need(_option(command, "-C") == "bundles" and folder in self.local_bundles, command,
+                      f"bundles/{folder} is not what the `make bundle` above writes ({sorted(self.local_bundles)})")
+
+    # -- the cluster ---------------------------------------------------------------------------
+
+    def _kubectl(self, command: list[str]) -> None:
+        args = [a for a in command[1:]]
+        namespace = _option(args, "-n")
+        if namespace:
+            i = args.index("-n")
+            del args[i:i + 2]
+            self.need(namespace in self.namespaces, command, f"namespace {namespace} does not exist yet")
+        verb = args[0]
+        if verb in ("apply", "delete", "diff") and "-k" in args or verb == "kustomize":
+            path = (_option(args, "-k") or args[1]).removeprefix("k8s/")
+            self.need(path in KUSTOMIZATIONS, command, f"k8s/{path} is not a kustomization the tests render")
+            if path not in KUSTOMIZATIONS:
+                return
+            docs = rendered(path)
+            if verb == "apply":
+                self._apply(command, docs)
+            elif verb == "delete":
+                for doc in docs:
+                    self.objects.pop((doc["kind"], doc["metadata"]["name"]), None)
+                    if doc["kind"] == "Namespace":
+                        self.namespaces.discard(doc["metadata"]["name"])
+            return
+        getattr(self, f"_kubectl_{verb.replace('-', '_')}", lambda c, a: self.need(False, c, "unknown verb"))(
+            command, args)
+
+    def _apply(self, command: list[str], docs: list[dict]) -> None:
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        # kustomize puts Namespaces first, and kubectl applies in that order.
+        namespaces = self.namespaces | {n for k, n in names if k == "Namespace"}
+        for doc in docs:
+            kind, name = doc["kind"], doc["metadata"]["name"]
+            if kind != "Namespace":
+                self.need(doc["metadata"].get("namespace") in namespaces, command,
+                          f"{kind}/{name} goes into namespace {doc['metadata'].get('namespace')}, not made yet")
+            for claim in _claims([doc]):
+                self.need(self.has("PersistentVolumeClaim", claim), command,
+                          f"{kind}/{name} mounts volume {claim}, not made yet")
+            if kind == "ScaledObject" or kind == "HorizontalPodAutoscaler":
+                target = doc["spec"]["scaleTargetRef"]["name"]
+                self.need(("Deployment", target) in names or self.has("Deployment", target), command,
+                          f"{kind}/{name} scales Deployment/{target}, which does not exist")
+            if kind == "Job":
+                self.need(not self.has("Job", name), command,
+                          f"Job/{name} exists already and cannot be changed: delete it first")
+        for doc in docs:
+            self.objects[(doc["kind"], doc["metadata"]["name"])] = doc
+            if doc["kind"] == "Namespace":
+                self.namespaces.add(doc["metadata"]["name"])
+
+    def _resource(self, command: list[str], ref: str) -> None:
+        kind = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod"}.get(ref.split("/")[0])
+        self.need(kind is not None and self.has(kind, ref.split("/", 1)[1]), command, f"{ref} does not exist")
+
+    def _kubectl_wait(self, command: list[str], args: list[str]) -> None:
+        selector = _option(args, "-l")
+        if selector:
+            kind = args[2] if args[1].startswith("--for") else args[1]
+            if kind == "pod" and selector.startswith("job-name="):
+                self.need(self.has("Job", selector.split("=", 1)[1]), command, f"no Job {selector}")
+            else:
+                self.need(bool(self.labelled({"job": "Job"}[kind], selector)), command, f"no {kind} with {selector}")
+        else:
+            self._resource(command, next(a for a in args[1:] if "/" in a))
+
+    def _kubectl_logs(self, command: list[str], args: list[str]) -> None:
+        self._resource(command, args[1])
+
+    def _kubectl_exec(self, command: list[str], args: list[str]) -> None:
+        ref = next(a for a in args[1:] if "/" in a)
+        self._resource(command, ref)
+        inner = args[args.index("--") + 1:]
+        job = self.objects.get(("Job", ref.split("/", 1)[1]))
+        if job and inner[:2] == ["tar", "-x"]:
+            where = _option(inner, "-C")
+            (container,) = job["spec"]["template"]["spec"]["containers"]
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            self.need(where in mounts and not mounts[where].get("readOnly"), command,
+                      f"{ref} has no writable volume on {where}")
+            bundle = _env(rendered("base"), _container(rendered("base"), "medvlm-vision"))["MEDVLM_BUNDLE"]
+            copied = self.piped_from and self.piped_from[self.piped_from.index("-c") + 1]
+            self.need(f"{where}/{copied}" == bundle, command,
+                      f"copies {where}/{copied}, but the encoders serve MEDVLM_BUNDLE={bundle}")
+
+    def _kubectl_rollout(self, command: list[str], args: list[str]) -> None:
+        refs = [a for a in args[2:] if "/" in a and not a.startswith("--")]
+        self.need(bool(refs), command, "names no Deployment")
+        for ref in refs:
+            self._resource(command, ref)
+
+    def _kubectl_delete(self, command: list[str], args: list[str]) -> None:
+        kind = {"job": "Job"}[args[1]]
+        selector = _option(args, "-l")
+        names = self.labelled(kind, selector) if selector else [args[2]]
+        self.need("--ignore-not-found" in args or all(self.has(kind, n) for n in names) and names, command,
+                  "deletes what does not exist")
+        for name in names:
+            self.objects.pop((kind, name), None)
+
+    def _kubectl_port_forward(self, command: list[str], args: list[str]) -> None:
+        self._resource(command, args[1])
+        service = self.objects.get(("Service", args[1].split("/", 1)[1]))
+        remote = int(args[2].split(":")[-1])
+        self.need(bool(service) and remote in {p["port"] for p in service["spec"]["ports"]}, command,
+                  f"the Service has no port {remote}")
+
+    def _kubectl_patch(self, command: list[str], args: list[str]) -> None:
+        kind = {"scaledobject": "ScaledObject", "hpa": "HorizontalPodAutoscaler"}.get(args[1], args[1])
+        self.need(self.has(kind, args[2]), command, f"{kind}/{args[2]} does not exist")
+
+
+@needs_kubectl
+def test_the_guide_works_as_written():
+    walk = GuideWalk()
+    commands = _doc_commands()
+    for command in commands:
+        if command[0] in ("gcloud", "eksctl", "helm"):
+            continue  # the cloud's tools: their flags are checked by the sizing test
+        walk.run(command)
+    assert walk.problems == []
+    # It walked the whole way: the images built are the ones the renders run, kind gets what the
+    # cpu overlay runs, and the encoders, plans and monitoring all got applied.
+    images = {c["image"] for path in KUSTOMIZATIONS if path != "base"
+              for _, pod in _pods(rendered(path)) for c in _containers(pod)}
+    assert images <= walk.built_images, sorted(images - walk.built_images)
+    cpu = {c["image"] for path in ("overlays/cpu", "smoke", "bundle-loader")
+           for _, pod in _pods(rendered(path)) for c in _containers(pod)}
+    assert cpu <= walk.loaded_images, sorted(cpu - walk.loaded_images)
+    applied = {c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"]}
+    assert {"k8s/volume", "k8s/overlays/gpu", "k8s/bundle-loader", "k8s/overlays/gpu/plans",
+            "k8s/monitoring", "k8s/overlays/gpu/smoke"} <= applied
+    order = [c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"]]
+    first = {path: order.index(path) for path in reversed(order)}
+    assert first["k8s/volume"] < first["k8s/overlays/gpu"] < first["k8s/bundle-loader"] < first["k8s/overlays/gpu/plans"]
+
+
+def test_the_guide_names_files_that_exist():
+    text = DOCS.read_text()
+    paths = {m.rstrip(".,:)") for m in re.findall(r"\b(?:k8s|scripts|services|engines|docs|tests)/[\w./-]+", text)}
+    missing = sorted(p for p in paths if not (ROOT / p).exists() and "<" not in p)
+    assert missing == []
+
+
+@needs_kubectl
+def test_gpu_pools_in_the_guide_fit_the_plans_job():
+    """The example pools can hold both encoders at their maximum, a surge pod each during a
+    rollout, and the plans Job: otherwise the Job stays Pending."""
+    scalers = _find(rendered("overlays/gpu"), "ScaledObject")
+    needed = sum(s["spec"]["maxReplicaCount"] for s in scalers) + len(scalers) + 1
+    text = DOCS.read_text()
+    sizes = [int(n) for n in re.findall(r"--max-nodes (\d+)", text) + re.findall(r"maxSize: (\d+)", text)]
+    assert len(sizes) == 2 and all(size >= needed for size in sizes), (sizes, needed)
+    assert f"`2 × maxReplicaCount + 3`" in text and needed == 2 * max(s["spec"]["maxReplicaCount"] for s in scalers) + 3
+
+
+def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
+    """The walk itself: commands out of order, a wrong path, an unknown image and a bundle folder
+    the setting does not name are each reported."""
+    broken = {
+        "kubectl apply -k k8s/overlays/gpu\nkubectl apply -k k8s/volume": "not made yet",
+        "kubectl apply -k k8s/overlays/gpu-l4": "not a kustomization",
+        "docker build -f services/gateway/Dockerfile -t x/medvlm-gateway:1 .\n"
+        "kind load docker-image x/medvlm-gateway:2": "which no command built",
+        "make bundle MODEL=tiny\nkubectl apply -k k8s/volume\nkubectl apply -k k8s/bundle-loader\n"
+        "tar -C bundles -c tiny-1 | kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles":
+            "but the encoders serve",
+        "kubectl -n medvlm logs job/medvlm-plans-nvidia-l4": "namespace medvlm does not exist yet",
+        "kubectl apply -k k8s/volume\nkubectl -n medvlm rollout status deployment/medvlm-vision": "does not exist",
+        "kubectl apply -k k8s/volume\nkubectl apply -k k8s/overlays/gpu/plans\nkubectl apply -k k8s/overlays/gpu/plans":
+            "cannot be changed",
+    }
+    for script, expected in broken.items():
+        guide = tmp_path / "deploy.md"
+        guide.write_text(f"```sh\n{script}\n```\n")
+        monkeypatch.setattr(sys.modules[__name__], "DOCS", guide)
+        if KUBECTL is None and "kubectl" in script:
+            continue
+        walk = GuideWalk()
+        for command in _doc_commands():
+            walk.run(command)
+        assert any(expected in p for p in walk.problems), (script, walk.problems)
