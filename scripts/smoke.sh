@@ -49,7 +49,7 @@ if [[ -n "${EXPECT_ENGINE:-}" ]]; then
   engines="$("$PYTHON" -c '
 import json, sys
 expected, info = sys.argv[1], json.loads(sys.stdin.read())
-engines = [(e.get("tower", "?"), e.get("engine", "")) for e in info.get("engines", [])]
+engines = [(e.get("tower", "?"), e.get("engine", "")) for e in info.get("model", {}).get("engines", [])]
 wrong = [f"{t} on {e or chr(63)}" for t, e in engines if not e.startswith(expected)]
 if not engines or wrong:
     sys.exit("expected every tower on %s, got %s" % (expected, ", ".join(wrong) or "no engines"))

