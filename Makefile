@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize run test smoke bench clean
+.PHONY: help venv protos lint-protos bundle quantize run test smoke bench soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,18 @@ BENCH_ARGS ?=
 
 bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 25 min); BENCH_ARGS=--quick: 1 min
 	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
+
+MINUTES ?= 10
+LEAK ?=
+
+soak: protos $(VENV)/.bench-installed  ## the local stack under mixed load for MINUTES (10); fails on memory/fd/thread growth; LEAK=1 must fail
+	$(PY) -m bench.soak --minutes $(MINUTES) $(if $(LEAK),--leak)
+
+faults: protos $(VENV)/.bench-installed  ## fault matrix under load with real processes (kills, freezes, floods, SIGTERM); about 5 min
+	$(PY) -m bench.faults
+
+fuzz: protos $(VENV)/.bench-installed  ## coverage-guided fuzzing (atheris) of decoders, text path and gateway requests, MINUTES in all
+	$(PY) -m bench.fuzz --minutes $(MINUTES)
 
 $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements/bench.txt -c requirements/constraints.txt

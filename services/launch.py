@@ -55,6 +55,16 @@ def wait_serving(target: str, timeout_s: float, keep_waiting) -> bool:
     return False
 
 
+def how_it_ended(returncode: int) -> str:
+    """'exited with status N' or 'was killed by SIGNAME' for a Popen return code."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 def grpcurl_line(target: str, sample: Path | None) -> str:
     grpcurl = ROOT / ".venv" / "bin" / "grpcurl"
     exe = str(grpcurl.relative_to(ROOT)) if grpcurl.exists() else "grpcurl"
@@ -110,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + grpcurl_line(gateway, samples[0] if samples else None) + "\n", flush=True)
         while all_running():
             time.sleep(0.5)
-        dead = [n for n, p in procs.items() if p.poll() is not None]
+        dead = [f"{n} {how_it_ended(p.returncode)}" for n, p in procs.items() if p.poll() is not None]
         if dead and not stopping:
-            print(f"stopped because {', '.join(dead)} exited", file=sys.stderr)
+            print(f"stopped because {', '.join(dead)}", file=sys.stderr)
             return 1
         return 0
     finally:

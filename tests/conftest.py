@@ -103,8 +103,9 @@ class Stack:
             await server.stop(0.5)
 
 
-async def start_stack(bundle: Path, **gateway_overrides) -> Stack:
-    vision = await start_server(encoder_settings(VISION, bundle), VisionApp(encoder_settings(VISION, bundle)))
+async def start_stack(bundle: Path, vision_overrides: dict | None = None, **gateway_overrides) -> Stack:
+    vision_settings = encoder_settings(VISION, bundle, **(vision_overrides or {}))
+    vision = await start_server(vision_settings, VisionApp(vision_settings))
     text = await start_server(encoder_settings(TEXT, bundle), TextApp(encoder_settings(TEXT, bundle)))
     settings = gateway_settings(vision.port, text.port, **gateway_overrides)
     gateway = await start_server(settings, GatewayApp(settings))

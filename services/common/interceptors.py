@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import re
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,8 @@ STATUS_OF: dict[type[errors.MedvlmError], grpc.StatusCode] = {
     errors.Inconsistent: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Health and reflection are never refused for load: probes must answer during a flood.
+_EXEMPT_PREFIXES = _QUIET_PREFIXES
 
 
 def current_request_id() -> str:
@@ -53,12 +56,43 @@ def _incoming_request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+class Admission:
+    """At most `limit` calls in progress; more are refused at once with RESOURCE_EXHAUSTED.
+
+    This is the server's own bound, set below the HTTP/2 stream limit, so that overload is
+    refused on purpose (with a retry hint) instead of by the transport (UNAVAILABLE).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._inflight >= self.limit:
+                metrics.ADMISSION_REJECTED.inc()
+                raise errors.Overloaded(
+                    f"server busy: {self.limit} calls in progress; retry shortly",
+                    retry_after_s=max(0.05, min(1.0, 0.002 * self.limit)),
+                )
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id, writes one audit record per call, and maps errors to codes.
 
     Unknown exceptions become INTERNAL with a generic message; their detail goes
-    to the log only, under the request id the client also receives.
+    to the log only, under the request id the client also receives. With an
+    `admission` bound, calls beyond it (health and reflection excepted) are refused.
     """
+
+    def __init__(self, admission: Admission | None = None) -> None:
+        self.admission = admission
 
     async def intercept_service(
         self,
@@ -83,7 +117,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context)
+            call = _Call(method, context, self.admission)
             try:
                 await call.begin()
                 return await behavior(_checked(request), context)
@@ -97,7 +131,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context)
+            call = _Call(method, context, self.admission)
             try:
                 await call.begin()
                 async for response in behavior(_checked(request), context):
@@ -148,28 +182,50 @@ async def _checked_stream(requests: Any) -> Any:
 
 
 class _Call:
-    """State of one call as the interceptor sees it."""
+    """State of one call as the interceptor sees it.
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    Everything the audit record needs (peer, deadline) is read from the context when the
+    call starts: after a call has ended (a client cancelled a stream, say) gRPC core may have
+    freed what the context points to, and reading it then crashes the process.
+    """
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, admission: Admission | None) -> None:
         self.method = method
         self.context = context
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
         self.request_id = _incoming_request_id(context)
+        self.peer = context.peer()
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.ended = False
+        context.add_done_callback(self._ended)
         self.token = _request_id.set(self.request_id)
         self.quiet = method.startswith(_QUIET_PREFIXES)
+        self.admission = None if method.startswith(_EXEMPT_PREFIXES) else admission
+        self.admitted = False
         metrics.INFLIGHT.labels(method).inc()
+
+    def _ended(self, _context: object) -> None:
+        self.ended = True
 
     async def begin(self) -> None:
         await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+        if self.admission is not None:
+            self.admission.enter()
+            self.admitted = True
+
+    def _expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     async def fail(self, exc: BaseException) -> None:
-        """Record the outcome; turn a domain or unknown error into an abort."""
+        """Record the outcome; turn a domain or unknown error into an abort (while the call lives)."""
         if isinstance(exc, grpc.aio.AbortError):
-            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            self.code = (None if self.ended else self.context.code()) or grpc.StatusCode.UNKNOWN
             return
-        if isinstance(exc, BaseException) and not isinstance(exc, Exception):
-            self.code = grpc.StatusCode.CANCELLED  # asyncio.CancelledError and friends
+        if self.ended or not isinstance(exc, Exception):
+            # asyncio.CancelledError and friends: the client cancelled or its deadline passed
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
             return
         if isinstance(exc, errors.MedvlmError):
             self.code = status_of(exc)
@@ -185,6 +241,9 @@ class _Call:
         await self.context.abort(self.code, message)
 
     def end(self) -> None:
+        """Account for the call. Never touches the context: the call may be gone."""
+        if self.admitted:
+            self.admission.leave()
         elapsed = time.perf_counter() - self.start
         metrics.INFLIGHT.labels(self.method).dec()
         metrics.REQUESTS.labels(self.method, self.code.name).inc()
@@ -192,7 +251,7 @@ class _Call:
         record = dict(
             rpc=self.method,
             request_id=self.request_id,
-            peer=self.context.peer(),
+            peer=self.peer,
             code=self.code.name,
             latency_ms=round(elapsed * 1000, 3),
         )

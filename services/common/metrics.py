@@ -22,12 +22,16 @@ BATCH_SIZE = Histogram(
 ENGINE_SECONDS = Histogram(
     "medvlm_engine_seconds", "Time of one engine call", ["tower"], buckets=LATENCY_BUCKETS
 )
+ADMISSION_REJECTED = Counter(
+    "medvlm_admission_rejected_total", "Calls refused at once because the server was at its in-flight bound"
+)
 REJECTED = Counter("medvlm_queue_rejected_total", "Requests refused because the queue was full", ["tower"])
 EXPIRED = Counter("medvlm_deadline_dropped_total", "Requests dropped before compute: deadline passed", ["tower"])
 ENGINE_INFO = Gauge(
     "medvlm_engine_info", "The engine serving a tower (value 1)", ["tower", "engine", "precision", "bundle_id"]
 )
 
+ENCODER_UP = Gauge("medvlm_encoder_up", "Gateway: the encoder answers health checks as SERVING", ["encoder"])
 TEXT_CACHE = Counter("medvlm_text_cache_total", "Gateway text-embedding cache lookups", ["result"])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import ServerInterceptor
+from services.common.interceptors import Admission, ServerInterceptor
 from services.common.metrics import serve_metrics
 from services.common.logs import configure_logging
 from services.common.settings import Settings, parse_settings
@@ -22,12 +22,19 @@ log = structlog.get_logger("medvlm.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Liveness is its own health service name, apart from readiness ("" and the service names):
+# SERVING while the process can make progress, also while it warms up or drains; NOT_SERVING
+# only when the app reports itself stuck. An unresponsive event loop cannot answer at all.
+LIVENESS = "medvlm.liveness"
+LIVENESS_CHECK_S = 1.0
 
 
 class App(Protocol):
     """What a service supplies: its servicers and how to load (and unload) its model."""
 
     service_names: Sequence[str]  # full names, e.g. "medvlm.v1.VisionEncoderService"
+    # Calls admitted at once by the server itself (None: the app bounds its own work).
+    admission_limit: int | None
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the service's servicers to the server."""
@@ -35,8 +42,18 @@ class App(Protocol):
     async def start(self) -> None:
         """Load, warm up and verify the model. Raises if the service cannot serve."""
 
+    async def watch(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """While serving: call set_serving(False) when the app can no longer serve (a
+        dependency is down) and set_serving(True) when it can again. May return at once."""
+
+    def stalled(self) -> str | None:
+        """Why the app is stuck and needs a restart (e.g. an engine call that never ends), or None."""
+
     async def close(self) -> None:
         """Release what start() acquired."""
+
+
+MAX_CONCURRENT_STREAMS = 4096
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -44,7 +61,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_concurrent_streams", 100),
+        # Far above any admission bound: overload is refused by our RESOURCE_EXHAUSTED with a
+        # retry hint, never by HTTP/2 (REFUSED_STREAM reaches callers as UNAVAILABLE).
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
@@ -64,9 +83,9 @@ class Server:
         self.settings = settings
         self.app = app
         self.health = HealthServicer()
-        self.grpc = grpc.aio.server(
-            interceptors=[ServerInterceptor()], options=server_options(settings)
-        )
+        limit = app.admission_limit
+        interceptor = ServerInterceptor(Admission(limit) if limit else None)
+        self.grpc = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
         app.register(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
@@ -75,6 +94,9 @@ class Server:
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def _set_all(self, status: int) -> None:
         for name in ("", *self.app.service_names):
@@ -83,11 +105,27 @@ class Server:
     async def start(self) -> None:
         """Listen at once (so health answers NOT_SERVING), then load the app in the background."""
         await self._set_all(NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
         await self.grpc.start()
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
         log.info("listening", port=self.port, metrics_port=self.metrics_port)
         self._start_task = asyncio.create_task(self._start_app())
+        self._liveness_task = asyncio.create_task(self._follow_liveness())
+
+    async def _follow_liveness(self) -> None:
+        """Ask the app every second whether it is stuck; liveness NOT_SERVING while it is."""
+        stuck: str | None = None
+        while True:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            reason = self.app.stalled()
+            if (reason is None) != (stuck is None):
+                if reason is None:
+                    log.info("live_again")
+                else:
+                    log.error("stalled", reason=reason)
+                await self.health.set(LIVENESS, SERVING if reason is None else NOT_SERVING)
+            stuck = reason
 
     async def _start_app(self) -> None:
         try:
@@ -98,16 +136,26 @@ class Server:
         await self._set_all(SERVING)
         self.ready.set()
         log.info("serving", port=self.port)
+        self._watch_task = asyncio.create_task(self.app.watch(self._report))
+
+    async def _report(self, serving: bool) -> None:
+        """The app's own view of whether it can serve; ignored once shutting down."""
+        if not self._stopping:
+            await self._set_all(SERVING if serving else NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING at once, drain, stop accepting, let in-flight calls finish, unload."""
         grace = self.settings.grace_s if grace_s is None else grace_s
-        await self.health.enter_graceful_shutdown()
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
+        self._stopping = True
+        await self._set_all(NOT_SERVING)  # readiness only: liveness holds while draining
+        for task in (self._start_task, self._watch_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self.settings.drain_s > 0:
             await asyncio.sleep(self.settings.drain_s)
         await self.grpc.stop(grace)
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
         await self.app.close()
         log.info("stopped")
 

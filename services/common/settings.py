@@ -141,6 +141,18 @@ class Settings:
         "never enable this where clinicians can reach the service.",
         ENCODERS,
     )
+    liveness_stall_s: float = _opt(
+        60.0,
+        "Liveness fails when one engine call has run this long (a wedged engine or device), so "
+        "the orchestrator restarts the process. Must exceed the slowest legitimate batch.",
+        ENCODERS,
+    )
+    probe_interval_s: float = _opt(
+        30.0,
+        "Every this many seconds an idle encoder runs one golden input through its engine, so a "
+        "wedged or failing engine is found without traffic. 0 turns the probe off.",
+        ENCODERS,
+    )
     vision_target: str = _opt(
         "127.0.0.1:50051",
         "gRPC target of the vision encoder. dns:///name:port with a headless Service spreads "
@@ -158,6 +170,12 @@ class Settings:
         16,
         "Items of one ClassifyStream processed at once; the client is held back beyond it. "
         "Higher keeps the encoders busier, lower bounds memory per stream.",
+        (GATEWAY,),
+    )
+    fault_retain_requests: bool = _opt(
+        False,
+        "Test only: the gateway keeps every Classify request in memory, a deliberate leak that "
+        "the soak's leak detector must catch. Never enable it in service.",
         (GATEWAY,),
     )
     verify_retry_max_s: float = _opt(

@@ -8,10 +8,11 @@ import json
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert, errors
-from services.common.interceptors import REQUEST_ID_KEY, current_request_id
+from services.common.interceptors import REQUEST_ID_KEY, RETRY_AFTER_KEY, current_request_id
 
 _VISION_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name
 _TEXT_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
@@ -44,6 +45,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # A replaced encoder is reconnected to within ~2 s, however long the old one was gone
+        # (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
@@ -63,12 +69,23 @@ def _domain_error(name: str, exc: grpc.aio.AioRpcError) -> errors.MedvlmError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.InvalidInput(exc.details() or f"{name} refused the input")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.Overloaded(f"{name} encoder is overloaded; retry shortly", retry_after_s=0.1)
+        return errors.Overloaded(f"{name} encoder is overloaded; retry shortly", retry_after_s=_retry_after_s(exc))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.DeadlineExpired(f"{name} encoder did not answer within the deadline")
     if code == grpc.StatusCode.UNAVAILABLE:
         return errors.Unavailable(f"{name} encoder is unavailable")
     return errors.MedvlmError(f"{name} encoder failed ({code.name})")
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
+    """The encoder's own retry hint (trailing metadata), else 0.1 s."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                break
+    return 0.1
 
 
 class EncoderClient:
@@ -86,6 +103,17 @@ class EncoderClient:
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(self.name, exc) from exc
+
+    async def serving(self, timeout: float) -> bool | None:
+        """The encoder's grpc.health.v1 answer: True SERVING, False NOT_SERVING or unreachable,
+        None when it did not answer in time (busy or hung: the caller decides)."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            return None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def model_info(self, timeout: float) -> types_pb2.ModelInfo:
         response = await self.call("GetModelInfo", types_pb2.GetModelInfoRequest(), timeout)

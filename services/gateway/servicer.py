@@ -9,7 +9,7 @@ import numpy as np
 import structlog
 
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import convert
+from services.common import convert, metrics
 from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, MedvlmError, NotReady
 from services.common.interceptors import status_of
 from services.common.settings import Settings
@@ -40,13 +40,28 @@ async def verify_encoders(vision: VisionClient, text: TextClient) -> tuple[Model
     return identity, info
 
 
+# How the gateway follows its vision encoder once serving: a grpc.health.v1 check every
+# second; NOT_SERVING at once when it answers NOT_SERVING or cannot be reached, and after three
+# checks in a row without an answer (a hung encoder; one slow answer under load is not an outage).
+CHECK_INTERVAL_S = 1.0
+CHECK_TIMEOUT_S = 2.0
+SILENT_CHECKS_DOWN = 3
+
+
 class GatewayApp:
-    """The gateway service: clients to both encoders, verified at start."""
+    """The gateway service: clients to both encoders, verified at start.
+
+    Its health follows the vision encoder, which every image call needs. A text-encoder outage
+    leaves it SERVING: labels already cached still answer, uncached ones get UNAVAILABLE; the
+    outage is logged and shown by medvlm_encoder_up{encoder="text"}.
+    """
 
     service_names = (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.admission_limit = settings.max_inflight
+        self.retained: list | None = [] if settings.fault_retain_requests else None
         self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
         self.text = TextClient(settings.text_target, settings.max_message_bytes)
         self._core: ZeroShot | None = None
@@ -66,8 +81,46 @@ class GatewayApp:
                 log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.verify_retry_max_s)
-        self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars)
+        for name in ("vision", "text"):
+            metrics.ENCODER_UP.labels(name).set(1)
+        self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
+                              self.settings.downstream_timeout_s)
         log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim)
+
+    async def watch(self, set_serving) -> None:
+        """Follow both encoders; report the vision encoder's state as the gateway's own."""
+        up = {"vision": True, "text": True}
+        silent = {"vision": 0, "text": 0}
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            answers = await asyncio.gather(self.vision.serving(CHECK_TIMEOUT_S), self.text.serving(CHECK_TIMEOUT_S))
+            for (name, client), answer in zip((("vision", self.vision), ("text", self.text)), answers, strict=True):
+                silent[name] = silent[name] + 1 if answer is None else 0
+                now = up[name] and silent[name] < SILENT_CHECKS_DOWN if answer is None else answer
+                if now and not up[name]:
+                    now = await self._serves_our_bundle(client)
+                if now != up[name]:
+                    up[name] = now
+                    metrics.ENCODER_UP.labels(name).set(int(now))
+                    log.warning("encoder_down" if not now else "encoder_up", encoder=name)
+                    if name == "vision":
+                        await set_serving(now)
+
+    def stalled(self) -> str | None:
+        """The gateway runs no engine: it is live while its event loop answers."""
+        return None
+
+    async def _serves_our_bundle(self, client) -> bool:
+        """A recovered (or replaced) encoder is used again only if it serves the verified bundle."""
+        try:
+            info = await client.model_info(CHECK_TIMEOUT_S)
+        except MedvlmError:
+            return False
+        same = (info.bundle_id, info.embed_dim) == (self.core.model.bundle_id, self.core.model.embed_dim)
+        if not same:
+            log.error("encoder_bundle_changed", encoder=client.name, got=info.bundle_id,
+                      expected=self.core.model.bundle_id)
+        return same
 
     @property
     def core(self) -> ZeroShot:
@@ -123,6 +176,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _classify(self, request, timeout: float) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
+        if self.app.retained is not None:
+            self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
         if not request.HasField("image"):
             raise InvalidInput("no image in the request")
         images = self.app.check_images([request.image])

@@ -18,18 +18,23 @@ async def map_unordered(
     The next item is read only while fewer than `window` are running, so a fast producer
     waits (for gRPC: HTTP/2 flow control holds the client back and memory stays bounded).
     `fn` must not raise for one item's failure: it returns an error result instead.
+    If reading `source` fails (a malformed message), nothing more is read, the items already
+    accepted still finish and are yielded, and then the error is raised.
     Closing or cancelling the iterator cancels every running call.
     """
     items = source.__aiter__()
     running: set[asyncio.Task[R]] = set()
     reading: asyncio.Task[T] | None = None
     exhausted = False
+    failure: Exception | None = None
     try:
         while True:
             if reading is None and not exhausted and len(running) < window:
                 reading = asyncio.ensure_future(items.__anext__())
             waiting = running | ({reading} if reading is not None else set())
             if not waiting:
+                if failure is not None:
+                    raise failure
                 return
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if reading is not None and reading in done:
@@ -37,6 +42,8 @@ async def map_unordered(
                     running.add(asyncio.ensure_future(fn(reading.result())))
                 except StopAsyncIteration:
                     exhausted = True
+                except Exception as exc:  # noqa: BLE001 - raised once the accepted items are done
+                    exhausted, failure = True, exc
                 reading = None
             for task in done & running:
                 running.discard(task)

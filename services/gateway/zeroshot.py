@@ -12,7 +12,7 @@ import numpy as np
 import structlog
 
 from services.common.batching import ROUTINE
-from services.common.errors import Inconsistent, InvalidInput
+from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput
 from services.common.logs import text_digest
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
@@ -68,15 +68,22 @@ class ModelIdentity:
 
 class ZeroShot:
     """Classify and compare images with texts; text embeddings computed once per bundle,
-    template and text, even under concurrent requests for the same label."""
+    template and text, even under concurrent requests for the same label.
 
-    def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, max_chars: int) -> None:
+    Concurrent calls that need the same uncached texts share one fill: a task of its own,
+    bounded by `fill_timeout_s`, that no single caller can cancel. Each caller waits for it
+    only as long as its own budget allows.
+    """
+
+    def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, max_chars: int,
+                 fill_timeout_s: float) -> None:
         self.model = model
         self.vision = vision
         self.text = text
         self.max_chars = max_chars
+        self.fill_timeout_s = fill_timeout_s
         self.cache = TextEmbeddingCache(model.embed_dim)
-        self._pending: dict[CacheKey, asyncio.Future[np.ndarray]] = {}
+        self._pending: dict[CacheKey, asyncio.Task[dict[CacheKey, np.ndarray]]] = {}
 
     def _check(self, result: Embedded, what: str) -> Embedded:
         if result.bundle_id != self.model.bundle_id:
@@ -96,39 +103,44 @@ class ZeroShot:
         template), from the cache where possible."""
         keys = [(self.model.bundle_id, template, label) for label in labels]
         found = self.cache.get(keys)
-        missing = [k for k, v in zip(keys, found, strict=True) if v is None]
+        missing = list(dict.fromkeys(k for k, v in zip(keys, found, strict=True) if v is None))
         if missing:
-            await self._fill(list(dict.fromkeys(missing)), timeout, priority)
-            found = [v if v is not None else self.cache.get([k], count=False)[0]
-                     for k, v in zip(keys, found, strict=True)]
+            filled = await self._fill(missing, timeout, priority)
+            found = [v if v is not None else filled[k] for k, v in zip(keys, found, strict=True)]
         return np.stack(found)  # [N, D]
 
-    async def _fill(self, keys: list[CacheKey], timeout: float, priority: int) -> None:
-        """Encode the keys nobody is encoding yet; wait for the ones already in flight."""
-        mine = [k for k in keys if k not in self._pending and k not in self.cache]
-        waits = [self._pending[k] for k in keys if k in self._pending]
+    async def _fill(self, keys: list[CacheKey], timeout: float, priority: int) -> dict[CacheKey, np.ndarray]:
+        """Vectors of uncached keys: start one fill for the keys nobody is encoding yet, join the
+        fills already running for the others, and wait for all of them at most `timeout`."""
+        mine = [k for k in keys if k not in self._pending]
         if mine:
-            loop = asyncio.get_running_loop()
-            futures = {k: loop.create_future() for k in mine}
-            self._pending.update(futures)
-            try:
-                texts = [apply_template(k[1], k[2]) for k in mine]
-                result = self._check(await self.text.embed(texts, timeout, priority), "text")
-                self.cache.put(mine, result.vectors)
-                for k, vec in zip(mine, result.vectors, strict=True):
-                    futures[k].set_result(vec)
-                log.debug("texts_encoded", count=len(mine), digests=[text_digest(k[2]) for k in mine])
-            except BaseException as exc:
-                for fut in futures.values():
-                    if not fut.done():
-                        fut.set_exception(exc)
-                        fut.exception()  # mark retrieved: waiters re-raise it themselves
-                raise
-            finally:
-                for k in mine:
-                    self._pending.pop(k, None)
-        if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            task = asyncio.create_task(self._encode(mine, priority))
+            task.add_done_callback(lambda t, ks=mine: self._settled(t, ks))
+            for k in mine:
+                self._pending[k] = task
+        tasks = list({id(t): t for t in (self._pending[k] for k in keys)}.values())
+        # shield: a caller whose budget runs out stops waiting, the fill goes on for the others
+        done, _ = await asyncio.wait([asyncio.shield(t) for t in tasks], timeout=timeout)
+        if len(done) < len(tasks):
+            raise DeadlineExpired("the text encoder did not answer within the deadline")
+        vectors: dict[CacheKey, np.ndarray] = {}
+        for t in tasks:
+            vectors.update(t.result())  # re-raises the fill's error for each of its waiters
+        return vectors
+
+    async def _encode(self, keys: list[CacheKey], priority: int) -> dict[CacheKey, np.ndarray]:
+        texts = [apply_template(k[1], k[2]) for k in keys]
+        result = self._check(await self.text.embed(texts, self.fill_timeout_s, priority), "text")
+        self.cache.put(keys, result.vectors)
+        log.debug("texts_encoded", count=len(keys), digests=[text_digest(k[2]) for k in keys])
+        return dict(zip(keys, result.vectors, strict=True))
+
+    def _settled(self, task: asyncio.Task, keys: list[CacheKey]) -> None:
+        for k in keys:
+            if self._pending.get(k) is task:
+                del self._pending[k]
+        if not task.cancelled():
+            task.exception()  # retrieved here; every waiter re-raises it itself
 
     async def scores(self, images: list, texts: list[str], template: str, timeout: float,
                      priority: int = ROUTINE) -> Scores:
