@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.common.server import LIVENESS
 from services.common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +252,12 @@ def check_probes_and_shutdown(docs: list[dict]) -> list[str]:
                     problems.append(f"{at}: no gRPC {probe}")
                 elif port not in ports:
                     problems.append(f"{at}: {probe} on port {port}, not a container port {sorted(ports)}")
+                # Readiness (and startup) ask the server's overall health; liveness its own
+                # service, which stays serving while loading or draining.
+                service = c.get(probe, {}).get("grpc", {}).get("service", "")
+                wanted = LIVENESS if probe == "livenessProbe" else ""
+                if port is not None and service != wanted:
+                    problems.append(f"{at}: {probe} asks health service {service!r}, not {wanted!r}")
             budget = _startup_budget(c)
             needed = 600 if GPU in c.get("resources", {}).get("limits", {}) else 300  # engine load, s
             if _component(pod) == GATEWAY:  # NOT_SERVING until the encoders serve: as long as theirs
@@ -713,6 +720,14 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
     "no startup probe": (
         lambda d: _container(d, "medvlm-gateway").pop("startupProbe"),
         "no gRPC startupProbe",
+    ),
+    "liveness on readiness": (
+        lambda d: _container(d, "medvlm-vision")["livenessProbe"]["grpc"].pop("service"),
+        "livenessProbe asks health service '', not 'medvlm.liveness'",
+    ),
+    "readiness on liveness": (
+        lambda d: _container(d, "medvlm-gateway")["readinessProbe"]["grpc"].update(service=LIVENESS),
+        "readinessProbe asks health service 'medvlm.liveness'",
     ),
     "probe on wrong port": (
         lambda d: _container(d, "medvlm-text")["readinessProbe"]["grpc"].update(port=50051),
