@@ -355,10 +355,12 @@ def check_network(docs: list[dict]) -> list[str]:
         for p in policies
     ):
         problems.append("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
-    egress = [(p, r) for p in policies if "Egress" in p["spec"].get("policyTypes", []) for r in p["spec"].get("egress", [])]
+    egress = [(p, r) for p in policies if "Egress" in p["spec"].get("policyTypes", [])
+              for r in p["spec"].get("egress", [])]
     if not any(
         p["spec"]["podSelector"] == {} and any(map(_is_dns_peer, r.get("to", [])))
-        and {(q.get("protocol", "TCP"), q.get("port")) for q in r.get("ports", [])} >= {("UDP", 53), ("TCP", 53)}
+        and {(q.get("protocol", "TCP"), q.get("port")) for q in r.get("ports", [])}
+        >= {("UDP", 53), ("TCP", 53)}
         for p, r in egress
     ):
         problems.append("no DNS egress for every pod (kube-dns in kube-system, UDP and TCP 53)")
@@ -414,7 +416,8 @@ def check_network(docs: list[dict]) -> list[str]:
         grpc_port = port_names.get("grpc")
         if not any(
             _selects(p["spec"]["podSelector"], {"app.kubernetes.io/name": "medvlm", COMPONENT: GATEWAY})
-            and any(set(peer) == {"podSelector"} and _selects(peer["podSelector"], labels) for peer in r["to"])
+            and any(set(peer) == {"podSelector"} and _selects(peer["podSelector"], labels)
+                    for peer in r["to"])
             and any(q.get("port") == grpc_port for q in r.get("ports", []))
             for p, r in egress if r.get("to")
         ):
@@ -434,10 +437,12 @@ def check_network(docs: list[dict]) -> list[str]:
                 if peer == {"namespaceSelector": MONITORING}:
                     continue
                 if "namespaceSelector" in peer:
-                    if set(peer) != {"namespaceSelector"} or _namespaces_named(peer["namespaceSelector"]) is None:
+                    named = _namespaces_named(peer["namespaceSelector"])
+                    if set(peer) != {"namespaceSelector"} or named is None:
                         problems.append(f"{at}: the gateway admits namespaces not named one by one: {peer}")
                 elif set(peer) != {"podSelector"}:
-                    problems.append(f"{at}: the gateway admits a source that is no named namespace or pod: {peer}")
+                    problems.append(f"{at}: the gateway admits a source that is no named namespace or pod: "
+                                    f"{peer}")
     return problems
 
 
@@ -453,7 +458,8 @@ def exposed_metrics() -> frozenset[str]:
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
             (family,) = value.describe()
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+                family.type, [""])
             names |= {family.name + suffix for suffix in suffixes}
     return frozenset(names)
 
@@ -465,7 +471,8 @@ def unknown_metrics(promql: str) -> list[str]:
 
 def _behavior(autoscaler: dict) -> dict:
     if autoscaler["kind"] == "ScaledObject":
-        return autoscaler["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {})
+        advanced = autoscaler["spec"].get("advanced", {})
+        return advanced.get("horizontalPodAutoscalerConfig", {}).get("behavior", {})
     return autoscaler["spec"].get("behavior", {})
 
 
@@ -495,7 +502,8 @@ def check_autoscaling(docs: list[dict], queue: bool) -> list[str]:
             continue
         spec = scaler["spec"]
         if not 1 <= spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 0):
-            problems.append(f"{at}: replica bounds {spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')}")
+            bounds = f"{spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')}"
+            problems.append(f"{at}: replica bounds {bounds}")
         if behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0) <= 0:
             problems.append(f"{at}: no scale-up stabilizationWindowSeconds: one burst adds GPUs")
         signals = set()
@@ -508,7 +516,8 @@ def check_autoscaling(docs: list[dict], queue: bool) -> list[str]:
                 problems.append(f"{at}: trigger {trigger.get('name')} queries an unknown metric {metric}")
             towers = set(re.findall(r'tower="(\w+)"', query))
             if towers != {component}:
-                problems.append(f"{at}: trigger {trigger.get('name')} reads tower {sorted(towers)}, not {component}")
+                problems.append(
+                    f"{at}: trigger {trigger.get('name')} reads tower {sorted(towers)}, not {component}")
             try:
                 float(trigger["metadata"].get("threshold", ""))
             except ValueError:
@@ -554,7 +563,8 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
     volume = renders["volume"]
     namespaces = _find(volume, "Namespace")
     if [n["metadata"]["name"] for n in namespaces] != ["medvlm"] or (
-            namespaces[0]["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce") != "restricted"):
+            namespaces[0]["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+            != "restricted"):
         problems.append("k8s/volume: not one Namespace medvlm enforcing Pod Security restricted")
     made = {d["metadata"]["name"] for d in _find(volume, "PersistentVolumeClaim")}
     for path, docs in renders.items():
@@ -562,7 +572,8 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
             continue
         for doc in docs:
             if doc["kind"] in ("Namespace", "PersistentVolumeClaim"):
-                problems.append(f"{path}: holds {doc['kind']}/{doc['metadata']['name']}, which `delete -k` would delete")
+                problems.append(
+                    f"{path}: holds {doc['kind']}/{doc['metadata']['name']}, which `delete -k` would delete")
         for claim in sorted(_claims(docs) - made):
             problems.append(f"{path}: claims volume {claim}, which k8s/volume does not make")
     served = set()
@@ -586,7 +597,9 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
         command = _expand(container.get("command", []), env)
         bundle = command[command.index("--bundle") + 1] if "--bundle" in command else None
         if command[:4] != ["python", "-m", "engines.build", "plans"] or {bundle} != served:
-            problems.append(f"{at}: builds {command}, not plans of the bundle the encoders serve {sorted(map(str, served))}")
+            problems.append(
+                f"{at}: builds {command}, not plans of the bundle the encoders serve "
+                f"{sorted(map(str, served))}")
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         if "/bundles" not in mounts or mounts["/bundles"].get("readOnly"):
@@ -594,11 +607,14 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
         scratch = mounts.get(env.get("TMPDIR", "/tmp"))
         size = volumes.get(scratch["name"], {}).get("emptyDir", {}).get("sizeLimit", "0") if scratch else "0"
         if not size.endswith("Gi") or int(size[:-2]) < 8:
-            problems.append(f"{at}: TMPDIR {env.get('TMPDIR', '/tmp')} has {size}, under the 8Gi a BiomedCLIP build needs")
+            problems.append(
+                f"{at}: TMPDIR {env.get('TMPDIR', '/tmp')} has {size}, "
+                "under the 8Gi a BiomedCLIP build needs")
     for where, pod in _encoder_pods(gpu):
         pools = _affinity_pools(pod)
         if pools != job_pools:
-            problems.append(f"overlays/gpu {where}: may run on pools {sorted(pools or ['any'])}, but plans Jobs "
+            problems.append(f"overlays/gpu {where}: may run on pools {sorted(pools or ['any'])}, "
+                            "but plans Jobs "
                             f"build for {sorted(map(str, job_pools))}")
     for path in OVERLAYS:
         for _, pod in _encoder_pods(renders[path]):
@@ -619,7 +635,8 @@ def monitoring_problems(monitoring: list[dict], serving: list[dict]) -> list[str
                    and any(e.get("port") in ports for e in m["spec"].get("podMetricsEndpoints", []))]
         if not scraped:
             problems.append(f"{where}: no PodMonitor scrapes a port it has")
-    rules = [r for doc in _find(monitoring, "PrometheusRule") for g in doc["spec"]["groups"] for r in g["rules"]]
+    rules = [r for doc in _find(monitoring, "PrometheusRule")
+             for g in doc["spec"]["groups"] for r in g["rules"]]
     if not rules:
         problems.append("no alert rules")
     for rule in rules:
@@ -863,9 +880,11 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
     ),
     "GPU encoder scaled on CPU": (
         lambda d: d.remove(_find(d, "ScaledObject", "medvlm-text")[0]) or d.append({
-            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "medvlm-text"},
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "medvlm-text"},
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medvlm-text"},
-                     "minReplicas": 2, "maxReplicas": 4, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+                     "minReplicas": 2, "maxReplicas": 4,
+                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
                      "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
                          "type": "Utilization", "averageUtilization": 70}}}]}}),
         "not scaled on its queue",
@@ -1093,7 +1112,8 @@ def test_monitoring_checker_catches(breakage):
 def test_metric_names_come_from_the_services():
     assert {"medvlm_queue_depth", "medvlm_queue_wait_seconds_bucket", "medvlm_requests_total",
             "medvlm_engine_info"} <= exposed_metrics()
-    assert unknown_metrics('sum(rate(medvlm_requests_total[1m])) / medvlm_queue_depthx') == ["medvlm_queue_depthx"]
+    expr = "sum(rate(medvlm_requests_total[1m])) / medvlm_queue_depthx"
+    assert unknown_metrics(expr) == ["medvlm_queue_depthx"]
 
 
 @needs_kubectl
@@ -1232,7 +1252,8 @@ class GuideWalk:
                 if k == kind and d["metadata"].get("labels", {}).get(key) == value]
 
     def run(self, command: list[str]) -> None:
-        command = [re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1), m.group(0)), t) for t in command]
+        command = [re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1), m.group(0)), t)
+                   for t in command]
         assignments = {}
         while command and re.fullmatch(r"[A-Z_]+=\S*", command[0]):
             name, _, value = command.pop(0).partition("=")
@@ -1255,7 +1276,8 @@ class GuideWalk:
     def _make(self, command: list[str]) -> None:
         target = command[1]
         makefile = (ROOT / "Makefile").read_text()
-        self.need(re.search(rf"^{re.escape(target)}:", makefile, re.M) is not None, command, "no such make target")
+        self.need(re.search(rf"^{re.escape(target)}:", makefile, re.M) is not None, command,
+                  "no such make target")
         if target == "bundle":
             from engines.build import registry
 
@@ -1269,7 +1291,8 @@ class GuideWalk:
         if command[1] == "push":
             self.need(command[2] in self.built_images, command, "pushes an image no command built")
             return
-        self.need(command[1] == "build" and command[-1] == ".", command, "not a build from the repository root")
+        self.need(command[1] == "build" and command[-1] == ".", command,
+                  "not a build from the repository root")
         dockerfile = ROOT / (_option(command, "-f") or "Dockerfile")
         self.need(dockerfile.is_file(), command, f"no {dockerfile.relative_to(ROOT)}")
         text = dockerfile.read_text() if dockerfile.is_file() else ""
@@ -1291,7 +1314,8 @@ class GuideWalk:
         if "-c" in command:
             folder = command[command.index("-c") + 1]
             self.need(_option(command, "-C") == "bundles" and folder in self.local_bundles, command,
-                      f"bundles/{folder} is not what the `make bundle` above writes ({sorted(self.local_bundles)})")
+                      f"bundles/{folder} is not what the `make bundle` above writes "
+                      f"({sorted(self.local_bundles)})")
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -1328,7 +1352,8 @@ class GuideWalk:
             kind, name = doc["kind"], doc["metadata"]["name"]
             if kind != "Namespace":
                 self.need(doc["metadata"].get("namespace") in namespaces, command,
-                          f"{kind}/{name} goes into namespace {doc['metadata'].get('namespace')}, not made yet")
+                          f"{kind}/{name} goes into namespace {doc['metadata'].get('namespace')}, "
+                          "not made yet")
             for claim in _claims([doc]):
                 self.need(self.has("PersistentVolumeClaim", claim), command,
                           f"{kind}/{name} mounts volume {claim}, not made yet")
@@ -1345,7 +1370,8 @@ class GuideWalk:
                 self.namespaces.add(doc["metadata"]["name"])
 
     def _resource(self, command: list[str], ref: str) -> None:
-        kind = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod"}.get(ref.split("/")[0])
+        kinds = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod"}
+        kind = kinds.get(ref.split("/")[0])
         self.need(kind is not None and self.has(kind, ref.split("/", 1)[1]), command, f"{ref} does not exist")
 
     def _kubectl_wait(self, command: list[str], args: list[str]) -> None:
@@ -1355,7 +1381,8 @@ class GuideWalk:
             if kind == "pod" and selector.startswith("job-name="):
                 self.need(self.has("Job", selector.split("=", 1)[1]), command, f"no Job {selector}")
             else:
-                self.need(bool(self.labelled({"job": "Job"}[kind], selector)), command, f"no {kind} with {selector}")
+                self.need(kind == "job" and bool(self.labelled("Job", selector)), command,
+                          f"no {kind} with {selector}")
         else:
             self._resource(command, next(a for a in args[1:] if "/" in a))
 
@@ -1427,12 +1454,14 @@ def test_the_guide_works_as_written():
             "k8s/monitoring", "k8s/overlays/gpu/smoke"} <= applied
     order = [c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"]]
     first = {path: order.index(path) for path in reversed(order)}
-    assert first["k8s/volume"] < first["k8s/overlays/gpu"] < first["k8s/bundle-loader"] < first["k8s/overlays/gpu/plans"]
+    steps = ["k8s/volume", "k8s/overlays/gpu", "k8s/bundle-loader", "k8s/overlays/gpu/plans"]
+    assert [first[s] for s in steps] == sorted(first[s] for s in steps)
 
 
 def test_the_guide_names_files_that_exist():
     text = DOCS.read_text()
-    paths = {m.rstrip(".,:)") for m in re.findall(r"\b(?:k8s|scripts|services|engines|docs|tests)/[\w./-]+", text)}
+    found = re.findall(r"\b(?:k8s|scripts|services|engines|docs|tests)/[\w./-]+", text)
+    paths = {m.rstrip(".,:)") for m in found}
     missing = sorted(p for p in paths if not (ROOT / p).exists() and "<" not in p)
     assert missing == []
 
@@ -1446,7 +1475,8 @@ def test_gpu_pools_in_the_guide_fit_the_plans_job():
     text = DOCS.read_text()
     sizes = [int(n) for n in re.findall(r"--max-nodes (\d+)", text) + re.findall(r"maxSize: (\d+)", text)]
     assert len(sizes) == 2 and all(size >= needed for size in sizes), (sizes, needed)
-    assert f"`2 × maxReplicaCount + 3`" in text and needed == 2 * max(s["spec"]["maxReplicaCount"] for s in scalers) + 3
+    assert "`2 × maxReplicaCount + 3`" in text
+    assert needed == 2 * max(s["spec"]["maxReplicaCount"] for s in scalers) + 3
 
 
 def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
@@ -1461,8 +1491,10 @@ def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
         "tar -C bundles -c tiny-1 | kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles":
             "but the encoders serve",
         "kubectl -n medvlm logs job/medvlm-plans-nvidia-l4": "namespace medvlm does not exist yet",
-        "kubectl apply -k k8s/volume\nkubectl -n medvlm rollout status deployment/medvlm-vision": "does not exist",
-        "kubectl apply -k k8s/volume\nkubectl apply -k k8s/overlays/gpu/plans\nkubectl apply -k k8s/overlays/gpu/plans":
+        "kubectl apply -k k8s/volume\nkubectl -n medvlm rollout status deployment/medvlm-vision":
+            "does not exist",
+        "kubectl apply -k k8s/volume\nkubectl apply -k k8s/overlays/gpu/plans\n"
+        "kubectl apply -k k8s/overlays/gpu/plans":
             "cannot be changed",
     }
     for script, expected in broken.items():

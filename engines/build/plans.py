@@ -200,7 +200,8 @@ def build_plans(bundle_dir: Path, *, precisions: Sequence[str] = PRECISIONS, max
             # replaced, kept or not; those of other GPU models and versions stay.
             remove=lambda n, e: e.role == mf.PLAN_ROLE and e.tower in towers and e.gpu == gpu.name
             and e.compute_capability == gpu.compute_capability and e.tensorrt == trt.__version__,
-            build=lambda build: build.setdefault("plans", {}).__setitem__(plan_key(gpu, trt.__version__), summary),
+            build=lambda build: build.setdefault("plans", {}).__setitem__(
+                plan_key(gpu, trt.__version__), summary),
         )
     for record in records:
         log.info("%s %s plan: %s", record["tower"], record["precision"], record.get("note", ""))
