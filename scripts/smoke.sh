@@ -2,7 +2,8 @@
 # Smoke test of a running medvlm gateway through gRPC server reflection only (no .proto files):
 # the service is listed, health is SERVING, GetModelInfo answers, and Classify scores an image.
 #   scripts/smoke.sh [HOST:PORT]        or   TARGET=HOST:PORT scripts/smoke.sh
-# Default target 127.0.0.1:50050. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
+# Default target 127.0.0.1:50050. EXPECT_ENGINE=NAME (e.g. tensorrt) also fails unless every
+# tower's engine in GetModelInfo starts with NAME. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
 # The image is the first samples/*.png if there is one, else a generated PNG.
 set -euo pipefail
 
@@ -43,6 +44,19 @@ ok "health SERVING"
 info="$(grpc -d '{}' "$TARGET" medvlm.v1.GatewayService/GetModelInfo)"
 grep -q '"model"' <<<"$info" || fail "GetModelInfo returned no model: $info"
 ok "GetModelInfo: $(grep -m1 -oE '"bundle_?[iI]d": *"[^"]*"' <<<"$info" || echo 'no bundle id')"
+
+if [[ -n "${EXPECT_ENGINE:-}" ]]; then
+  engines="$("$PYTHON" -c '
+import json, sys
+expected, info = sys.argv[1], json.loads(sys.stdin.read())
+engines = [(e.get("tower", "?"), e.get("engine", "")) for e in info.get("model", {}).get("engines", [])]
+wrong = [f"{t} on {e or chr(63)}" for t, e in engines if not e.startswith(expected)]
+if not engines or wrong:
+    sys.exit("expected every tower on %s, got %s" % (expected, ", ".join(wrong) or "no engines"))
+print(", ".join(f"{t} on {e}" for t, e in engines))
+' "$EXPECT_ENGINE" <<<"$info" 2>&1)" || fail "$engines"
+  ok "engines: $engines"
+fi
 
 shopt -s nullglob
 samples=("$ROOT"/samples/*.png)
