@@ -38,3 +38,8 @@ class Unavailable(MedvlmError):
 
 class Inconsistent(MedvlmError):
     """Downstream services disagree (e.g. different bundles): refusing to mix results."""
+
+
+class BundleChanged(Unavailable):
+    """An encoder answered with another bundle than the gateway serves (a rollout in progress):
+    the answer is refused, never mixed, and the gateway re-checks its encoders."""

@@ -68,7 +68,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.max_connection_idle_ms", 5 * 60_000),
-        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 60) * 1000)),
         ("grpc.server_handshake_timeout_ms", 15_000),
         # a second server on a taken port must fail, not silently share it

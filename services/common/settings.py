@@ -49,6 +49,12 @@ class Settings:
         "Seconds between reporting NOT_SERVING and refusing new calls at shutdown, so load "
         "balancers stop sending first. 5-10 on Kubernetes; 0 locally.",
     )
+    max_connection_age_s: float = _opt(
+        1800.0,
+        "Clients are asked to reconnect after a connection has lived this long (they re-resolve "
+        "DNS then), so callers balancing over DNS reach replicas added since. Short (60) on "
+        "encoders behind a headless Service; keep it long where clients hold long streams.",
+    )
     max_message_mb: int = _opt(
         0,
         "Largest request message in MiB. Larger images need more; every byte allowed is memory a "

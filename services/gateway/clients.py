@@ -50,6 +50,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # dns:/// targets are resolved again when a connection closes (an encoder's maximum
+        # connection age), but by default at most every 30 s: 5 s lets new replicas in sooner.
+        ("grpc.dns_min_time_between_resolutions_ms", 5000),
     ]
 
 
@@ -154,7 +157,7 @@ class VisionClient(EncoderClient):
         ])
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
         if len({d.bundle_id for d in done}) != 1:
-            raise errors.Inconsistent("vision encoder replicas serve different bundles; refusing to mix them")
+            raise errors.BundleChanged("vision encoder replicas serve different bundles; retry shortly")
         vectors = np.concatenate([d.vectors for d in done])
         if len(vectors) != len(images):
             raise errors.MedvlmError(f"vision encoder returned {len(vectors)} embeddings for {len(images)} images")

@@ -21,13 +21,10 @@ from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
 log = structlog.get_logger("medvlm.gateway")
 
 
-async def verify_encoders(vision: VisionClient, text: TextClient) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
-    """Ask both encoders what they serve and require the same bundle and dimension.
-
-    Returns the verified identity and a ModelInfo carrying both engines. Raises
-    Inconsistent when they differ, and the clients' errors when one does not answer.
-    """
-    vision_info, text_info = await asyncio.gather(vision.model_info(5.0), text.model_info(5.0))
+def agreed_identity(vision_info: types_pb2.ModelInfo,
+                    text_info: types_pb2.ModelInfo) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """The identity both encoders serve and a ModelInfo carrying both engines; Inconsistent
+    when they serve different bundles or dimensions."""
     if (vision_info.bundle_id, vision_info.embed_dim) != (text_info.bundle_id, text_info.embed_dim):
         raise Inconsistent(
             f"encoders disagree: vision serves {vision_info.bundle_id} (dim {vision_info.embed_dim}), "
@@ -36,8 +33,14 @@ async def verify_encoders(vision: VisionClient, text: TextClient) -> tuple[Model
     info = types_pb2.ModelInfo()
     info.CopyFrom(vision_info)
     info.engines.extend(text_info.engines)
-    identity = ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale)
-    return identity, info
+    return ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale), info
+
+
+async def verify_encoders(vision: VisionClient, text: TextClient,
+                          timeout: float = 5.0) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """Ask both encoders what they serve and require the same bundle and dimension (see
+    agreed_identity); the clients' errors when one does not answer."""
+    return agreed_identity(*await asyncio.gather(vision.model_info(timeout), text.model_info(timeout)))
 
 
 # How the gateway follows its vision encoder once serving: a grpc.health.v1 check every
@@ -66,6 +69,7 @@ class GatewayApp:
         self.text = TextClient(settings.text_target, settings.max_message_bytes)
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
+        self._recheck = asyncio.Event()  # set when a reply named another bundle
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
@@ -75,7 +79,7 @@ class GatewayApp:
         delay = 0.5
         while True:
             try:
-                identity, self._info = await verify_encoders(self.vision, self.text)
+                identity, info = await verify_encoders(self.vision, self.text)
                 break
             except MedvlmError as exc:
                 log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
@@ -83,44 +87,68 @@ class GatewayApp:
                 delay = min(delay * 2, self.settings.verify_retry_max_s)
         for name in ("vision", "text"):
             metrics.ENCODER_UP.labels(name).set(1)
+        self._adopt(identity, info)
+
+    def _adopt(self, identity: ModelIdentity, info: types_pb2.ModelInfo) -> None:
+        """Serve this bundle from now on, with a text cache of its own (embeddings never mix)."""
+        self._info = info
         self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
-                              self.settings.downstream_timeout_s)
+                              self.settings.downstream_timeout_s, on_bundle_changed=self._recheck.set)
         log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim)
 
     async def watch(self, set_serving) -> None:
-        """Follow both encoders; report the vision encoder's state as the gateway's own."""
+        """Follow both encoders every CHECK_INTERVAL_S, and at once when a reply named another
+        bundle. SERVING while the vision encoder is up and the encoders agree on a bundle; when
+        they agree on a new one (a rollout), it is adopted without a restart."""
         up = {"vision": True, "text": True}
         silent = {"vision": 0, "text": 0}
+        agree = serving = True
         while True:
-            await asyncio.sleep(CHECK_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self._recheck.wait(), CHECK_INTERVAL_S)
+            except TimeoutError:
+                pass
+            recheck = self._recheck.is_set() or not agree
+            self._recheck.clear()
             answers = await asyncio.gather(self.vision.serving(CHECK_TIMEOUT_S), self.text.serving(CHECK_TIMEOUT_S))
-            for (name, client), answer in zip((("vision", self.vision), ("text", self.text)), answers, strict=True):
+            for name, answer in zip(("vision", "text"), answers, strict=True):
                 silent[name] = silent[name] + 1 if answer is None else 0
                 now = up[name] and silent[name] < SILENT_CHECKS_DOWN if answer is None else answer
-                if now and not up[name]:
-                    now = await self._serves_our_bundle(client)
                 if now != up[name]:
                     up[name] = now
+                    recheck = recheck or now  # a recovered (or replaced) encoder may serve another bundle
                     metrics.ENCODER_UP.labels(name).set(int(now))
                     log.warning("encoder_down" if not now else "encoder_up", encoder=name)
-                    if name == "vision":
-                        await set_serving(now)
+            if recheck and up["vision"]:
+                agree = await self._reverify()
+            if (up["vision"] and agree) != serving:
+                serving = up["vision"] and agree
+                await set_serving(serving)
+
+    async def _reverify(self) -> bool:
+        """Do the encoders (still) agree on a bundle? A new bundle is adopted only when both
+        confirm it; with the text encoder unreachable, the vision encoder must serve ours."""
+        try:
+            vision_info = await self.vision.model_info(CHECK_TIMEOUT_S)
+        except MedvlmError:
+            return False
+        try:
+            text_info = await self.text.model_info(CHECK_TIMEOUT_S)
+        except MedvlmError:
+            return vision_info.bundle_id == self.core.model.bundle_id
+        try:
+            identity, info = agreed_identity(vision_info, text_info)
+        except Inconsistent as exc:
+            log.warning("encoders_disagree", reason=exc.message)
+            return False
+        if identity != self.core.model:
+            log.warning("bundle_changed", old=self.core.model.bundle_id, new=identity.bundle_id)
+            self._adopt(identity, info)
+        return True
 
     def stalled(self) -> str | None:
         """The gateway runs no engine: it is live while its event loop answers."""
         return None
-
-    async def _serves_our_bundle(self, client) -> bool:
-        """A recovered (or replaced) encoder is used again only if it serves the verified bundle."""
-        try:
-            info = await client.model_info(CHECK_TIMEOUT_S)
-        except MedvlmError:
-            return False
-        same = (info.bundle_id, info.embed_dim) == (self.core.model.bundle_id, self.core.model.embed_dim)
-        if not same:
-            log.error("encoder_bundle_changed", encoder=client.name, got=info.bundle_id,
-                      expected=self.core.model.bundle_id)
-        return same
 
     @property
     def core(self) -> ZeroShot:
