@@ -38,3 +38,11 @@ class Unavailable(MedvlmError):
 
 class Inconsistent(MedvlmError):
     """Downstream services disagree (e.g. different bundles): refusing to mix results."""
+
+
+class Unauthenticated(MedvlmError):
+    """The call carries no credential, or one that does not verify."""
+
+
+class PermissionDenied(MedvlmError):
+    """The caller is known but may not make this call (its role, or not an allowed client)."""

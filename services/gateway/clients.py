@@ -91,10 +91,15 @@ def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
 class EncoderClient:
     """One encoder behind one channel."""
 
-    def __init__(self, name: str, target: str, stub_class, max_message_bytes: int) -> None:
+    def __init__(self, name: str, target: str, stub_class, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.name = name
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        options = channel_options(max_message_bytes)
+        # With TLS the encoders' certificates must name the host of the target (for dns:///vision:50051
+        # on a headless Service: its DNS name); every resolved replica is checked against it.
+        self.channel = (grpc.aio.insecure_channel(target, options=options) if credentials is None
+                        else grpc.aio.secure_channel(target, credentials, options=options))
         self.stub = stub_class(self.channel)
 
     async def call(self, method: str, request, timeout: float):
@@ -142,8 +147,8 @@ class VisionClient(EncoderClient):
     # default); the parts run concurrently and, with round_robin, on different replicas.
     CHUNK_BYTES = 16 << 20
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes, credentials)
 
     async def embed(self, images: list[types_pb2.Image], timeout: float, priority: int) -> Embedded:
         """Image messages, passed through untouched -> embeddings, in order."""
@@ -162,8 +167,8 @@ class VisionClient(EncoderClient):
 
 
 class TextClient(EncoderClient):
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes, credentials)
 
     async def embed(self, texts: list[str], timeout: float, priority: int) -> Embedded:
         request = types_pb2.EmbedTextsRequest(texts=texts, priority=convert.priority_enum(priority))

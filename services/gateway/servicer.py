@@ -14,6 +14,7 @@ from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, 
 from services.common.interceptors import status_of
 from services.common.settings import Settings
 from services.common.texts import check_texts
+from services.common.tls import encoder_channel_credentials
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.stream import map_unordered
 from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
@@ -61,8 +62,9 @@ class GatewayApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.admission_limit = settings.max_inflight
-        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
-        self.text = TextClient(settings.text_target, settings.max_message_bytes)
+        credentials = encoder_channel_credentials(settings)
+        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, credentials)
+        self.text = TextClient(settings.text_target, settings.max_message_bytes, credentials)
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
 
@@ -128,6 +130,9 @@ class GatewayApp:
         if self._info is None:
             raise NotReady("gateway has not verified its encoders yet; retry shortly")
         return self._info
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"bundle_signer": self.info.signing_key_id}
 
     async def close(self) -> None:
         await asyncio.gather(self.vision.close(), self.text.close())
