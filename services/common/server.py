@@ -112,7 +112,7 @@ class Server:
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
         log.info("listening", port=self.port, metrics_port=self.metrics_port, tls=bool(self.settings.tls_cert),
-                 mtls=self.settings.require_client_cert, auth=self.interceptor.guard is not None)
+                 mtls=bool(self.settings.tls_client_ca), auth=self.interceptor.guard is not None)
         self._start_task = asyncio.create_task(self._start_app())
 
     async def _start_app(self) -> None:

@@ -175,13 +175,10 @@ class Settings:
     tls_key: str = _opt("", "PEM private key of --tls-cert.")
     tls_client_ca: str = _opt(
         "",
-        "PEM CA certificates that client certificates must chain to. Set: callers may present a "
-        "certificate, and its identity authenticates them; with --require-client-cert they must.",
-    )
-    require_client_cert: bool = _opt(
-        False,
-        "Refuse TLS connections without a client certificate from --tls-client-ca (mutual TLS). On for "
-        "the encoders, which only the gateway calls; off for a gateway that also takes bearer tokens.",
+        "PEM CA certificates that client certificates must chain to. Set: every connection must "
+        "present one (mutual TLS) and its identity authenticates the caller; on the encoders, which "
+        "only the gateway calls. gRPC Python cannot ask for an optional certificate, so a gateway "
+        "whose callers use tokens or API keys leaves it empty.",
     )
     allowed_clients: str = _opt(
         "",
@@ -337,10 +334,8 @@ def _check_security(settings: Settings) -> None:
     """Refuse combinations of the TLS and auth settings that cannot work."""
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
-    if (settings.tls_client_ca or settings.require_client_cert) and not settings.tls_cert:
-        raise SystemExit("--tls-client-ca and --require-client-cert need TLS (--tls-cert, --tls-key)")
-    if settings.require_client_cert and not settings.tls_client_ca:
-        raise SystemExit("--require-client-cert needs --tls-client-ca")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SystemExit("--tls-client-ca needs TLS (--tls-cert, --tls-key)")
     if bool(settings.encoder_tls_cert) != bool(settings.encoder_tls_key):
         raise SystemExit("--encoder-tls-cert and --encoder-tls-key go together")
     if settings.encoder_tls_cert and not settings.encoder_tls_ca:

@@ -115,7 +115,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return grpc.dynamic_ssl_server_credentials(
-        files.initial, files.fetch, require_client_authentication=settings.require_client_cert
+        files.initial, files.fetch, require_client_authentication=bool(settings.tls_client_ca)
     )
 
 
