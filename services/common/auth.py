@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 import jwt
 import structlog
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.common import errors, metrics
 from services.common.settings import Settings
@@ -52,6 +53,7 @@ REFLECTION_PREFIX = "/grpc.reflection."  # any authenticated caller (grpcurl sen
 AUTHORIZATION_KEY = "authorization"
 API_KEY_KEY = "x-api-key"
 JWT_ALGORITHMS = ["RS256", "ES256"]
+_KEY_TYPES = {"RS256": rsa.RSAPublicKey, "ES256": ec.EllipticCurvePublicKey}
 
 # How the caller proved who it is (the audit record's "auth").
 MTLS, JWT, API_KEY, NONE = "mtls", "jwt", "api-key", "none"
@@ -345,8 +347,9 @@ class Guard:
             raise errors.Unauthenticated("bearer token is not a JWT") from exc
         if header.get("alg") not in JWT_ALGORITHMS:
             raise errors.Unauthenticated(f"bearer token algorithm must be one of {', '.join(JWT_ALGORITHMS)}")
-        kid = header.get("kid")
-        keys = [key for key_id, key in self._jwt_keys() if kid is None or key_id in (None, kid)]
+        kid, kind = header.get("kid"), _KEY_TYPES[header["alg"]]
+        keys = [key for key_id, key in self._jwt_keys()
+                if isinstance(key, kind) and (kid is None or key_id in (None, kid))]
         if not keys:
             raise errors.Unauthenticated("bearer token signed by an unknown key")
         for key in keys:
