@@ -125,6 +125,21 @@ async def test_tls_server_refuses_plaintext_another_ca_and_an_expired_certificat
         await expired.stop(0)
 
 
+async def test_health_alone_in_plaintext_beside_a_tls_port(pki, tiny_bundle):
+    settings = encoder_settings(TEXT, tiny_bundle, health_port=0, **pki.encoder_mtls())
+    server = await start_server(settings, TextApp(settings))
+    try:
+        assert await health_code(server.health_port, None) == grpc.StatusCode.OK
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await encoders_pb2_grpc.TextEncoderServiceStub(channel).EmbedTexts(
+                    types_pb2.EmbedTextsRequest(texts=["a"]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # nothing but health there
+        assert await health_code(server.port, None) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
+
+
 def test_no_plaintext_off_loopback_unless_told():
     for host in ("127.0.0.1", "::1", "[::1]", "localhost"):
         check_listen(Settings(service=VISION, host=host))
@@ -568,6 +583,78 @@ def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_p
         assert plaintext.returncode != 0
         no_token = run(re.sub(r'-H "authorization: Bearer \$\(cat \S+\)"', "", line))
         assert no_token.returncode != 0 and "Unauthenticated" in no_token.stderr
+        tls = tmp_path / "tls"
+        smoke = subprocess.run(
+            ["bash", "scripts/smoke.sh", f"127.0.0.1:{gateway_port}"], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env=dict(os.environ, CACERT=str(tls / "ca.crt"), TOKEN_FILE=str(tls / "token")),
+        )
+        assert smoke.returncode == 0 and "smoke: PASS" in smoke.stdout, smoke.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+KUBECTL = shutil.which("kubectl")
+
+
+def render_with_security(tmp_path: Path, overlay: str) -> list[dict]:
+    """An overlay with the security component, rendered by kustomize from a scratch folder."""
+    import yaml
+
+    folder = tmp_path / overlay.replace("/", "-")
+    folder.mkdir()
+    rel = lambda p: os.path.relpath(ROOT / "k8s" / p, folder)  # noqa: E731 - kustomize wants relative paths
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel(overlay)}]\ncomponents: [{rel('security')}]\n")
+    proc = subprocess.run([KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: it renders the kustomizations")
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
+def test_kubernetes_security_component_configures_every_service(tmp_path, overlay):
+    docs = render_with_security(tmp_path, overlay)
+    config = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} == {GATEWAY, VISION, TEXT}
+    assert any(d["kind"] == "NetworkPolicy" for d in docs)  # the policies stay
+    gateway_settings_seen = None
+    for deployment in deployments:
+        service = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        environ: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            environ.update(config[source["configMapRef"]["name"]]["data"])
+        environ.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        settings = parse_settings(service, [], environ)  # the combination is one the server accepts
+        assert settings.tls_cert and settings.auth and not settings.insecure
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == settings.health_port
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for path in (settings.tls_cert, settings.tls_key, settings.encoder_tls_key, settings.jwt_keys,
+                     settings.api_keys, settings.trusted_bundle_keys):
+            if not path:
+                continue
+            mount = mounts[os.path.dirname(path)]
+            assert mount["readOnly"] is True
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in certificates or volume["secret"]["secretName"] == "medvlm-auth"
+        if service == GATEWAY:
+            assert not settings.tls_client_ca  # callers use tokens or API keys
+            gateway_settings_seen = settings
+        else:
+            assert settings.tls_client_ca and settings.trusted_bundle_keys
+            gateway_client = certificates["medvlm-gateway-client"]
+            assert settings.allowed_clients in gateway_client["uris"]
+    # the gateway dials names its encoders' certificates carry
+    for encoder, target in ((VISION, gateway_settings_seen.vision_target), (TEXT, gateway_settings_seen.text_target)):
+        host = target.removeprefix("dns:///").rsplit(":", 1)[0]
+        assert host in certificates[f"medvlm-{encoder}-tls"]["dnsNames"]

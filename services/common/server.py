@@ -96,6 +96,13 @@ class Server:
         else:
             self.port = self.grpc.add_secure_port(address, credentials)
         self.metrics_port: int | None = None
+        # Health alone in plaintext, for probes that cannot speak TLS (the kubelet's gRPC probe).
+        self.health_grpc: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if settings.health_port >= 0:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            self.health_port = self.health_grpc.add_insecure_port(f"{settings.host}:{settings.health_port}")
         self.ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -109,9 +116,11 @@ class Server:
         """Listen at once (so health answers NOT_SERVING), then load the app in the background."""
         await self._set_all(NOT_SERVING)
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
-        log.info("listening", port=self.port, metrics_port=self.metrics_port, tls=bool(self.settings.tls_cert),
+        log.info("listening", port=self.port, metrics_port=self.metrics_port, health_port=self.health_port, tls=bool(self.settings.tls_cert),
                  mtls=bool(self.settings.tls_client_ca), auth=self.interceptor.guard is not None)
         self._start_task = asyncio.create_task(self._start_app())
 
@@ -143,6 +152,8 @@ class Server:
         if self.settings.drain_s > 0:
             await asyncio.sleep(self.settings.drain_s)
         await self.grpc.stop(grace)
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         await self.app.close()
         log.info("stopped")
 

@@ -197,6 +197,12 @@ class Settings:
         "and the role its RPC needs. Off: every caller is anonymous and may call everything; for "
         "loopback only.",
     )
+    health_port: int = _opt(
+        -1,
+        "Also answer grpc.health.v1 alone, in plaintext, on this port (-1: off; 0 picks one), for "
+        "probes that cannot speak TLS such as the kubelet's native gRPC probe. It reveals only "
+        "whether the server is serving.",
+    )
     reflection: bool = _opt(
         True,
         "Serve gRPC reflection, so grpcurl works without .proto files. Off hides the API from "
