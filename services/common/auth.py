@@ -124,10 +124,14 @@ class Watched(Generic[T]):
         self._value: T = self._load(initial=True)  # type: ignore[assignment]
 
     def _load(self, initial: bool = False) -> T | None:
-        st = os.stat(self.path)
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             value = self.parse(Path(self.path).read_bytes())
+        except OSError as exc:
+            if initial:
+                raise SystemExit(f"cannot read {self.path}: {exc.strerror}") from exc
+            return None  # being replaced: keep the current value, look again at the next call
         except (ValueError, KeyError, TypeError) as exc:
             if initial:
                 raise SystemExit(f"{self.path}: {exc}") from exc

@@ -252,7 +252,11 @@ class _Call:
     def charge(self, request: Any) -> None:
         """Charge the images of one request message to the caller's images-per-second quota."""
         if self.caller is not None and self.quotas is not None:
-            self.quotas.charge(self.caller.identity, "images", auth.count_images(request))
+            try:
+                self.quotas.charge(self.caller.identity, "images", auth.count_images(request))
+            except errors.Overloaded as exc:
+                self.refusal = exc.message
+                raise
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
