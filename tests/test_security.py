@@ -35,7 +35,7 @@ from services.common import errors
 from services.common.auth import hash_api_key
 from services.common.localca import LocalCA, signing_key, token_key
 from services.common.settings import GATEWAY, TEXT, VISION, Settings, parse_settings
-from services.common.tls import check_listen
+from services.common.tls import ClientCertificateFiles, check_listen
 from services.gateway.clients import VisionClient
 from services.gateway.servicer import GatewayApp
 from services.text.servicer import TextApp
@@ -169,7 +169,8 @@ async def test_encoders_accept_only_the_gateways_certificate(pki, tiny_bundle):
         assert await health_code(vision.port, pki.credentials("gateway")) == grpc.StatusCode.OK
         # a certificate of our CA for another workload: authenticated, but not an allowed client
         for name, expected in (("stranger", "PERMISSION_DENIED"), ("gateway", None)):
-            client = VisionClient(f"127.0.0.1:{vision.port}", 1 << 20, pki.credentials(name))
+            files = ClientCertificateFiles(pki.path("ca.crt"), pki.path(f"{name}.crt"), pki.path(f"{name}.key"))
+            client = VisionClient(f"127.0.0.1:{vision.port}", 1 << 20, files)
             clients.append(client)
             if expected is None:
                 assert (await client.model_info(5)).bundle_id
@@ -196,6 +197,31 @@ async def test_encoders_accept_only_the_gateways_certificate(pki, tiny_bundle):
             await channel.close()
         if gateway is not None:
             await gateway.stop(0)
+        await vision.stop(0)
+        await text.stop(0)
+
+
+async def test_the_gateway_follows_a_rotation_of_its_own_client_certificate(pki, tiny_bundle, tmp_path):
+    vision_settings = encoder_settings(VISION, tiny_bundle, **pki.encoder_mtls())
+    text_settings = encoder_settings(TEXT, tiny_bundle, **pki.encoder_mtls())
+    vision = await start_server(vision_settings, VisionApp(vision_settings))
+    text = await start_server(text_settings, TextApp(text_settings))
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    shutil.copy(pki.path("stranger.crt"), cert)  # a certificate the encoders do not admit
+    shutil.copy(pki.path("stranger.key"), key)
+    settings = gateway_settings(vision.port, text.port, encoder_tls_ca=pki.path("ca.crt"),
+                                encoder_tls_cert=str(cert), encoder_tls_key=str(key))
+    gateway = await start_server(settings, GatewayApp(settings), wait=False)
+    try:
+        assert not gateway.ready.is_set()
+        for src, dst in (("gateway.key", key), ("gateway.crt", cert)):
+            tmp = dst.with_suffix(".new")
+            shutil.copy(pki.path(src), tmp)
+            os.replace(tmp, dst)
+        # the gateway keeps retrying its encoders; with the renewed certificate they let it in
+        await asyncio.wait_for(gateway.ready.wait(), 30)
+    finally:
+        await gateway.stop(0)
         await vision.stop(0)
         await text.stop(0)
 

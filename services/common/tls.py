@@ -119,16 +119,59 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def encoder_channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
-    """The gateway's credentials towards the encoders: their CA and its own client certificate,
-    or None for plaintext (loopback)."""
+class ClientCertificateFiles:
+    """The gateway's credentials towards the encoders: their CA and its own client certificate.
+
+    gRPC has no reloading channel credentials, so `current` is asked before calls; it reads the
+    files again when they changed (looking at most every CHECK_INTERVAL_S) and bumps `version`,
+    and each channel's owner opens a new channel for new calls when the version moved on.
+    """
+
+    CHECK_INTERVAL_S = 1.0
+
+    def __init__(self, ca: str, cert: str = "", key: str = "") -> None:
+        self.paths = [p for p in (ca, cert, key) if p]
+        self._stamp: tuple = ()
+        self._checked = 0.0
+        self.version = 0
+        self.credentials = self._read()
+        if self.credentials is None:
+            raise SystemExit(f"cannot use the encoder TLS files {', '.join(self.paths)}; see the log")
+
+    def _read(self) -> grpc.ChannelCredentials | None:
+        try:
+            stamp = _stamp(self.paths)
+            ca = Path(self.paths[0]).read_bytes()
+            if len(self.paths) == 1:
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+            else:
+                cert, key = Path(self.paths[1]).read_bytes(), Path(self.paths[2]).read_bytes()
+                _check_pair(cert, key)
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        except (OSError, ValueError) as exc:
+            log.error("tls_client_certificate_unusable", files=self.paths, error_type=type(exc).__name__)
+            return None
+        self._stamp = stamp
+        return credentials
+
+    def current(self, now: float) -> tuple[int, grpc.ChannelCredentials]:
+        """(version, credentials), read again first if the files changed."""
+        if now - self._checked >= self.CHECK_INTERVAL_S:
+            self._checked = now
+            try:
+                changed = _stamp(self.paths) != self._stamp
+            except OSError:
+                changed = False  # being replaced: look again later
+            credentials = self._read() if changed else None
+            if credentials is not None:
+                self.credentials = credentials
+                self.version += 1
+                log.info("tls_client_certificate_reloaded", files=self.paths, version=self.version)
+        return self.version, self.credentials
+
+
+def encoder_certificates(settings: Settings) -> ClientCertificateFiles | None:
+    """The gateway's TLS files towards the encoders, or None for plaintext (loopback)."""
     if not settings.encoder_tls_ca:
         return None
-    ca = Path(settings.encoder_tls_ca).read_bytes()
-    if not settings.encoder_tls_cert:
-        return grpc.ssl_channel_credentials(root_certificates=ca)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca,
-        private_key=Path(settings.encoder_tls_key).read_bytes(),
-        certificate_chain=Path(settings.encoder_tls_cert).read_bytes(),
-    )
+    return ClientCertificateFiles(settings.encoder_tls_ca, settings.encoder_tls_cert, settings.encoder_tls_key)

@@ -14,7 +14,7 @@ from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, 
 from services.common.interceptors import status_of
 from services.common.settings import Settings
 from services.common.texts import check_texts
-from services.common.tls import encoder_channel_credentials
+from services.common.tls import encoder_certificates
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.stream import map_unordered
 from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
@@ -62,9 +62,9 @@ class GatewayApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.admission_limit = settings.max_inflight
-        credentials = encoder_channel_credentials(settings)
-        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, credentials)
-        self.text = TextClient(settings.text_target, settings.max_message_bytes, credentials)
+        certificates = encoder_certificates(settings)
+        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, certificates)
+        self.text = TextClient(settings.text_target, settings.max_message_bytes, certificates)
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
 
