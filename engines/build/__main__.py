@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _quantize_parser().parse_args(argv[1:])
         _logging(args.verbose)
         status = _quantize(args.bundle, args)
-        return _sign(args.bundle, args.sign_key) or status if args.sign_key and status != 1 else status
+        if args.sign_key and status != 1:
+            return _sign(args.bundle, args.sign_key) or status
+        return status
     if argv[:1] == ["sign"]:
         args = _sign_parser().parse_args(argv[1:])
         _logging(False)
