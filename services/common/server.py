@@ -120,8 +120,9 @@ class Server:
             await self.health_grpc.start()
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
-        log.info("listening", port=self.port, metrics_port=self.metrics_port, health_port=self.health_port, tls=bool(self.settings.tls_cert),
-                 mtls=bool(self.settings.tls_client_ca), auth=self.interceptor.guard is not None)
+        log.info("listening", port=self.port, metrics_port=self.metrics_port, health_port=self.health_port,
+                 tls=bool(self.settings.tls_cert), mtls=bool(self.settings.tls_client_ca),
+                 auth=self.interceptor.guard is not None)
         self._start_task = asyncio.create_task(self._start_app())
 
     async def _start_app(self) -> None:
