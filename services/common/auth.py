@@ -225,7 +225,10 @@ def _jwt_keys(paths: Sequence[str]) -> Callable[[], list[tuple[str | None, Any]]
     def parse(data: bytes) -> list[tuple[str | None, Any]]:
         text = data.strip()
         if text.startswith(b"{"):
-            keyset = jwt.PyJWKSet.from_dict(json.loads(text))
+            try:
+                keyset = jwt.PyJWKSet.from_dict(json.loads(text))
+            except jwt.PyJWTError as exc:
+                raise ValueError(f"not a usable JWKS: {exc}") from exc
             return [(k.key_id, k.key) for k in keyset.keys]
         return [(None, serialization.load_pem_public_key(text))]
 
