@@ -48,8 +48,8 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
-run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
-	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)
+run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
+	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
 test: protos  ## run the test suite
 	$(PY) -m pytest -q

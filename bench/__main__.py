@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
                         f"when it cannot be built; --quick: tiny)")
     p.add_argument("--systems", default=None,
                    help="comma-separated subset of: torch, ort, ort-decode, vision-nobatch, vision-batch, "
-                        "gateway, triton (default: all)")
+                        "gateway, gateway-tls, triton (default: all)")
     p.add_argument("--concurrency", default=None,
                    help=f"comma-separated concurrencies (default {DEFAULT_CONCURRENCY}; --quick: 1,4)")
     p.add_argument("--seconds", type=float, default=None,
@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.paired import paired_overhead
 
                 model_result["paired_overhead"] = paired_overhead(ctx, pairs=60 if args.quick else 300)
+            if "gateway-tls" in plan.systems and 1 in plan.concurrency:
+                from bench.paired import tls_overhead
+
+                model_result["tls_overhead"] = tls_overhead(ctx, pairs=60 if args.quick else 300)
             model_result["ratios"] = report.ratios(model_result, plan.concurrency)
             results["models"][choice.model] = model_result
     finally:

@@ -5,6 +5,11 @@
 # Default target 127.0.0.1:50050. EXPECT_ENGINE=NAME (e.g. tensorrt) also fails unless every
 # tower's engine in GetModelInfo starts with NAME. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
 # The image is the first samples/*.png if there is one, else a generated PNG.
+# TLS and credentials (plaintext without CACERT):
+#   CACERT=ca.crt        trust these CA certificates (turns TLS on)
+#   CERT=c.crt KEY=c.key present a client certificate
+#   TOKEN_FILE=path      send "authorization: Bearer <token>" (the token never appears in argv)
+#   API_KEY_FILE=path    send "x-api-key: <key>" (likewise)
 set -euo pipefail
 
 TARGET="${1:-${TARGET:-127.0.0.1:50050}}"
@@ -23,11 +28,25 @@ fi
 PYTHON="$(command -v python3 || command -v python || true)"
 [[ -n "$PYTHON" ]] || fail "python3 not found (it builds the Classify request)"
 
+SECURITY=(-plaintext)
+if [[ -n "${CACERT:-}" ]]; then
+  SECURITY=(-cacert "$CACERT")
+  [[ -z "${CERT:-}" ]] || SECURITY+=(-cert "$CERT" -key "${KEY:?KEY must go with CERT}")
+fi
+# Credentials are read into the environment and expanded by grpcurl, so ps never shows them.
+if [[ -n "${TOKEN_FILE:-}" ]]; then
+  MEDVLM_SMOKE_TOKEN="$(<"$TOKEN_FILE")"; export MEDVLM_SMOKE_TOKEN
+  SECURITY+=(-expand-headers -H 'authorization: Bearer ${MEDVLM_SMOKE_TOKEN}')
+elif [[ -n "${API_KEY_FILE:-}" ]]; then
+  MEDVLM_SMOKE_API_KEY="$(<"$API_KEY_FILE")"; export MEDVLM_SMOKE_API_KEY
+  SECURITY+=(-expand-headers -H 'x-api-key: ${MEDVLM_SMOKE_API_KEY}')
+fi
+
 # grpcurl ARGS...: its output, or fail with what it said. Called in $(...), so fail ends the
 # subshell and set -e then ends the script.
 grpc() {
   local out
-  out="$("$GRPCURL" -plaintext -connect-timeout 5 -max-time 30 "$@" 2>&1)" \
+  out="$("$GRPCURL" "${SECURITY[@]}" -connect-timeout 5 -max-time 30 "$@" 2>&1)" \
     || fail "grpcurl $* (target $TARGET): $out"
   printf '%s\n' "$out"
 }

@@ -36,7 +36,8 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
 
     Blocking; raises BundleError when the bundle must not be served.
     """
-    bundle = load_bundle(settings.bundle)
+    trusted = [k.strip() for k in settings.trusted_bundle_keys.split(",") if k.strip()]
+    bundle = load_bundle(settings.bundle, trusted)
     manifest = bundle.manifest
     if manifest.kind == KIND_BENCHMARK and not settings.allow_benchmark:
         raise BundleError(
@@ -49,6 +50,7 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
                            settings.max_batch)
     engine, cosine = selected.engine, selected.golden_cosine
     log.info("tower_ready", tower=tower, bundle_id=bundle.bundle_id, kind=manifest.kind,
+             signing_key_id=bundle.signing_key_id or None,
              engine=engine.kind, precision=engine.precision, golden_min_cosine=round(cosine, 7))
     metrics.ENGINE_INFO.labels(tower, engine.kind, engine.precision, bundle.bundle_id).set(1)
     return LoadedTower(bundle, engine, cosine)
@@ -170,8 +172,11 @@ class EncoderApp:
     def model_info(self):
         loaded = self.loaded
         return convert.model_info(
-            loaded.bundle.manifest, [convert.engine_info(self.tower, loaded.engine)]
+            loaded.bundle.manifest, [convert.engine_info(self.tower, loaded.engine)], loaded.bundle.signing_key_id
         )
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"bundle_signer": self.loaded.bundle.signing_key_id}
 
     async def close(self) -> None:
         if self._batcher is not None:

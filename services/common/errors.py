@@ -43,3 +43,11 @@ class Inconsistent(MedvlmError):
 class BundleChanged(Unavailable):
     """An encoder answered with another bundle than the gateway serves (a rollout in progress):
     the answer is refused, never mixed, and the gateway re-checks its encoders."""
+
+
+class Unauthenticated(MedvlmError):
+    """The call carries no credential, or one that does not verify."""
+
+
+class PermissionDenied(MedvlmError):
+    """The caller is known but may not make this call (its role, or not an allowed client)."""

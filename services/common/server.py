@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import Guard
 from services.common.interceptors import Admission, ServerInterceptor
 from services.common.metrics import serve_metrics
 from services.common.logs import configure_logging
 from services.common.settings import Settings, parse_settings
+from services.common.tls import check_listen, server_credentials
 
 log = structlog.get_logger("medvlm.server")
 
@@ -52,6 +54,9 @@ class App(Protocol):
     async def close(self) -> None:
         """Release what start() acquired."""
 
+    def audit_fields(self) -> dict[str, str]:
+        """Fields every audit record carries once start() has succeeded (the bundle's signing key id)."""
+
 
 MAX_CONCURRENT_STREAMS = 4096
 
@@ -84,14 +89,28 @@ class Server:
         self.app = app
         self.health = HealthServicer()
         limit = app.admission_limit
-        interceptor = ServerInterceptor(Admission(limit) if limit else None)
-        self.grpc = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
+        check_listen(settings)
+        self.interceptor = ServerInterceptor(Admission(limit) if limit else None, Guard(settings))
+        self.grpc = grpc.aio.server(interceptors=[self.interceptor], options=server_options(settings))
         app.register(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.reflection:
+            reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.grpc)
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         self.metrics_port: int | None = None
+        # Health alone in plaintext, for probes that cannot speak TLS (the kubelet's gRPC probe).
+        self.health_grpc: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if settings.health_port >= 0:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            self.health_port = self.health_grpc.add_insecure_port(f"{settings.host}:{settings.health_port}")
         self.ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -107,9 +126,13 @@ class Server:
         await self._set_all(NOT_SERVING)
         await self.health.set(LIVENESS, SERVING)
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         if self.settings.metrics:
             self.metrics_port = serve_metrics(self.settings.host, self.settings.metrics_port)
-        log.info("listening", port=self.port, metrics_port=self.metrics_port)
+        log.info("listening", port=self.port, metrics_port=self.metrics_port, health_port=self.health_port,
+                 tls=bool(self.settings.tls_cert), mtls=bool(self.settings.tls_client_ca),
+                 auth=self.interceptor.guard is not None)
         self._start_task = asyncio.create_task(self._start_app())
         self._liveness_task = asyncio.create_task(self._follow_liveness())
 
@@ -133,6 +156,7 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - stay live, report NOT_SERVING, say why
             log.error("start_failed", error_type=type(exc).__name__, error=str(exc))
             return
+        self.interceptor.audit_fields.update(self.app.audit_fields())
         await self._set_all(SERVING)
         self.ready.set()
         log.info("serving", port=self.port)
@@ -156,6 +180,8 @@ class Server:
         await self.grpc.stop(grace)
         if self._liveness_task is not None:
             self._liveness_task.cancel()
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         await self.app.close()
         log.info("stopped")
 

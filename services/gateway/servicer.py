@@ -14,6 +14,7 @@ from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, 
 from services.common.interceptors import status_of
 from services.common.settings import Settings
 from services.common.texts import check_texts
+from services.common.tls import encoder_certificates
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.stream import map_unordered
 from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
@@ -65,8 +66,9 @@ class GatewayApp:
         self.settings = settings
         self.admission_limit = settings.max_inflight
         self.retained: list | None = [] if settings.fault_retain_requests else None
-        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
-        self.text = TextClient(settings.text_target, settings.max_message_bytes)
+        certificates = encoder_certificates(settings)
+        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, certificates)
+        self.text = TextClient(settings.text_target, settings.max_message_bytes, certificates)
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
         self._recheck = asyncio.Event()  # set when a reply named another bundle
@@ -161,6 +163,9 @@ class GatewayApp:
         if self._info is None:
             raise NotReady("gateway has not verified its encoders yet; retry shortly")
         return self._info
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"bundle_signer": self.info.signing_key_id}
 
     async def close(self) -> None:
         await asyncio.gather(self.vision.close(), self.text.close())
