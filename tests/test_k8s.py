@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32"
 KUBERNETES_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34")
-# Custom resources kubernetes-validate has no schema for; the checks below look at them instead.
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+# Custom resources kubernetes-validate has no schema for; the checks below (and, for cert-manager's,
+# tests/test_security.py) look at them instead.
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl not installed: it renders the kustomizations"
