@@ -88,7 +88,7 @@ async def _classify_loop(stub, stop: asyncio.Event, outcomes: list, labels: list
     image = types_pb2.Image(data=png_bytes(5))
     while not stop.is_set():
         try:
-            reply = await stub.Classify(gateway_pb2.ClassifyRequest(image=image, labels=labels), timeout=5)
+            reply = await stub.Classify(gateway_pb2.ClassifyRequest(image=image, labels=labels), timeout=30)
             outcomes.append(("OK", reply.bundle_id, time.monotonic()))
         except grpc.aio.AioRpcError as exc:
             outcomes.append((exc.code().name, exc.details(), time.monotonic()))

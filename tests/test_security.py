@@ -629,25 +629,20 @@ def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_p
 KUBECTL = shutil.which("kubectl")
 
 
-def render_with_security(tmp_path: Path, overlay: str) -> list[dict]:
-    """An overlay with the security component, rendered by kustomize from a scratch folder."""
+def render(overlay: str) -> list[dict]:
+    """An overlay (which lists the security component) rendered by kustomize."""
     import yaml
 
-    folder = tmp_path / overlay.replace("/", "-")
-    folder.mkdir()
-    rel = lambda p: os.path.relpath(ROOT / "k8s" / p, folder)  # noqa: E731 - kustomize wants relative paths
-    (folder / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{rel(overlay)}]\ncomponents: [{rel('security')}]\n")
-    proc = subprocess.run([KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([KUBECTL, "kustomize", str(ROOT / "k8s" / overlay)], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: it renders the kustomizations")
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
-def test_kubernetes_security_component_configures_every_service(tmp_path, overlay):
-    docs = render_with_security(tmp_path, overlay)
+def test_kubernetes_security_component_configures_every_service(overlay):
+    docs = render(overlay)
     config = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
     deployments = [d for d in docs if d["kind"] == "Deployment"]
@@ -661,7 +656,12 @@ def test_kubernetes_security_component_configures_every_service(tmp_path, overla
         environ: dict[str, str] = {}
         for source in container.get("envFrom", []):
             environ.update(config[source["configMapRef"]["name"]]["data"])
-        environ.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        for e in container.get("env", []):
+            if "value" in e:
+                environ[e["name"]] = e["value"]
+            elif "configMapKeyRef" in e.get("valueFrom", {}):
+                ref = e["valueFrom"]["configMapKeyRef"]
+                environ[e["name"]] = config[ref["name"]]["data"][ref["key"]]
         settings = parse_settings(service, [], environ)  # the combination is one the server accepts
         assert settings.tls_cert and settings.auth and not settings.insecure
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
