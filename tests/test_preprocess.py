@@ -11,7 +11,7 @@ from PIL import Image
 
 from engines.runtime.manifest import ImageSpec
 from services.common.errors import InvalidInput
-from services.vision.preprocess import DecodeLimits, configure_pillow, decode_image, preprocess
+from services.vision.preprocess import DecodeLimits, configure_pillow, decode, decode_image, preprocess
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,7 +100,7 @@ def _truncated_png() -> bytes:
     ("data", "stated", "needle"),
     [
         (b"", None, "empty"),
-        (b"this is not an image at all", None, "not a PNG or JPEG"),
+        (b"this is not an image at all", None, "not a PNG, JPEG or DICOM"),
         (b"\x00" * 128 + b"DICM" + b"\x00" * 64, None, "DICOM"),
         ("truncated", None, "truncated or corrupt PNG"),
         ("jpeg", "PNG", "declared format PNG but the data is JPEG"),
@@ -113,7 +113,7 @@ def test_bad_images_are_refused_with_a_named_problem(data, stated, needle):
     elif data == "jpeg":
         data = _jpeg(_random_image("RGB", (32, 32), 2))
     with pytest.raises(InvalidInput, match=needle):
-        decode_image(data, stated, LIMITS, label="image 0")
+        decode(data, stated, LIMITS, label="image 0")
 
 
 def test_oversized_payload_is_refused_before_decoding():
