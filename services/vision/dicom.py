@@ -28,7 +28,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from services.common.errors import InvalidInput
-from services.vision.window import LINEAR, LINEAR_EXACT, SIGMOID, Window, WindowRequest, to_eight_bit
+from services.vision.window import LINEAR, LINEAR_EXACT, SIGMOID, Window, WindowRequest, data_range, to_eight_bit
 
 # Transfer syntaxes decoded here (pydicom, plus the pylibjpeg plugins for the compressed ones).
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -312,7 +312,8 @@ def _greyscale(arr: np.ndarray, ds: pydicom.Dataset, geometry: _Geometry, reques
     if window is None:
         out, source = _voi_lut_to_eight_bit(values, ds), "VOI LUT"
     if out is None:
-        source = source if window is not None else "data range"
+        if window is None:
+            window, source = data_range(values), "data range"
         out = to_eight_bit(values, window)
     if geometry.photometric == "MONOCHROME1":
         out = 255 - out

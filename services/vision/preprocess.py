@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from engines.runtime.manifest import ImageSpec
 from services.common.errors import InvalidInput
 from services.vision.dicom import DicomInfo, configure_pydicom, decode_dicom, looks_like_raw_dataset
-from services.vision.window import NO_WINDOW, WindowRequest, to_eight_bit
+from services.vision.window import NO_WINDOW, WindowRequest, bit_depth_range, to_eight_bit
 
 PNG, JPEG, DICOM = "PNG", "JPEG", "DICOM"
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", PNG), (b"\xff\xd8\xff", JPEG))
@@ -104,13 +104,15 @@ def decode(data: bytes, stated: str | None, limits: DecodeLimits, options: Image
 
 
 def to_display(img: Image.Image, request: WindowRequest, label: str = "image") -> Image.Image:
-    """Greyscale of more than 8 bits -> 8-bit "L" through the request's window or the data's
-    range; 8-bit greyscale through the request's window if one is set; anything else as it is."""
+    """Greyscale of more than 8 bits -> 8-bit "L" through the request's window or else its
+    bit depth's range (bit_depth_range); 8-bit greyscale through the request's window if one
+    is set; anything else as it is."""
     if request.preset:
         raise InvalidInput(f"{label}: window presets are in Hounsfield units and apply to DICOM CT only")
     window = request.resolve()
     if img.mode in _SIXTEEN_BIT:
-        return Image.fromarray(to_eight_bit(np.asarray(img), window))
+        values = np.asarray(img)  # [H, W]
+        return Image.fromarray(to_eight_bit(values, window or bit_depth_range(values)))
     if window is None:
         return img
     if img.mode not in ("L", "LA", "1"):
@@ -149,13 +151,14 @@ def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
 
     The steps run in open_clip's order and with the same Pillow calls, so palette and RGBA
     images come out as open_clip makes them. One deliberate difference: greyscale of more than
-    8 bits is first windowed to 8 bits by its own min..max (open_clip's RGB conversion would
+    8 bits is first windowed to 8 bits by its bit depth's range (open_clip's RGB conversion would
     saturate it to white); decode() has normally done that already, with the caller's window.
     """
     if spec.resize_mode != "shortest":
         raise ValueError(f"unsupported resize_mode {spec.resize_mode!r}")
     if img.mode in _SIXTEEN_BIT:
-        img = Image.fromarray(to_eight_bit(np.asarray(img), None))
+        values = np.asarray(img)  # [H, W]
+        img = Image.fromarray(to_eight_bit(values, bit_depth_range(values)))
     size = spec.size
     width, height = img.size
     short, long = (width, height) if width <= height else (height, width)
