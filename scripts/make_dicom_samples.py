@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 # Made-up identity, so a test can prove these values never leave the decoder.
@@ -36,7 +42,7 @@ PHI = {
 def dicom_file(pixels: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian, **header) -> bytes:
     """A Part-10 file holding `pixels` ([H, W] grey, [H, W, 3] RGB or [F, H, W(, 3)] frames)
     with the PHI markers and `header` (keyword=value) set; pixel attributes follow the array
-    unless `header` overrides them. Compressed syntaxes are encoded with pydicom."""
+    unless `header` overrides them. Compressed syntaxes (RLE, JPEG 2000) are encoded with pydicom."""
     pixels = np.asarray(pixels)
     colour = pixels.shape[-1] == 3 and pixels.ndim in (3, 4)
     frames = pixels.shape[0] if pixels.ndim == (4 if colour else 3) else 1
@@ -67,7 +73,9 @@ def dicom_file(pixels: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian
     for keyword, value in header.items():
         setattr(ds, keyword, value)
     ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    if transfer_syntax != ExplicitVRLittleEndian:
+    if transfer_syntax in (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax, encoding_plugin="pylibjpeg" if "1.2.840.10008.1.2.4" in transfer_syntax else "")
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

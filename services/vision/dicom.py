@@ -246,6 +246,11 @@ def _check_has_pixels(ds: pydicom.Dataset, label: str) -> None:
 
 
 def _check_pixel_length(ds: pydicom.Dataset, syntax: str, geometry: _Geometry, label: str) -> None:
+    raw = ds.get_item(0x7FE00010)  # still raw: its declared length is known
+    declared = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if declared not in (None, 0xFFFFFFFF) and value is not None and len(value) < declared:
+        raise InvalidInput(f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)")
     length = len(ds.PixelData or b"")
     if length == 0:
         raise InvalidInput(f"{label}: DICOM pixel data element is empty")
@@ -285,9 +290,9 @@ def _voi_lut_to_eight_bit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray
         bits = int(sequence[0].LUTDescriptor[2])
         if not 1 <= bits <= 16:
             return None
-        view = pydicom.Dataset()
-        view.VOILUTSequence = sequence
-        out = apply_voi(values, view, index=0).astype(np.float64)  # [H, W]
+        if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # a LUT is indexed by integers; rescale gave floats
+        out = apply_voi(values, ds, index=0).astype(np.float64)  # [H, W]
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         return None
     return np.rint(np.clip(out / (2**bits - 1), 0.0, 1.0) * 255.0).astype(np.uint8)
