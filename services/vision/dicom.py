@@ -54,11 +54,12 @@ _NATIVE = {dcm_uid.ImplicitVRLittleEndian, dcm_uid.ExplicitVRLittleEndian,
 _DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 # RELIABILITY.md's starting limits: at most 8192 per side, 8 or 16 bits allocated, 1 or 3
-# samples, at most 256 MiB decoded. Only one frame is ever decoded; the frame count is bounded
+# samples, at most 256 MiB decoded, sequences nested at most 8 deep. Only one frame is ever decoded; the frame count is bounded
 # so a header cannot make pydicom build a huge offset table.
 MAX_SIDE = 8192
 MAX_FRAMES = 10_000
 MAX_DECODED_BYTES = 256 << 20
+MAX_DEPTH = 8
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _PALETTE = "PALETTE COLOR"
@@ -171,6 +172,30 @@ def _check_inflated_size(data: bytes, meta_end: int, label: str) -> None:
         raise InvalidInput(f"{label}: deflated DICOM dataset inflates beyond {MAX_DECODED_BYTES} bytes")
 
 
+def _check_declared_length(ds: pydicom.Dataset, label: str) -> None:
+    """Refuse pixel data whose declared length runs past the end of the file (pydicom reads
+    what there is and says nothing). Only a still-raw element knows its declared length."""
+    if 0x7FE00010 not in ds:
+        return
+    raw = ds.get_item(0x7FE00010)
+    declared = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if declared not in (None, 0xFFFFFFFF) and value is not None and len(value) < declared:
+        raise InvalidInput(f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)")
+
+
+def _convert_all(ds: pydicom.Dataset, label: str, depth: int = 0) -> None:
+    """Convert every parsed element now (pydicom converts lazily, on first access, and raises
+    whatever a corrupt value makes it raise), refusing sequences nested deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise InvalidInput(f"{label}: DICOM sequences are nested deeper than {MAX_DEPTH} levels")
+    for tag in list(ds.keys()):
+        element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value or ():
+                _convert_all(item, label, depth + 1)
+
+
 def _int(ds: pydicom.Dataset, keyword: str, label: str, default: int | None = None) -> int:
     value = ds.get(keyword, default)
     if value is None or value == "":
@@ -246,11 +271,6 @@ def _check_has_pixels(ds: pydicom.Dataset, label: str) -> None:
 
 
 def _check_pixel_length(ds: pydicom.Dataset, syntax: str, geometry: _Geometry, label: str) -> None:
-    raw = ds.get_item(0x7FE00010)  # still raw: its declared length is known
-    declared = getattr(raw, "length", None)
-    value = getattr(raw, "value", None)
-    if declared not in (None, 0xFFFFFFFF) and value is not None and len(value) < declared:
-        raise InvalidInput(f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)")
     length = len(ds.PixelData or b"")
     if length == 0:
         raise InvalidInput(f"{label}: DICOM pixel data element is empty")
@@ -360,6 +380,11 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
         _check_inflated_size(data, meta_end, label)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False, specific_tags=_TAGS)
+        _check_declared_length(ds, label)
+        _convert_all(ds.file_meta, label)
+        _convert_all(ds, label)
+    except InvalidInput:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure of these bytes is the caller's bad input
         raise InvalidInput(f"{label}: DICOM file could not be parsed (malformed header)") from exc
     meta = ds.file_meta
@@ -378,9 +403,10 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
         raise InvalidInput(f"{label}: a window applies to greyscale images only")
     try:
         arr = pixel_array(ds, index=index)  # [H, W] or [H, W, 3]
-    except InvalidInput:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything on broken data
+    except BaseException as exc:  # noqa: BLE001 - decoder plugins raise anything on broken data
+        # including pylibjpeg-rle's Rust panics, which derive from BaseException
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         raise InvalidInput(
             f"{label}: DICOM pixel data could not be decoded ({TRANSFER_SYNTAXES[syntax]}): broken or unsupported data"
         ) from exc
