@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import urllib.request
+import warnings
 import zlib
 
 import grpc
@@ -418,6 +419,18 @@ def _phi_canaries(paths: list[str]) -> set[str]:
     return found
 
 
+def test_pydicom_warnings_are_silenced_once_configured():
+    data = _read(get_testdata_file("MR_small_padded.dcm"))  # pydicom warns about its padding
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode(data, None, LIMITS)
+        assert any("pydicom" in w.filename for w in caught), "the control case must warn"
+        caught.clear()
+        dicom_module.configure_pydicom()
+        decode(data, None, LIMITS)
+    assert not [w for w in caught if "pydicom" in w.filename]
+
+
 async def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:  # noqa: S310 - loopback
         return reply.read().decode()
@@ -428,10 +441,11 @@ async def test_phi_in_headers_reaches_no_log_metric_or_error(tiny_stack, caplog,
     canaries = _phi_canaries(paths)
     assert len(canaries) >= 20
     files = [_read(p) for p in paths] + [_ct(), _ct(PhotometricInterpretation="MONOCHROME1"),
-                                         _set_pixel_length(_ct(), 0x7FFFFFF0), _with(_ct(), NumberOfFrames="1A")]
+                                         _set_pixel_length(_ct(), 0x7FFFFFF0), _with(_ct(), BitsAllocated=12)]
     messages = []
     caplog.set_level("DEBUG")
-    with structlog.testing.capture_logs() as logs:
+    # merge_contextvars as the services configure it: the audit's DICOM fields are bound there
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         for data in files:
             image = types_pb2.Image(data=data, frame=0)
             try:
