@@ -80,7 +80,7 @@ def _detect(data: bytes, stated: str | None, limits: DecodeLimits, label: str) -
             "send a DICOM Part-10 file"
         )
     if detected is None:
-        raise InvalidInput(f"{label}: not a PNG, JPEG or DICOM image (unrecognised file signature)")
+        raise InvalidInput(f"{label}: not a PNG or JPEG image or a DICOM file (unrecognised file signature)")
     if stated is not None and stated != detected:
         raise InvalidInput(f"{label}: declared format {stated} but the data is {detected}")
     return detected
