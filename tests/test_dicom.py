@@ -346,7 +346,7 @@ HOSTILE = {
     "short pixel data": (lambda: _with(_ct(), Rows=480), "shorter than Rows x Columns"),
     "65535 x 65535 x 1000 header": (lambda: _with(_ct(), Rows=65535, Columns=65535, NumberOfFrames=1000), "between 1 and 8192"),
     "zero-length pixel element": (lambda: _with(_ct(), PixelData=b""), "pixel data element is empty"),
-    "deflate bomb": (_inflating_bomb, "inflates beyond"),
+    "deflate bomb": (_inflating_bomb, "inflates beyond 32 times its size"),
     "frame count bomb": (lambda: _with(_ct(), NumberOfFrames=10**9), "Number of Frames"),
     "32-bit data": (lambda: dicom_file(np.zeros((8, 8), dtype=np.uint32), BitsAllocated=32, BitsStored=32, HighBit=31), "Bits Allocated"),
     "float pixel data": (lambda: _float_pixels(), "float pixel data"),
