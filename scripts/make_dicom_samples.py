@@ -11,6 +11,7 @@ what the tests build their files with.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
 from pathlib import Path
@@ -50,13 +51,15 @@ def dicom_file(pixels: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian
     bits = 8 if pixels.dtype.itemsize == 1 else 16
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = header.get("SOPClassUID", SecondaryCaptureImageStorage)
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()  # UIDs derived from the pixels: reproducible files
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[digest, "instance"])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[digest, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[digest, "series"])
     for keyword, value in PHI.items():
         setattr(ds, keyword, value)
     ds.Modality = "OT"
