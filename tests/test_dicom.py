@@ -29,7 +29,6 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, c
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,

@@ -1,4 +1,4 @@
-"""DICOM Part 10 files -> an 8-bit greyscale or RGB image, with the header checked before any pixel is decoded.
+"""DICOM Part-10 files -> an 8-bit greyscale or RGB image, the header checked before any pixel is decoded.
 
 pydicom has no bomb guard, so the order here is the guard: the file meta is read
 first and the transfer syntax allow-listed; a deflated dataset is inflated
@@ -28,7 +28,15 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from services.common.errors import InvalidInput
-from services.vision.window import LINEAR, LINEAR_EXACT, SIGMOID, Window, WindowRequest, data_range, to_eight_bit
+from services.vision.window import (
+    LINEAR,
+    LINEAR_EXACT,
+    SIGMOID,
+    Window,
+    WindowRequest,
+    data_range,
+    to_eight_bit,
+)
 
 # Transfer syntaxes decoded here (pydicom, plus the pylibjpeg plugins for the compressed ones).
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -53,9 +61,9 @@ _NATIVE = {dcm_uid.ImplicitVRLittleEndian, dcm_uid.ExplicitVRLittleEndian,
            dcm_uid.DeflatedExplicitVRLittleEndian, dcm_uid.ExplicitVRBigEndian}
 _DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
-# RELIABILITY.md's starting limits: at most 8192 per side, 8 or 16 bits allocated, 1 or 3
-# samples, at most 256 MiB decoded, sequences nested at most 8 deep. Only one frame is ever decoded; the frame count is bounded
-# so a header cannot make pydicom build a huge offset table.
+# At most 8192 per side, 8 or 16 bits allocated, 1 or 3 samples, 256 MiB decoded, sequences
+# nested 8 deep. Only one frame is ever decoded; the frame count is bounded so that a header
+# cannot make pydicom build a huge offset table.
 MAX_SIDE = 8192
 MAX_FRAMES = 10_000
 MAX_DECODED_BYTES = 256 << 20
@@ -197,7 +205,9 @@ def _check_declared_length(ds: pydicom.Dataset, label: str) -> None:
     declared = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
     if declared not in (None, 0xFFFFFFFF) and value is not None and len(value) < declared:
-        raise InvalidInput(f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)")
+        raise InvalidInput(
+            f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)"
+        )
 
 
 def _convert_all(ds: pydicom.Dataset, label: str, depth: int = 0) -> None:
@@ -262,13 +272,15 @@ def _check_geometry(ds: pydicom.Dataset, max_pixels: int, label: str) -> _Geomet
     if not 1 <= frames <= MAX_FRAMES:
         raise InvalidInput(f"{label}: DICOM Number of Frames must be between 1 and {MAX_FRAMES}")
     if bits_allocated not in (8, 16):
-        raise InvalidInput(f"{label}: DICOM Bits Allocated must be 8 or 16 (1-bit and 32-bit data are not images here)")
+        raise InvalidInput(
+            f"{label}: DICOM Bits Allocated must be 8 or 16 (1-bit and 32-bit data are not images here)"
+        )
     if not 1 <= bits_stored <= bits_allocated:
         raise InvalidInput(f"{label}: DICOM Bits Stored must be between 1 and Bits Allocated")
     if samples == 1 and photometric not in (*_GREY, _PALETTE):
-        raise InvalidInput(f"{label}: DICOM photometric interpretation is not supported for one sample per pixel")
+        raise InvalidInput(f"{label}: DICOM photometric interpretation unsupported for one sample per pixel")
     if samples == 3 and photometric not in _COLOUR:
-        raise InvalidInput(f"{label}: DICOM photometric interpretation is not supported for three samples per pixel")
+        raise InvalidInput(f"{label}: DICOM photometric interpretation unsupported for 3 samples per pixel")
     if samples not in (1, 3):
         raise InvalidInput(f"{label}: DICOM Samples per Pixel must be 1 or 3")
     geometry = _Geometry(rows, columns, frames, samples, bits_allocated, bits_stored, photometric)
@@ -282,7 +294,8 @@ def _check_has_pixels(ds: pydicom.Dataset, label: str) -> None:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise InvalidInput(f"{label}: DICOM float pixel data is not supported")
         raise InvalidInput(
-            f"{label}: DICOM object has no pixel data (e.g. a structured report, RT plan or presentation state)"
+            f"{label}: DICOM object has no pixel data "
+            "(e.g. a structured report, RT plan or presentation state)"
         )
 
 
@@ -291,7 +304,9 @@ def _check_pixel_length(ds: pydicom.Dataset, syntax: str, geometry: _Geometry, l
     if length == 0:
         raise InvalidInput(f"{label}: DICOM pixel data element is empty")
     if syntax in _NATIVE and length < geometry.stored_frame_bytes * geometry.frames:
-        raise InvalidInput(f"{label}: DICOM pixel data is shorter than Rows x Columns x Frames require (truncated)")
+        raise InvalidInput(
+            f"{label}: DICOM pixel data is shorter than Rows x Columns x Frames require (truncated)"
+        )
 
 
 def _modality(ds: pydicom.Dataset) -> str:
@@ -424,7 +439,8 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
         if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
             raise
         raise InvalidInput(
-            f"{label}: DICOM pixel data could not be decoded ({TRANSFER_SYNTAXES[syntax]}): broken or unsupported data"
+            f"{label}: DICOM pixel data could not be decoded ({TRANSFER_SYNTAXES[syntax]}): "
+            "broken or unsupported data"
         ) from exc
     if arr.shape[:2] != (geometry.rows, geometry.columns):
         raise InvalidInput(f"{label}: DICOM pixel data does not match Rows and Columns")

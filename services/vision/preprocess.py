@@ -1,4 +1,4 @@
-"""Safe decoding of PNG, JPEG and DICOM bytes and the open_clip preprocessing of a bundle, with Pillow and numpy."""
+"""Safe decoding of PNG, JPEG and DICOM bytes, and the open_clip preprocessing of a bundle."""
 
 from __future__ import annotations
 

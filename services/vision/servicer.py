@@ -35,7 +35,9 @@ def image_options(image, label: str) -> ImageOptions:
     if image.window_preset not in PRESETS:
         raise InvalidInput(f"{label}: unsupported window preset value {image.window_preset}")
     preset = PRESETS[image.window_preset]
-    window = checked_window(image.window.center, image.window.width, label) if image.HasField("window") else None
+    window = None
+    if image.HasField("window"):
+        window = checked_window(image.window.center, image.window.width, label)
     if window is not None and preset is not None:
         raise InvalidInput(f"{label}: set either a window or a window preset, not both")
     frame = image.frame if image.HasField("frame") else None
