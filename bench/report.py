@@ -265,6 +265,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         out.append(f"Bundle `{r['bundle_id']}` ({r['kind']}){note}. Decode + preprocess alone, one thread: "
                    f"p50 {_fmt(r['decode_ms']['p50_ms'], 2)} ms (p95 {_fmt(r['decode_ms']['p95_ms'], 2)} ms) "
                    f"per {img['width']}x{img['height']} PNG.")
+        if r.get("dicom_decode_ms"):
+            cost = r["dicom_decode_ms"]
+            out.append("Decode + window + preprocess of a 512x512 12-bit CT slice, p50 (p95): " + ", ".join(
+                f"{name.replace('_', ' ')} {_fmt(c['p50_ms'], 2)} ms ({_fmt(c['p95_ms'], 2)} ms)"
+                for name, c in cost.items()) + ".")
         out += ["", ("| system | concurrency | img/s | p50 ms | p95 ms | p99 ms | requests | errors "
                      "| other load (cores) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         skipped_points, incomplete = [], False
