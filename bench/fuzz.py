@@ -3,7 +3,7 @@
 python -m bench.fuzz --minutes 10          (make fuzz MINUTES=10): every target, time split evenly
 python -m bench.fuzz --target image ...    one target in this process (what the parent runs)
 
-Targets: `image` (format sniffing, PNG/JPEG/DICOM decoding and preprocessing, as the vision
+Targets: `image` (format sniffing, PNG/JPEG/DICOM decoding (DICOM seeds included) and preprocessing, as the vision
 encoder runs them), `text` (the gateway's text checks and the bundle's tokenizer), `request`
 (a gateway request as protobuf bytes, then every check the gateway makes before calling an
 encoder). The only acceptable failure is the domain's InvalidInput (or a protobuf DecodeError
@@ -38,6 +38,13 @@ def _seeds(target: str) -> list[bytes]:
             buf = io.BytesIO()
             Image.new(mode, (37, 29), 200 if mode != "I;16" else 3000).save(buf, format=fmt)
             seeds.append(buf.getvalue())
+        import numpy as np
+
+        from scripts.make_dicom_samples import dicom_file
+
+        ramp = (np.arange(31 * 23, dtype=np.uint16).reshape(23, 31) * 5) % 4096  # [H, W] 12-bit
+        seeds.append(dicom_file(ramp))
+        seeds.append((ROOT / "samples" / "chest_left_effusion.dcm").read_bytes())
         return seeds
     if target == "text":
         return [label.encode() for label in CHEST] + ["a photo of {}".encode(), "Ø &amp; ﬁ".encode()]
