@@ -17,7 +17,7 @@ help:  ## list the targets
 
 venv: $(VENV)/.installed $(VENV)/.medvlm-installed  ## create the virtual environment (pinned requirements) and the medvlm command
 
-$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/web.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt

@@ -1,5 +1,5 @@
-"""Local stack: build the bundle if missing, start vision, text and gateway, wait for health, print a
-grpcurl line, stop all three on Ctrl-C. `python -m services.launch --help`."""
+"""Local stack: build the bundle if missing, start vision, text, gateway and the web page, wait for health,
+print a grpcurl line and the page's URL, stop them all on Ctrl-C. `python -m services.launch --help`."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=50050)
     parser.add_argument("--vision-port", type=int, default=50051)
     parser.add_argument("--text-port", type=int, default=50052)
+    parser.add_argument("--web-port", type=int, default=8050, help="port of the web page (python -m medvlm.web)")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for health")
     args = parser.parse_args(argv)
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
                              "--vision-target", vision, "--text-target", text],
+        "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port), "--target", gateway],
     }
     stopping = False
 
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = sorted((ROOT / "samples").glob("chest*.png"))
         print(f"\nmedvlm is serving bundle {bundle.name} on {gateway} (Ctrl-C stops it). Try:\n", flush=True)
         print("  " + grpcurl_line(gateway, samples[0] if samples else None) + "\n", flush=True)
+        print(f"or open the web page: http://{args.host}:{args.web_port}/\n", flush=True)
         while all_running():
             time.sleep(0.5)
         dead = [f"{n} {how_it_ended(p.returncode)}" for n, p in procs.items() if p.poll() is not None]
