@@ -48,7 +48,7 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
-run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
+run: protos  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)
 
 test: protos  ## run the test suite

@@ -22,6 +22,7 @@ from medvlm.client import AsyncClient, ConnectionSettings, MedvlmError, ModelInf
 log = logging.getLogger("medvlm.web")
 STATIC = Path(__file__).resolve().parent / "static"
 FORM_OVERHEAD = 256 << 10  # multipart headers and the text fields beside the file(s)
+MAX_SHOWN = 50  # labels listed on the page; a large label set is cut to its most probable
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "UNRECOGNIZED_FILE": 400, "NOT_SUPPORTED": 400, "BAD_FORM": 400,
     "TOO_LARGE": 413, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
@@ -155,8 +156,11 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
                  (time.perf_counter() - started) * 1e3)
         return response
 
-    async def model_info() -> dict:
-        return info_json(await state["client"].model_info())
+    async def model_info(bundle_id: str = "") -> dict:
+        """The gateway's model, asked again only when an answer names another bundle."""
+        if "info" not in state or (bundle_id and state["info"]["bundle_id"] != bundle_id):
+            state["info"] = info_json(await state["client"].model_info())
+        return state["info"]
 
     async def label_sets() -> tuple[list[str] | None, str]:
         """The gateway's label sets, or None and why not (older contract or gateway)."""
@@ -173,6 +177,7 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
     async def info() -> JSONResponse:
         """The model the gateway serves, its label sets (null when it has none) and the upload limits."""
         try:
+            state.pop("info", None)
             body = {"model": await model_info()}
             body["label_sets"], body["label_sets_note"] = await label_sets()
         except MedvlmError as exc:
@@ -197,7 +202,7 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
                 raise PageError("BAD_FORM", "type at least two labels, one per line, or choose a label set")
             result = await state["client"].classify(image, labels or None, label_set=label_set or None,
                                                     template=template, top_k=0)
-            info = await model_info()
+            info = await model_info(result.bundle_id)
         except PageError as exc:
             return error_response(exc.code, exc.message)
         except MedvlmError as exc:
@@ -205,7 +210,8 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
         ranked = sorted(result.scores, key=lambda s: s.probability, reverse=True)
         return JSONResponse({
             "ranked": [{"label": s.label, "probability": s.probability, "cosine": s.cosine, "code": s.code}
-                       for s in ranked],
+                       for s in ranked[:MAX_SHOWN]],
+            "total": len(ranked),
             "bundle_id": result.bundle_id, "image_sha256": result.image_sha256,
             # The engines of the bundle that answered; None if the gateway changed bundle since.
             "engines": info["engines"] if info["bundle_id"] == result.bundle_id else None,

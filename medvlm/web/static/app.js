@@ -124,6 +124,8 @@ function renderRanking(result) {
     cos.className = "cosine num";
     cos.textContent = score.cosine.toFixed(3);
   });
+  const more = result.total > result.ranked.length ? ` (the ${result.ranked.length} most probable of ${result.total})` : "";
+  $("ranking").caption.textContent = `Labels, most probable first${more}: probability (softmax over all the labels) and cosine similarity`;
   const engines = result.engines ? ` · ${engineLine(result.engines)}` : "";
   $("answered-by").textContent = `Answered by bundle ${result.bundle_id}${engines} · image sha256 ${result.image_sha256}`;
 }
