@@ -171,7 +171,9 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
         except MedvlmError as exc:
             if exc.code == "UNIMPLEMENTED":
                 return None, "the gateway does not serve label sets"
-            raise
+            # Label sets are optional here: the page still classifies typed labels.
+            log.warning("ListLabelSets failed with %s (request id %s)", exc.code, exc.request_id)
+            return None, f"the gateway did not list its label sets: {exc.code}"
 
     @app.get("/api/info")
     async def info() -> JSONResponse:
@@ -201,17 +203,18 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
             if not label_set and not labels:
                 raise PageError("BAD_FORM", "type at least two labels, one per line, or choose a label set")
             result = await state["client"].classify(image, labels or None, label_set=label_set or None,
-                                                    template=template, top_k=0)
+                                                    template=template, top_k=MAX_SHOWN)
             info = await model_info(result.bundle_id)
         except PageError as exc:
             return error_response(exc.code, exc.message)
         except MedvlmError as exc:
             return error_response(exc.code, exc.message, exc.request_id)
-        ranked = sorted(result.scores, key=lambda s: s.probability, reverse=True)
+        # `top` is most probable first; `scores` (every label) is empty when a label set answered.
+        ranked = result.top
         return JSONResponse({
             "ranked": [{"label": s.label, "probability": s.probability, "cosine": s.cosine, "code": s.code}
-                       for s in ranked[:MAX_SHOWN]],
-            "total": len(ranked),
+                       for s in ranked],
+            "total": len(result.scores) or None,
             "bundle_id": result.bundle_id, "image_sha256": result.image_sha256,
             # The engines of the bundle that answered; None if the gateway changed bundle since.
             "engines": info["engines"] if info["bundle_id"] == result.bundle_id else None,

@@ -59,6 +59,10 @@ async function loadInfo() {
       const select = $("label-set");
       for (const name of info.label_sets) select.add(new Option(name, name));
       $("label-set-row").hidden = false;
+      // A label set brings its own labels and prompt templates: the typed ones are set aside.
+      select.addEventListener("change", () => {
+        $("labels").disabled = $("template").disabled = Boolean(select.value);
+      });
       note.hidden = true;
     } else {
       note.textContent = info.label_sets ? "The gateway serves no label sets: type labels."
@@ -124,7 +128,9 @@ function renderRanking(result) {
     cos.className = "cosine num";
     cos.textContent = score.cosine.toFixed(3);
   });
-  const more = result.total > result.ranked.length ? ` (the ${result.ranked.length} most probable of ${result.total})` : "";
+  const shown = result.ranked.length;
+  const more = result.total === null ? ` (the ${shown} most probable of the set)`
+    : result.total > shown ? ` (the ${shown} most probable of ${result.total})` : "";
   $("ranking").caption.textContent = `Labels, most probable first${more}: probability (softmax over all the labels) and cosine similarity`;
   const engines = result.engines ? ` · ${engineLine(result.engines)}` : "";
   $("answered-by").textContent = `Answered by bundle ${result.bundle_id}${engines} · image sha256 ${result.image_sha256}`;
