@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=50050)
     parser.add_argument("--vision-port", type=int, default=50051)
     parser.add_argument("--text-port", type=int, default=50052)
-    parser.add_argument("--web-port", type=int, default=8050, help="port of the web page (python -m medvlm.web)")
+    parser.add_argument("--web-port", type=int, default=8050, help="port of the web page")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for health")
     args = parser.parse_args(argv)
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
                              "--vision-target", vision, "--text-target", text],
-        "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port), "--target", gateway],
+        "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port),
+                         "--target", gateway],
     }
     stopping = False
 

@@ -33,7 +33,8 @@ GRPCURL = ROOT / ".venv" / "bin" / "grpcurl"
 def chromium_executable() -> str | None:
     """Debian's chromium (apt-get install chromium; .ci/run installs it). Playwright's own browser
     downloads are never used."""
-    for candidate in (os.environ.get("MEDVLM_CHROMIUM", ""), "/usr/lib/chromium/chromium", shutil.which("chromium")):
+    for candidate in (os.environ.get("MEDVLM_CHROMIUM", ""), "/usr/lib/chromium/chromium",
+                      shutil.which("chromium")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -79,7 +80,8 @@ class WebProcess:
 async def web_app(gateway_port: int, workdir: Path, *args: str):
     (workdir / "cwd").mkdir(parents=True)
     (workdir / "tmp").mkdir()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", TMPDIR=str(workdir / "tmp"), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", TMPDIR=str(workdir / "tmp"),
+               PYTHONDONTWRITEBYTECODE="1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "medvlm.web", "--target", f"127.0.0.1:{gateway_port}", "--port", "0", *args,
         cwd=workdir / "cwd", env=env, stderr=asyncio.subprocess.PIPE)
@@ -227,7 +229,8 @@ async def test_page_in_a_real_browser(demo_stack, tmp_path):
         log = "".join(web.log)
     # The page's server logged its requests, but no label, text or image content, and wrote no file.
     assert "POST /api/classify 200" in log and "POST /api/classify 400" in log
-    for secret in [*CHEST, "cardiomegaly", base64.b64encode(sample[:60]).decode()[:40], "study.png", "broken.png"]:
+    image_text = base64.b64encode(sample[:60]).decode()[:40]
+    for secret in [*CHEST, "cardiomegaly", "study.png", "broken.png", image_text]:
         assert secret not in log
     assert list((tmp_path / "web" / "cwd").iterdir()) == []
     assert list((tmp_path / "web" / "tmp").iterdir()) == []
@@ -254,17 +257,16 @@ def post_form(url: str, fields: dict[str, str], file_field: str, data: bytes) ->
 async def test_uploads_over_the_limit_are_refused_and_large_ones_stay_in_memory(demo_stack, tmp_path):
     sample = (SAMPLES / "chest_left_effusion.png").read_bytes()
     limit = 3 << 20
+    labels = {"labels": "\n".join(CHEST)}
     async with web_app(demo_stack.gateway.port, tmp_path / "web", "--max-image-bytes", str(limit)) as web:
         # Above the limit: refused before the gateway is called.
         big = sample + b"\x00" * (limit + 1 - len(sample))
-        status, body = await asyncio.to_thread(post_form, web.url + "api/classify", {"labels": "\n".join(CHEST)},
-                                               "image", big)
+        status, body = await asyncio.to_thread(post_form, web.url + "api/classify", labels, "image", big)
         assert status == 413 and body["error"]["code"] == "TOO_LARGE"
         # Just below it (and above the 1 MiB where form parsers usually spill to a temporary file): the
         # gateway answers, and nothing appears in TMPDIR or the working directory.
         padded = sample + b"\x00" * (limit - len(sample))
-        status, body = await asyncio.to_thread(post_form, web.url + "api/classify", {"labels": "\n".join(CHEST)},
-                                               "image", padded)
+        status, body = await asyncio.to_thread(post_form, web.url + "api/classify", labels, "image", padded)
         assert status == 200, body
         assert body["ranked"][0]["label"] == "left pleural effusion"
         # Labels missing: a clear message, not a stack trace.

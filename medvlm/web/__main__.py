@@ -30,8 +30,9 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, like the services' logs."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                           "service": "web", "logger": record.name, "event": record.getMessage()})
+        return json.dumps({"timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                           "level": record.levelname.lower(), "service": "web", "logger": record.name,
+                           "event": record.getMessage()})
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, WebSettings]:

@@ -29,8 +29,8 @@ _HTTP_STATUS = {
     "UNAUTHENTICATED": 502, "PERMISSION_DENIED": 502,
 }
 _SECURITY_HEADERS = {
-    "content-security-policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'; form-action 'self'",
+    "content-security-policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
     "cache-control": "no-store",
@@ -74,9 +74,11 @@ def info_json(info: ModelInfo) -> dict:
 async def read_form(request: Request, max_body: int, max_files: int) -> FormData:
     """The multipart form, held in memory only: the body is refused past max_body, and the parser's
     spool is sized above it so no part ever rolls over into a temporary file."""
+    too_large = PageError("TOO_LARGE", f"the upload is larger than the limit of {max_body - FORM_OVERHEAD} "
+                                       "bytes")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
-        raise PageError("TOO_LARGE", f"the upload is larger than the limit of {max_body - FORM_OVERHEAD} bytes")
+        raise too_large
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise PageError("BAD_FORM", "expected a multipart/form-data upload")
 
@@ -85,7 +87,7 @@ async def read_form(request: Request, max_body: int, max_files: int) -> FormData
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > max_body:
-                raise PageError("TOO_LARGE", f"the upload is larger than the limit of {max_body - FORM_OVERHEAD} bytes")
+                raise too_large
             yield chunk
 
     parser = MultiPartParser(request.headers, bounded(), max_files=max_files, max_fields=8,
