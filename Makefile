@@ -17,7 +17,7 @@ help:  ## list the targets
 
 venv: $(VENV)/.installed $(VENV)/.medvlm-installed  ## create the virtual environment (pinned requirements) and the medvlm command
 
-$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/web.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
@@ -48,7 +48,7 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
-run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
+run: protos  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
 test: protos  ## run the test suite

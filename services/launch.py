@@ -1,6 +1,7 @@
-"""Local stack: build the bundle if missing, start vision, text and gateway, wait for health, print a
-grpcurl line, stop all three on Ctrl-C. With --tls: a local CA, certificates and a token, TLS on every
-port, mTLS to the encoders and callers authenticated. `python -m services.launch --help`."""
+"""Local stack: build the bundle if missing, start vision, text, gateway and the web page, wait for health,
+print a grpcurl line and the page's URL, stop them all on Ctrl-C. With --tls: a local CA, certificates
+and a token, TLS on every port, mTLS to the encoders and callers authenticated (the page uses the token).
+`python -m services.launch --help`."""
 
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=50050)
     parser.add_argument("--vision-port", type=int, default=50051)
     parser.add_argument("--text-port", type=int, default=50052)
+    parser.add_argument("--web-port", type=int, default=8050, help="port of the web page")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for health")
     parser.add_argument("--tls", action="store_true",
                         help="TLS on every port, mTLS to the encoders, callers authenticated; a fresh local CA, "
@@ -173,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
                              "--vision-target", vision, "--text-target", text],
+        "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port),
+                         "--target", gateway],
     }
     if tls is not None:
         for name in ("vision", "text"):
             commands[name] += tls.encoder_flags()
         commands["gateway"] += tls.gateway_flags()
+        commands["web"] += ["--ca-cert", tls.path("ca.crt"), "--token-file", tls.path("token")]
     stopping = False
 
     def stop(*_: object) -> None:
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = samples[0] if samples else None
         flags = "-plaintext" if tls is None else tls_grpcurl_flags(tls)
         print("  " + grpcurl_line(gateway, sample, flags) + "\n", flush=True)
+        print(f"or open the web page: http://{args.host}:{args.web_port}/\n", flush=True)
         while all_running():
             time.sleep(0.5)
         dead = [f"{n} {how_it_ended(p.returncode)}" for n, p in procs.items() if p.poll() is not None]

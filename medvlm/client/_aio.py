@@ -114,6 +114,12 @@ class AsyncClient:
         reply = await self._call(self._stub.GetModelInfo, types_pb2.GetModelInfoRequest(), timeout)
         return _convert.model_info(reply)
 
+    async def label_sets(self, *, timeout: float | None = None) -> tuple[str, ...]:
+        """The label sets the gateway serves, as "name@version". Raises NotSupported when this
+        client's contract has none, and a MedvlmError with code UNIMPLEMENTED from a gateway without them."""
+        request = _convert.list_label_sets_request()
+        return _convert.label_set_names(await self._call(self._stub.ListLabelSets, request, timeout))
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gateway's health (grpc.health.v1): "SERVING", "NOT_SERVING", ..."""
         reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)

@@ -38,6 +38,18 @@ def check_labels(labels: Sequence[str] | None, label_set: str | None) -> None:
         classify_request(None, None, label_set, "", 0, 0)
 
 
+def list_label_sets_request():
+    """A ListLabelSetsRequest, or NotSupported when this client's contract has no label sets."""
+    request_type = getattr(gateway_pb2, "ListLabelSetsRequest", None)
+    if request_type is None:
+        raise NotSupported("this client's contract (medvlm.v1) has no label sets yet")
+    return request_type()
+
+
+def label_set_names(reply) -> tuple[str, ...]:
+    return tuple(f"{s.name}@{s.version}" for s in reply.label_sets)
+
+
 def label_score(score: gateway_pb2.LabelScore) -> LabelScore:
     code = getattr(score, "code", "")
     return LabelScore(label=score.label, index=score.index, probability=score.probability,

@@ -113,6 +113,11 @@ class Client:
         """The bundle the gateway serves and the engine of each tower."""
         return _convert.model_info(self._call(self._stub.GetModelInfo, types_pb2.GetModelInfoRequest(), timeout))
 
+    def label_sets(self, *, timeout: float | None = None) -> tuple[str, ...]:
+        """The label sets the gateway serves, as "name@version"; see AsyncClient.label_sets."""
+        request = _convert.list_label_sets_request()
+        return _convert.label_set_names(self._call(self._stub.ListLabelSets, request, timeout))
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gateway's health (grpc.health.v1): "SERVING", "NOT_SERVING", ..."""
         reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
