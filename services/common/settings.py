@@ -160,6 +160,14 @@ class Settings:
         "Higher keeps the encoders busier, lower bounds memory per stream.",
         (GATEWAY,),
     )
+    calibration: str = _opt(
+        "",
+        "Calibration file of the served bundle (calibration.json, made by `make calibrate`). With it, "
+        "Classify answers carry calibrated probabilities, an out-of-distribution score and an abstain "
+        "flag; a file made for another bundle keeps the gateway NOT_SERVING. Empty: answers carry no "
+        "trust assessment.",
+        (GATEWAY,),
+    )
     verify_retry_max_s: float = _opt(
         5.0,
         "Longest pause between checks of the encoders while the gateway is not yet serving "
