@@ -67,8 +67,12 @@ def foreign_images(seed: int = 0) -> list[Image.Image]:
 def medical_images() -> list[tuple[str, Image.Image]]:
     """(modality:file, image) of pydicom's bundled files with pixel data, one frame each, windowed to
     the 1st-99th percentile, duplicates (the same pixels in another encoding) left out."""
+    import warnings
+
     import pydicom
 
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # files it has no codec for are skipped below
+    warnings.filterwarnings("ignore", module="pydicom")
     folder = Path(pydicom.__file__).parent / "data" / "test_files"
     out, seen = [], set()
     for path in sorted(folder.rglob("*.dcm")):
