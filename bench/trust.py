@@ -30,7 +30,7 @@ from engines.build import synthetic
 from engines.build.calibrate import expected_calibration_error, softmax_rows
 from engines.runtime import manifest as mf
 from engines.runtime.bundle import TOWER_TENSORS, load_bundle
-from engines.runtime.calibration import CALIBRATION_NAME, DEFAULT_SCOPE
+from engines.runtime.calibration import CALIBRATION_NAME, DEFAULT_SCOPE, nearest_distance
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.text import TextTokenizer
 from services.gateway.trust import OUT_OF_DISTRIBUTION, Trust
@@ -164,11 +164,55 @@ def measure(bundle_dir: Path, per_class: int) -> dict:
             "medical_not_flagged": [name for (name, _), v in zip(medical, medical_verdicts, strict=True)
                                     if v.reason != OUT_OF_DISTRIBUTION],
         }
+    comparison = compare_scores(bundle_dir, trust, held, labels, prompts, foreign, real)
     cpu = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     return {"bundle_id": manifest.bundle_id, "calibration_id": trust.calibration.calibration_id,
             "held_out": f"generator seed {EVAL_SEED}, {per_class} per class",
             "cpu_flags": sorted(set(re.findall(r"avx512[a-z_0-9]*|avx2", cpu))), "machine": platform.machine(),
-            "scopes": results}
+            "scopes": results, "score_comparison": comparison}
+
+
+def compare_scores(bundle_dir: Path, trust: Trust, held: np.ndarray, labels: np.ndarray, prompts: np.ndarray,
+                   foreign: np.ndarray, real: np.ndarray) -> dict:
+    """The candidate out-of-distribution scores side by side, each thresholded so that
+    `OOD_QUANTILE` of in-distribution calibration images pass: the best cosine to the labels, the
+    Mahalanobis distance to the mean of all calibration images, and the served score (distance to
+    the nearest class centroid of the label set). Distances are thresholded on out-of-fold scores."""
+    from sklearn.covariance import LedoitWolf
+
+    from engines.build import calibrate as cal
+
+    bundle = load_bundle(bundle_dir)
+    report = trust.calibration.report[DEFAULT_SCOPE]
+    data = cal.demo_images(bundle, per_class=report["images"] // synthetic.NUM_CLASSES)
+    vectors, _ = cal.embed(bundle, data)
+    folds = np.arange(len(vectors)) % cal.FOLDS
+
+    def mean_distance(train: np.ndarray, x: np.ndarray) -> np.ndarray:
+        mean = train.mean(axis=0)
+        return nearest_distance(x, mean[None, :], LedoitWolf().fit(train - mean).precision_)
+
+    oof_mean = np.zeros(len(vectors))
+    for k in range(cal.FOLDS):
+        oof_mean[folds == k] = mean_distance(vectors[folds != k], vectors[folds == k])
+    out = {}
+    for scope in trust.calibration.scopes[1:]:
+        rows = np.array([synthetic.CLASS_LABELS.index(c) for c in scope.labels])
+        mine_cal, mine = np.isin(data.labels, rows), np.isin(labels, rows)
+        sets = {"in_distribution": held[mine], "other_modalities": held[~mine], "noise_and_photos": foreign,
+                "medical": real}
+        cosine_threshold = np.quantile((vectors[mine_cal] @ prompts[rows].T).max(1), 1 - cal.OOD_QUANTILE)
+        mean_threshold = np.quantile(oof_mean[mine_cal], cal.OOD_QUANTILE)
+        centroids = trust.calibration.centroids[trust.calibration.class_rows(scope.labels)]
+        candidates = {
+            "best cosine to the labels": lambda x: (x @ prompts[rows].T).max(1) < cosine_threshold,
+            "distance to the mean of all images": lambda x: mean_distance(vectors, x) > mean_threshold,
+            "distance to the nearest class centroid (served)":
+                lambda x: nearest_distance(x, centroids, trust.calibration.precision) > scope.ood_threshold,
+        }
+        out[scope.name] = {name: {k: round(float(flag(x).mean()), 4) for k, x in sets.items()}
+                           for name, flag in candidates.items()}
+    return out
 
 
 def table(result: dict) -> str:
@@ -182,6 +226,12 @@ def table(result: dict) -> str:
                      f"| {r['ece_before']:.4f} -> {r['ece_after']:.4f} | {100 * r['in_distribution_flagged_ood']:.1f} % "
                      f"| {other} | {100 * r['noise_and_photos_flagged']:.1f} % of {r['noise_and_photo_images']} "
                      f"| {100 * r['medical_flagged']:.1f} % of {r['medical_images']} |")
+    lines += ["", "| score (flag rate) | label set | in-distribution | other modalities | noise+photos | pydicom |",
+              "|---|---|---:|---:|---:|---:|"]
+    for scope, candidates in result["score_comparison"].items():
+        for name, r in candidates.items():
+            lines.append(f"| {name} | {scope} | {100 * r['in_distribution']:.1f} % | {100 * r['other_modalities']:.1f} % "
+                         f"| {100 * r['noise_and_photos']:.1f} % | {100 * r['medical']:.1f} % |")
     return "\n".join(lines)
 
 
