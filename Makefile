@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize run test smoke bench soak faults fuzz clean
+.PHONY: help venv protos lint-protos bundle quantize calibrate run test smoke bench soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,9 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+
+calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistics and abstention thresholds into BUNDLE/calibration.json (BUNDLE=bundles/NAME [CALIBRATION=dir of label subfolders])
+	$(PY) -m engines.build calibrate --bundle $(or $(BUNDLE),$(BUNDLES)/demo-synthetic-1) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 run: protos  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)

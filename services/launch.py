@@ -19,6 +19,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engines.runtime.calibration import CALIBRATION_NAME, Calibration, CalibrationError
+from engines.runtime.manifest import Manifest
+
 ROOT = Path(__file__).resolve().parent.parent
 TLS_DIR = ROOT / ".cache" / "tls"
 GATEWAY_ID = "spiffe://medvlm.local/gateway"
@@ -148,6 +151,22 @@ def tls_grpcurl_flags(tls: LocalTLS) -> str:
     return f"-cacert {rel('ca.crt')} -H \"authorization: Bearer $(cat {rel('token')})\""
 
 
+def ensure_calibration(bundle: Path, model: str) -> Path | None:
+    """The bundle's calibration file if it belongs to this bundle; the demo model's is made when
+    missing or stale (about a minute). None for other models that have none."""
+    path = bundle / CALIBRATION_NAME
+    try:
+        Calibration.read(path, Manifest.read(bundle).bundle_id)
+        return path
+    except CalibrationError as exc:
+        if model != "demo":
+            print(f"serving without calibration (answers carry no abstain flag): {exc}", flush=True)
+            return None
+    print(f"calibrating {bundle.name} on generated images (first run only)", flush=True)
+    subprocess.run([sys.executable, "-m", "engines.build", "calibrate", "--bundle", str(bundle)], check=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("MEDVLM_MODEL", "demo"), help="registry model of the bundle")
@@ -165,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     bundle = ensure_bundle(args.bundles.resolve(), args.model)
+    calibration = ensure_calibration(bundle, args.model)
     vision = f"{args.host}:{args.vision_port}"
     text = f"{args.host}:{args.text_port}"
     gateway = f"{args.host}:{args.gateway_port}"
@@ -174,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "vision": python + ["services.vision", "--host", args.host, "--port", str(args.vision_port), "--bundle", str(bundle)],
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
-                             "--vision-target", vision, "--text-target", text],
+                             "--vision-target", vision, "--text-target", text]
+                   + (["--calibration", str(calibration)] if calibration else []),
         "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port),
                          "--target", gateway],
     }

@@ -4,6 +4,7 @@
   python -m engines.build quantize --bundle DIR [--calibration DIR] [--precision int8[,fp16]]
   python -m engines.build plans --bundle DIR                       (on a GPU node with TensorRT)
   python -m engines.build sign --bundle DIR --key ED25519_PRIVATE.pem
+  python -m engines.build calibrate --bundle DIR [--calibration DIR]
 """
 
 from __future__ import annotations
@@ -128,6 +129,32 @@ def _plans_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _calibrate_parser() -> argparse.ArgumentParser:
+    from engines.build import calibrate
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engines.build calibrate",
+        description="Fit the bundle's calibration (temperature per label set, out-of-distribution statistics "
+                    "and thresholds) on labelled images and write calibration.json beside its manifest. "
+                    "The gateway serves it with --calibration; it is tied to this bundle's id.",
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory (holds manifest.json)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="folder with one subfolder of images per label (the subfolder's name is the label); "
+                             "required except for the demo and test models, which use the generator")
+    parser.add_argument("--ood-quantile", type=float, default=calibrate.OOD_QUANTILE,
+                        help="share of in-distribution calibration images (out of fold) under the "
+                             "out-of-distribution threshold: higher flags fewer good images and more strange ones "
+                             f"pass (default {calibrate.OOD_QUANTILE})")
+    parser.add_argument("--min-probability", type=float, default=calibrate.MIN_PROBABILITY,
+                        help="abstain when the best calibrated probability is below this "
+                             f"(default {calibrate.MIN_PROBABILITY})")
+    parser.add_argument("--per-class", type=int, default=calibrate.PER_CLASS,
+                        help=f"generator images per class for the demo model (default {calibrate.PER_CLASS})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
 def _logging(verbose: bool) -> None:
     # Our loggers at INFO; libraries (open_clip logs every step on the root logger) at WARNING.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
@@ -179,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             plans.build_plans(args.bundle, precisions=args.precision, max_batch=args.max_batch,
                               calibration=args.calibration)
         except (plans.PlanError, RuntimeBundleError) as exc:
+            log.error("%s", exc)
+            return 1
+        return 0
+    if argv[:1] == ["calibrate"]:
+        from engines.build import calibrate
+
+        args = _calibrate_parser().parse_args(argv[1:])
+        _logging(args.verbose)
+        try:
+            print(calibrate.calibrate_bundle(args.bundle, args.calibration, ood_quantile=args.ood_quantile,
+                                             min_probability=args.min_probability, per_class=args.per_class))
+        except (calibrate.CalibrateError, RuntimeBundleError) as exc:
             log.error("%s", exc)
             return 1
         return 0

@@ -184,6 +184,14 @@ class Settings:
         "the soak's leak detector must catch. Never enable it in service.",
         (GATEWAY,),
     )
+    calibration: str = _opt(
+        "",
+        "Calibration file of the served bundle (calibration.json, made by `make calibrate`). With it, "
+        "Classify answers carry calibrated probabilities, an out-of-distribution score and an abstain "
+        "flag; a file made for another bundle keeps the gateway NOT_SERVING. Empty: answers carry no "
+        "trust assessment.",
+        (GATEWAY,),
+    )
     verify_retry_max_s: float = _opt(
         5.0,
         "Longest pause between checks of the encoders while the gateway is not yet serving "

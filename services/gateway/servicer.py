@@ -17,6 +17,7 @@ from services.common.texts import check_texts
 from services.common.tls import encoder_certificates
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.stream import map_unordered
+from services.gateway.trust import Trust, Verdict
 from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
 
 log = structlog.get_logger("medvlm.gateway")
@@ -72,6 +73,7 @@ class GatewayApp:
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
         self._recheck = asyncio.Event()  # set when a reply named another bundle
+        self.trust: Trust | None = None  # the bundle's calibration, when --calibration names one
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
@@ -82,6 +84,7 @@ class GatewayApp:
         while True:
             try:
                 identity, info = await verify_encoders(self.vision, self.text)
+                self._adopt(identity, info)
                 break
             except MedvlmError as exc:
                 log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
@@ -89,14 +92,16 @@ class GatewayApp:
                 delay = min(delay * 2, self.settings.verify_retry_max_s)
         for name in ("vision", "text"):
             metrics.ENCODER_UP.labels(name).set(1)
-        self._adopt(identity, info)
 
     def _adopt(self, identity: ModelIdentity, info: types_pb2.ModelInfo) -> None:
-        """Serve this bundle from now on, with a text cache of its own (embeddings never mix)."""
-        self._info = info
+        """Serve this bundle from now on, with a text cache of its own (embeddings never mix).
+        Inconsistent, and nothing changes, when --calibration was made for another bundle."""
+        trust = Trust.load(self.settings.calibration, identity.bundle_id) if self.settings.calibration else None
+        self.trust, self._info = trust, info
         self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
                               self.settings.downstream_timeout_s, on_bundle_changed=self._recheck.set)
-        log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim)
+        log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim,
+                 calibration=self.trust.calibration.calibration_id if self.trust else None)
 
     async def watch(self, set_serving) -> None:
         """Follow both encoders every CHECK_INTERVAL_S, and at once when a reply named another
@@ -145,7 +150,11 @@ class GatewayApp:
             return False
         if identity != self.core.model:
             log.warning("bundle_changed", old=self.core.model.bundle_id, new=identity.bundle_id)
-            self._adopt(identity, info)
+            try:
+                self._adopt(identity, info)
+            except Inconsistent as exc:  # the calibration file is the old bundle's: not served
+                log.error("bundle_not_adopted", reason=exc.message)
+                return False
         return True
 
     def stalled(self) -> str | None:
@@ -198,6 +207,25 @@ def _label_score(labels: list[str], index: int, probabilities: np.ndarray, cosin
     )
 
 
+_REASONS = {"": gateway_pb2.ABSTAIN_REASON_UNSPECIFIED,
+            "out_of_distribution": gateway_pb2.ABSTAIN_REASON_OUT_OF_DISTRIBUTION,
+            "low_confidence": gateway_pb2.ABSTAIN_REASON_LOW_CONFIDENCE}
+
+
+def _add_trust(response: gateway_pb2.ClassifyResponse, verdict: Verdict | None) -> gateway_pb2.ClassifyResponse:
+    """Calibrated probabilities, abstain flag and trust assessment into a ClassifyResponse; without a
+    calibration, calibrated_probability repeats probability and `trust` stays unset."""
+    for score in (*response.scores, *response.top):
+        score.calibrated_probability = score.probability if verdict is None else float(verdict.calibrated[score.index])
+    if verdict is not None:
+        response.abstain = verdict.abstain
+        response.abstain_reason = _REASONS[verdict.reason]
+        response.trust.CopyFrom(gateway_pb2.Trust(
+            ood_score=verdict.ood_score, ood_threshold=verdict.ood_threshold, min_probability=verdict.min_probability,
+            temperature=verdict.temperature, scope=verdict.scope, calibration_id=verdict.calibration_id))
+    return response
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Converts the public messages; ZeroShot does the work."""
 
@@ -221,12 +249,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         probabilities, cosine = scores.probabilities[0], scores.cosine[0]  # [N_labels]
         order = np.argsort(-probabilities, kind="stable")
         k = request.top_k if 0 < request.top_k <= len(labels) else len(labels)
-        return gateway_pb2.ClassifyResponse(
+        verdict = self.app.trust and self.app.trust.judge(
+            cosine, scores.image_vectors[0], labels, request.template or DEFAULT_TEMPLATE, core.model.logit_scale)
+        return _add_trust(gateway_pb2.ClassifyResponse(
             scores=[_label_score(labels, i, probabilities, cosine) for i in range(len(labels))],
             top=[_label_score(labels, int(i), probabilities, cosine) for i in order[:k]],
             bundle_id=core.model.bundle_id,
             image_sha256=scores.image_digests[0],
-        )
+        ), verdict)
 
     async def ClassifyStream(self, request_iterator, context):
         self.app.core  # noqa: B018 - NotReady before the stream starts

@@ -56,6 +56,7 @@ class Scores:
     cosine: np.ndarray  # [N_images, N_texts]
     probabilities: np.ndarray  # [N_images, N_texts], rows sum to 1
     image_digests: list[str]
+    image_vectors: np.ndarray | None = None  # [N_images, D] unit embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,4 +164,5 @@ class ZeroShot:
         embedded = await image_task
         cosine = embedded.vectors @ text_vectors.T  # [N_images, N_texts]
         probabilities = softmax_rows(self.model.logit_scale * cosine)
-        return Scores(cosine=cosine, probabilities=probabilities, image_digests=embedded.digests)
+        return Scores(cosine=cosine, probabilities=probabilities, image_digests=embedded.digests,
+                      image_vectors=embedded.vectors)
