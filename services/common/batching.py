@@ -22,6 +22,65 @@ STAT, URGENT, ROUTINE = 0, 1, 2
 PRIORITIES = (STAT, URGENT, ROUTINE)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchLimit:
+    """The largest batch worth forming on this engine and machine, and the timings it rests on."""
+
+    size: int
+    seconds_per_item: dict[int, float]  # batch size -> median engine seconds per item
+
+    def describe(self) -> dict[str, object]:
+        return {"batch_limit": self.size,
+                "ms_per_item": {str(b): round(1000 * t, 2) for b, t in sorted(self.seconds_per_item.items())}}
+
+
+def measure_batch_limit(
+    infer: Callable[[np.ndarray], np.ndarray],
+    rows: np.ndarray,
+    max_batch: int,
+    *,
+    rounds: int = 3,
+    min_gain: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BatchLimit:
+    """Largest batch size (1, 2, 4, ... up to max_batch) at which the engine's time per item still
+    falls by at least `min_gain` over the size before it.
+
+    On a compute-bound CPU a large batch can take longer per item than a small one (caches,
+    memory traffic), so a batcher that always fills to max_batch can serve fewer items per
+    second under load than one-at-a-time. Each step times the smaller and the larger batch
+    alternately, `rounds` times each, and compares medians, so load from other processes hits
+    both alike; the doubling stops at the first size that does not pay. `rows` [M, ...] are
+    repeated to fill a batch.
+    """
+    def batch(size: int) -> np.ndarray:
+        return rows[np.arange(size) % len(rows)]
+
+    def per_item(size: int, times: list[float]) -> None:
+        example = batch(size)
+        started = clock()
+        infer(example)
+        times.append((clock() - started) / size)
+
+    sizes = [1]
+    while sizes[-1] < max_batch:
+        sizes.append(min(2 * sizes[-1], max_batch))
+    infer(batch(1))  # lazy allocations out of the first timing
+    measured: dict[int, float] = {}
+    best = 1
+    for small, large in zip(sizes, sizes[1:]):
+        times: dict[int, list[float]] = {small: [], large: []}
+        for k in range(rounds):
+            for size in ((small, large) if k % 2 == 0 else (large, small)):
+                per_item(size, times[size])
+        measured[small] = float(np.median(times[small]))
+        measured[large] = float(np.median(times[large]))
+        if not measured[large] <= measured[small] * (1 - min_gain):
+            break
+        best = large
+    return BatchLimit(best, measured)
+
+
 @dataclasses.dataclass(eq=False)
 class Ticket:
     """One caller's request, from the moment it is announced until its result is delivered.

@@ -96,6 +96,14 @@ class Settings:
         "raise throughput under load; each call then takes longer.",
         ENCODERS,
     )
+    measure_batch_limit: bool = _opt(
+        True,
+        "At start, time the engine at batch sizes 1, 2, 4, ... up to --max-batch and never form "
+        "batches past the size where its time per item stops falling by 5 %: on a compute-bound CPU a "
+        "big batch can be slower per item than small ones. Costs a few engine calls at start "
+        "(seconds for a ViT-B/16 on a CPU); off trusts --max-batch as given.",
+        ENCODERS,
+    )
     max_delay_ms: float = _opt(
         5.0,
         "How long a batch may wait for more items, and only while other requests are being "
@@ -116,17 +124,27 @@ class Settings:
     )
     engine: str = _opt(
         "auto",
-        "auto, tensorrt, onnxruntime-cuda, onnxruntime-cpu, torch-cpu or torch-cuda. auto takes a "
-        "TensorRT plan built for this GPU, then ONNX Runtime CUDA, then CPU, and logs why it skipped "
-        "the others; torch-* is the slow reference and needs the build requirements.",
+        "auto, tensorrt, onnxruntime-cuda, openvino, onnxruntime-cpu, torch-cpu or torch-cuda. auto "
+        "takes a TensorRT plan built for this GPU, then ONNX Runtime CUDA, then on the CPU the fastest "
+        "precision OpenVINO or ONNX Runtime can run (int8, then bf16 where the CPU has it, then fp32 on "
+        "ONNX Runtime), "
+        "and logs why it skipped the others; torch-* is the slow reference and needs the build "
+        "requirements.",
         ENCODERS,
     )
     precision: str = _opt(
         "auto",
-        "auto, fp32, fp16 or int8. auto takes the fastest precision the bundle holds for the chosen engine; "
+        "auto, fp32, bf16, fp16 or int8. auto takes the fastest precision the bundle holds for the chosen engine; "
         "int8 and fp16 engines are in a bundle only if their zero-shot answers agreed with fp32 on >= 99 % "
         "of held-out images at build time, so they trade that last percent for speed. fp32 is the "
         "reference: slowest, and what the others are judged against.",
+        ENCODERS,
+    )
+    openvino_cache_dir: str = _opt(
+        "",
+        "Folder where OpenVINO keeps compiled models; a restart then loads in a fraction of the "
+        "compile time (biomedclip-arch vision: measured in the README). Empty: compile at every start. "
+        "Must be writable; one per CPU model and OpenVINO version is safe (the cache is keyed by both).",
         ENCODERS,
     )
     intra_op_threads: int = _opt(
