@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize run test smoke bench clean
+.PHONY: help venv protos lint-protos bundle quantize quantize-openvino run test smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,9 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+
+quantize-openvino: $(VENV)/.installed  ## add gated NNCF int8 engines for OpenVINO to a built bundle (BUNDLE=bundles/NAME [CALIBRATION=dir])
+	$(PY) -m engines.build openvino --bundle $(BUNDLE) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)
