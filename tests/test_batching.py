@@ -298,22 +298,26 @@ class _FakeEngine:
         return np.zeros((len(batch), 4), np.float32)
 
 
-@pytest.mark.parametrize("cost, max_batch, limit", [
-    (lambda b: 0.010 + 0.002 * b, 32, 32),  # fixed overhead: per item keeps falling
-    (lambda b: 0.300 * b, 32, 1),  # compute-bound: no size pays
-    (lambda b: 0.300 * b * (1.0 if b <= 4 else 1.3), 32, 1),  # flat, then worse
-    (lambda b: 0.05 + 0.1 * b if b <= 4 else 0.2 * b, 32, 4),  # falls until 4, then worse
-    (lambda b: 0.010 + 0.002 * b, 12, 12),  # the last step is max_batch itself
+@pytest.mark.parametrize("cost, max_batch, limit, why", [
+    (lambda b: 0.010 + 0.002 * b, 32, 32, "max_batch 32"),  # fixed overhead: per item keeps falling
+    (lambda b: 0.04 * b, 32, 32, "max_batch 32"),  # flat per item: batching still saves per-call work
+    (lambda b: 0.300 * b, 32, 4, "start-up budget"),  # flat but slow: the 20 s budget ends it
+    (lambda b: 0.100 * b * (1.0 if b <= 4 else 1.3), 32, 4, "batch 8 is slower per item"),
+    (lambda b: 0.05 + 0.1 * b if b <= 4 else 0.2 * b, 32, 4, "batch 8 is slower per item"),
+    (lambda b: 0.200 * b * (1.0 if b == 1 else 1.4), 32, 1, "batch 2 is slower per item"),
+    (lambda b: 0.010 + 0.002 * b, 12, 12, "max_batch 12"),  # the last step is max_batch itself
 ])
-def test_batch_limit_stops_where_time_per_item_stops_falling(cost, max_batch, limit):
+def test_batch_limit_never_allows_a_size_slower_per_item(cost, max_batch, limit, why):
     engine = _FakeEngine(cost)
     rows = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
     found = batching.measure_batch_limit(engine.infer, rows, max_batch, clock=engine.clock)
-    assert found.size == limit
+    assert (found.size, found.stopped.split(" (")[0].split(" of ")[0]) == (limit, why.split(" of ")[0])
     assert max(engine.sizes) <= max_batch
     assert found.seconds_per_item[1] == pytest.approx(cost(1))
-    if limit < max_batch:  # it measured one size past the limit, and no further
-        assert max(found.seconds_per_item) == max(engine.sizes) == min(2 * limit, max_batch)
+    assert engine.now <= 20.0 + cost(1)  # the budget holds (the warm-up call comes first)
+    for size, seconds in found.seconds_per_item.items():
+        if size <= found.size:
+            assert seconds <= min(found.seconds_per_item[s] for s in found.seconds_per_item if s <= size) * 1.1
 
 
 async def test_served_batches_stay_within_the_measured_limit(tiny_bundle):

@@ -112,8 +112,8 @@ class EncoderApp:
         self._loaded = loaded
 
     def _batch_limit(self, loaded: LoadedTower) -> BatchLimit:
-        """Time the engine on the golden inputs at growing batch sizes; the batcher never goes past
-        the size where time per item stops falling."""
+        """Time the engine on the golden inputs at growing batch sizes; the batcher never forms a batch
+        of a size that is slower per item than a smaller one."""
         input_key, _ = TOWER_TENSORS[self.tower]
         limit = measure_batch_limit(loaded.engine.infer, loaded.bundle.golden()[input_key], loaded.engine.max_batch)
         log.info("batch_limit_measured", tower=self.tower, engine=loaded.engine.kind,

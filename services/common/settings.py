@@ -99,9 +99,9 @@ class Settings:
     measure_batch_limit: bool = _opt(
         True,
         "At start, time the engine at batch sizes 1, 2, 4, ... up to --max-batch and never form "
-        "batches past the size where its time per item stops falling by 5 %: on a compute-bound CPU a "
-        "big batch can be slower per item than small ones. Costs a few engine calls at start "
-        "(seconds for a ViT-B/16 on a CPU); off trusts --max-batch as given.",
+        "batches of the first size whose time per item is over 10 % above a smaller size's, or larger: "
+        "on a compute-bound CPU a big batch can be slower per item than small ones, and filling it "
+        "lowers throughput. Costs up to 20 s of engine calls at start; off trusts --max-batch as given.",
         ENCODERS,
     )
     max_delay_ms: float = _opt(
