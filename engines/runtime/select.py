@@ -8,8 +8,8 @@ for the engine (int8, then bf16, fp16, fp32): a reduced-precision file is only i
 passed its gate against fp32 and was faster where it was built. On the CPU, OpenVINO's and ONNX
 Runtime's options are tried together in that precision order (OpenVINO first at equal precision,
 except fp32, where ONNX Runtime measured as fast or faster), so `auto` never takes OpenVINO f32
-over a gated ONNX Runtime int8 graph. bf16 is OpenVINO running
-the fp32 graph in bf16 arithmetic, offered only where the CPU has native bf16.
+over a gated ONNX Runtime int8 graph. bf16 is OpenVINO running the fp32 graph in bf16 arithmetic,
+offered only where the CPU has native bf16.
 """
 
 from __future__ import annotations
