@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize calibrate run test smoke bench soak faults fuzz clean
+.PHONY: help venv protos lint-protos bundle quantize quantize-openvino calibrate run test smoke bench gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,9 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
+quantize-openvino: $(VENV)/.installed  ## add gated NNCF int8 engines for OpenVINO to a built bundle (BUNDLE=bundles/NAME [CALIBRATION=dir])
+	$(PY) -m engines.build openvino --bundle $(BUNDLE) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+
 calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistics and abstention thresholds into BUNDLE/calibration.json (BUNDLE=bundles/NAME [CALIBRATION=dir of label subfolders])
 	$(PY) -m engines.build calibrate --bundle $(or $(BUNDLE),$(BUNDLES)/demo-synthetic-1) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
@@ -84,6 +87,24 @@ $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
 $(BENCH_TRITON)/.installed: bench/requirements-triton.txt
 	-test -x $(BENCH_TRITON)/bin/python || $(PYTHON) -m venv $(BENCH_TRITON)
 	-$(BENCH_TRITON)/bin/python -m pip install -q -r bench/requirements-triton.txt && touch $@
+
+GPU_CHECK_ARGS ?=
+GPU_PYTHON ?= $(PY)
+GPU_WHEELS := .cache/gpu-wheels
+
+# On the GPU machine: GPU_PYTHON=python3 (its PyTorch), gen/ carried along (make protos here), the
+# wheels of `make gpu-wheels` installed. Bounded by the script (8 min) and, as a last resort, here.
+gpu-check:  ## one-shot GPU check (at most 8 min): torch CUDA fp32/fp16, served Classify, TensorRT plans where it imports; report in bench/out/gpu-check (GPU_CHECK_ARGS=--device cpu: a labelled CPU dry run)
+	test -f gen/.stamp || { echo "gen/ is missing: run make protos where the venv exists and carry gen/ along"; exit 1; }
+	timeout 560 $(GPU_PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(VENV)/.installed  ## wheels gpu-check needs beyond PyTorch (requirements/gpu-check.txt) into .cache/gpu-wheels, at most 60 MiB
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any -d $(GPU_WHEELS) -r requirements/gpu-check.txt
+	@total=$$(cat $(GPU_WHEELS)/*.whl | wc -c); echo "$$(ls $(GPU_WHEELS) | wc -l) wheels, $$((total / 1048576)) MiB"; \
+		test $$total -le 62914560 || { echo "over 60 MiB"; exit 1; }
 
 TARGET ?= 127.0.0.1:50050
 

@@ -256,7 +256,10 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         ("* Precision rows: `ort-int8` and `gateway-int8` run the model's int8 vision graph (the note "
          "under each model says where it came from: kept by the precision gate, or, for random weights "
          "that no gate can judge, made for speed only); `gateway-torch` serves the torch reference "
-         "engine in both encoders; every other served row pins `--precision fp32`."),
+         "engine in both encoders; the `*-openvino` rows run OpenVINO (`--engine openvino`: bf16 where "
+         "the CPU has native bf16, f32 elsewhere; `triton-openvino` the same inside Triton's Python "
+         "backend), the gateway's text encoder on ONNX Runtime fp32; every other served row pins "
+         "`--engine onnxruntime-cpu --precision fp32`."),
         "",
     ]
     for model, r in results["models"].items():

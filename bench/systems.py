@@ -11,8 +11,12 @@
 | ort-int8 | ort with the bundle's int8 vision engine |
 | gateway-int8 | gateway with the vision encoder serving int8 (--precision int8) |
 | gateway-torch | gateway with both encoders serving the torch reference engine (--engine torch-cpu) |
+| openvino | OpenVinoEngine.infer in this process (bf16 where the CPU has native bf16, else f32), tensors as ort |
+| vision-openvino | vision-batch with the encoder on OpenVINO (--engine openvino) |
+| gateway-openvino | gateway with both encoders on OpenVINO (--engine openvino) |
 | triton | NVIDIA Triton (bench.triton), preprocessed float32 tensors over gRPC |
 | triton-decode | the same Triton taking PNG bytes, decoding them in its Python backend with our code |
+| triton-openvino | triton with OpenVINO instead of ONNX Runtime in its Python backend (same precision as ours) |
 
 Tensor preparation for torch, ort, ort-int8 and triton happens once, before timing. The fp32 rows pin
 --precision fp32, so a bundle that also holds int8 engines does not change what they measure.
@@ -285,6 +289,38 @@ class OrtInt8(OrtEngine):
         return check_cosine(self._embed(0)[0], self.ctx.reference[0], MIN_INT8_CHECK_COSINE)
 
 
+def openvino_precision() -> str:
+    """What medvlm's OpenVINO engine computes in on this CPU: bf16 with native bf16, fp32 elsewhere."""
+    from engines.runtime import openvino as ov_engine
+
+    try:
+        return ov_engine.BF16 if ov_engine.CpuSupport.probe().bf16 else mf.FP32
+    except Exception as exc:  # noqa: BLE001 - any failure to load OpenVINO makes the system unavailable
+        raise SystemUnavailable(f"OpenVINO cannot run here: {exc}") from exc
+
+
+class OpenVinoInProcess(OrtEngine):
+    key = "openvino"
+    title = "OpenVINO engine (in process; bf16 where the CPU has native bf16, else f32)"
+    request = OrtEngine.request
+
+    def start(self) -> None:
+        from engines.runtime import openvino as ov_engine
+
+        precision = openvino_precision()
+        self.engine = ov_engine.OpenVinoEngine(self.ctx.bundle.engine_file("vision"), input_name=VISION_INPUT,
+                                               output_name=VISION_OUTPUT, precision=precision,
+                                               threads=self.ctx.threads)
+        support = ov_engine.CpuSupport.probe()
+        self.details = {"engine": self.engine.kind, "precision": precision, "threads": self.ctx.threads,
+                        "openvino": support.version, "cpu_flags": list(support.reported_flags),
+                        "bf16": support.bf16_reason or "used", "compile_s": round(self.engine.load_s, 2)}
+
+    def check(self) -> dict[str, Any]:
+        bound = MIN_CHECK_COSINE if self.engine.precision == mf.FP32 else MIN_INT8_CHECK_COSINE
+        return check_cosine(self._embed(0)[0], self.ctx.reference[0], bound)
+
+
 class GrpcSystem(System):
     """Helpers of the systems that talk to medvlm servers: subprocesses, channels, stubs."""
 
@@ -340,6 +376,8 @@ class VisionGrpc(GrpcSystem):
     title = "medvlm vision encoder over gRPC, batching on"
     request = "PNG bytes over gRPC (EmbedImages, 1 image); the server decodes and preprocesses"
     batching = True
+    # Pinned: with OpenVINO installed, `auto` may pick it for fp32 on the CPU.
+    engine_flags: tuple[str, ...] = ("--engine", "onnxruntime-cpu", "--precision", "fp32")
 
     def start(self) -> None:
         from medvlm.v1 import encoders_pb2_grpc, types_pb2
@@ -347,7 +385,7 @@ class VisionGrpc(GrpcSystem):
         self.pb = types_pb2
         self.stub_class = encoders_pb2_grpc.VisionEncoderServiceStub
         port = free_port()
-        flags = ["--precision", "fp32", *(self.ctx.batch_flags if self.batching else ["--max-batch", "1"])]
+        flags = [*self.engine_flags, *(self.ctx.batch_flags if self.batching else ["--max-batch", "1"])]
         self.target = self.launch("vision", [*self.encoder_args("vision", port), *flags], port)
         self.details = {"flags": ["--intra-op-threads", str(self.ctx.threads), *flags]}
 
@@ -369,6 +407,18 @@ class VisionGrpc(GrpcSystem):
         return lambda n: self._call(worker, n)
 
 
+class VisionOpenVino(VisionGrpc):
+    key = "vision-openvino"
+    title = "medvlm vision encoder over gRPC on OpenVINO (--engine openvino), batching on"
+    engine_flags: tuple[str, ...] = ("--engine", "openvino")
+
+    def check(self) -> dict[str, Any]:
+        reply = self._call(-1, 0)
+        self.details["served_engines"] = self.served_engines(self.stub_class(self.channel(-1, self.target)))
+        return check_cosine(np.array(reply.embeddings[0].values), l2_normalize(self.ctx.reference[:1])[0],
+                            MIN_CHECK_COSINE if openvino_precision() == mf.FP32 else MIN_INT8_CHECK_COSINE)
+
+
 class VisionGrpcNoBatch(VisionGrpc):
     key = "vision-nobatch"
     title = "medvlm vision encoder over gRPC, batching off (--max-batch 1)"
@@ -379,8 +429,8 @@ class GatewayClassify(GrpcSystem):
     key = "gateway"
     title = "medvlm gateway Classify end to end (vision + text + gateway), labels cached"
     request = f"PNG bytes + {len(LABELS)} labels over gRPC (Classify); text embeddings come from the cache"
-    vision_flags: tuple[str, ...] = ("--precision", "fp32")
-    text_flags: tuple[str, ...] = ("--precision", "fp32")
+    vision_flags: tuple[str, ...] = ("--engine", "onnxruntime-cpu", "--precision", "fp32")
+    text_flags: tuple[str, ...] = ("--engine", "onnxruntime-cpu", "--precision", "fp32")
 
     def bundle_path(self) -> Path:
         return self.ctx.bundle.path
@@ -463,7 +513,7 @@ class GatewayTLS(GatewayClassify):
 class GatewayInt8(GatewayClassify):
     key = "gateway-int8"
     title = "medvlm gateway Classify, vision encoder serving int8 (--precision int8), labels cached"
-    vision_flags = ("--precision", "int8")
+    vision_flags = ("--engine", "onnxruntime-cpu", "--precision", "int8")
 
     def bundle_path(self) -> Path:
         int8 = self.ctx.int8()
@@ -478,6 +528,26 @@ class GatewayTorch(GatewayClassify):
     key = "gateway-torch"
     title = "medvlm gateway Classify, both encoders serving the torch reference engine (--engine torch-cpu)"
     vision_flags = text_flags = ("--engine", "torch-cpu")
+
+
+class GatewayOpenVino(GatewayClassify):
+    key = "gateway-openvino"
+    title = ("medvlm gateway Classify, vision encoder on OpenVINO (--engine openvino), labels cached "
+             "(text: ONNX Runtime fp32, off the measured path)")
+    vision_flags = ("--engine", "openvino")
+
+    def image_reference(self) -> tuple[np.ndarray, str]:
+        """Image 0 through the same OpenVINO engine in process (bf16 differs from fp32 by more than the
+        check's 1e-3 on cosines)."""
+        from engines.runtime import openvino as ov_engine
+
+        precision = openvino_precision()
+        engine = ov_engine.OpenVinoEngine(self.ctx.bundle.engine_file("vision"), input_name=VISION_INPUT,
+                                          output_name=VISION_OUTPUT, precision=precision, threads=self.ctx.threads)
+        try:
+            return engine.infer(self.ctx.tensors[:1])[0], f"OpenVINO {precision} (same engine)"
+        finally:
+            engine.close()
 
 
 def expected_label_cosines(ctx: Context, image: np.ndarray) -> np.ndarray:
@@ -497,10 +567,11 @@ def expected_label_cosines(ctx: Context, image: np.ndarray) -> np.ndarray:
 
 def all_systems() -> dict[str, type[System]]:
     """Every system, in the order they run."""
-    from bench.triton import TritonDecode, TritonSystem
+    from bench.triton import TritonDecode, TritonOpenVino, TritonSystem
 
     order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify, GatewayTLS,
-             OrtInt8, GatewayInt8, GatewayTorch, TritonSystem, TritonDecode)
+             OrtInt8, GatewayInt8, GatewayTorch, OpenVinoInProcess, VisionOpenVino, GatewayOpenVino,
+             TritonSystem, TritonDecode, TritonOpenVino)
     return {cls.key: cls for cls in order}
 
 

@@ -190,6 +190,19 @@ class TritonSystem(System):
             self.server = None
 
 
+class TritonOpenVino(TritonSystem):
+    key = "triton-openvino"
+    title = ("NVIDIA Triton as above, OpenVINO instead of ONNX Runtime in its Python backend (the precision "
+             "medvlm's OpenVINO engine picks on this CPU)")
+
+    def server_flags(self) -> list[str]:
+        from bench.systems import openvino_precision
+
+        precision = openvino_precision()
+        self.details["openvino_precision"] = precision
+        return ["--backend", "openvino", "--openvino-precision", "f32" if precision == "fp32" else precision]
+
+
 class TritonDecode(TritonSystem):
     key = "triton-decode"
     title = ("NVIDIA Triton as above, decoding and preprocessing PNGs in its Python backend with the vision "

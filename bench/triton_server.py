@@ -1,5 +1,5 @@
-"""NVIDIA Triton serving a bundle's vision.onnx through ONNX Runtime in its Python backend, with its dynamic
-batcher. Runs in the Triton environment (nvidia-pytriton, numpy < 2), started by bench.triton.
+"""NVIDIA Triton serving a bundle's vision.onnx through ONNX Runtime (or, with --backend openvino,
+OpenVINO) in its Python backend, with its dynamic batcher. Runs in the Triton environment (nvidia-pytriton, numpy < 2), started by bench.triton.
 
 With --decode-bundle the model takes PNG bytes instead of tensors and decodes and preprocesses them in the
 Python backend with the vision encoder's own code (services.vision.preprocess), so both do the same work.
@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op (or OpenVINO inference) threads")
+    parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="what runs the graph inside the Python backend")
+    parser.add_argument("--openvino-precision", choices=("f32", "bf16"), default="f32",
+                        help="OpenVINO's inference precision hint (the benchmark passes what medvlm picks here)")
     parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size of the model config")
     parser.add_argument("--max-delay-us", type=int, default=5000,
                         help="dynamic batcher max_queue_delay_microseconds")
@@ -63,9 +67,26 @@ def png_decoder(args: argparse.Namespace):
     return decode
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+def openvino_embed(args: argparse.Namespace):
+    """The graph compiled by OpenVINO with the settings medvlm's OpenVINO engine uses -> (embed, size, dim, version)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(args.onnx, "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": args.openvino_precision,
+        "INFERENCE_NUM_THREADS": args.threads})
+    request = compiled.create_infer_request()  # one model instance: Triton calls it one batch at a time
+    size = int(compiled.input(INPUT).get_partial_shape()[-1].get_length())
+    dim = int(compiled.output(OUTPUT).get_partial_shape()[-1].get_length())
+
+    def embed(images: np.ndarray) -> dict[str, np.ndarray]:
+        result = request.infer({INPUT: np.ascontiguousarray(images)})
+        return {OUTPUT: np.array(result[compiled.output(OUTPUT)], copy=True)}  # [N, D]
+
+    return embed, size, dim, {"openvino": ov.__version__, "inference_precision": args.openvino_precision}
+
+
+def onnxruntime_embed(args: argparse.Namespace):
+    """The graph in an ONNX Runtime session -> (embed, size, dim, version)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -78,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     def embed(images: np.ndarray) -> dict[str, np.ndarray]:
         (out,) = session.run([OUTPUT], {INPUT: images})  # [N, 3, S, S] -> [N, D]
         return {OUTPUT: out}
+
+    return embed, size, dim, {"onnxruntime": ort.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    embed, size, dim, versions = (openvino_embed if args.backend == "openvino" else onnxruntime_embed)(args)
 
     @batch
     def infer(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -116,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         triton.connect()  # waits until the model is loaded
         print("\n" + json.dumps({"ready": True, "model": MODEL_NAME, "image_size": size, "embed_dim": dim,
-                          "onnxruntime": ort.__version__}), flush=True)
+                          **versions}), flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():
                 print(json.dumps({"ready": False, "error": "tritonserver or its proxy died"}), flush=True)

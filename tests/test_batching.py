@@ -15,6 +15,7 @@ from conftest import encoder_settings, start_server, start_stack
 from engines.runtime.bundle import load_bundle
 from engines.runtime.onnx import open_engine
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, types_pb2
+from services.common import batching
 from services.common.batching import ROUTINE, STAT, URGENT, Batcher
 from services.common.errors import DeadlineExpired, Overloaded
 from services.common.interceptors import RETRY_AFTER_KEY
@@ -278,3 +279,56 @@ async def test_a_cancelled_stream_stops_consuming_engine_time(tiny_bundle):
         assert sample_value("medvlm_inflight_requests", {"method": "/medvlm.v1.GatewayService/ClassifyStream"}) == 0
     finally:
         await stack.stop()
+
+
+class _FakeEngine:
+    """An engine whose call costs `cost(batch size)` seconds on a clock the test owns."""
+
+    def __init__(self, cost) -> None:
+        self.now = 0.0
+        self.cost = cost
+        self.sizes: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        self.now += self.cost(len(batch))
+        return np.zeros((len(batch), 4), np.float32)
+
+
+@pytest.mark.parametrize("cost, max_batch, limit, why", [
+    (lambda b: 0.010 + 0.002 * b, 32, 32, "max_batch 32"),  # fixed overhead: per item keeps falling
+    (lambda b: 0.04 * b, 32, 32, "max_batch 32"),  # flat per item: batching still saves per-call work
+    (lambda b: 0.300 * b, 32, 4, "start-up budget"),  # flat but slow: the 20 s budget ends it
+    (lambda b: 0.100 * b * (1.0 if b <= 4 else 1.3), 32, 4, "batch 8 is slower per item"),
+    (lambda b: 0.05 + 0.1 * b if b <= 4 else 0.2 * b, 32, 4, "batch 8 is slower per item"),
+    (lambda b: 0.200 * b * (1.0 if b == 1 else 1.4), 32, 1, "batch 2 is slower per item"),
+    (lambda b: 0.010 + 0.002 * b, 12, 12, "max_batch 12"),  # the last step is max_batch itself
+])
+def test_batch_limit_never_allows_a_size_slower_per_item(cost, max_batch, limit, why):
+    engine = _FakeEngine(cost)
+    rows = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
+    found = batching.measure_batch_limit(engine.infer, rows, max_batch, clock=engine.clock)
+    assert (found.size, found.stopped.split(" (")[0].split(" of ")[0]) == (limit, why.split(" of ")[0])
+    assert max(engine.sizes) <= max_batch
+    assert found.seconds_per_item[1] == pytest.approx(cost(1))
+    assert engine.now <= 20.0 + cost(1)  # the budget holds (the warm-up call comes first)
+    for size, seconds in found.seconds_per_item.items():
+        if size <= found.size:
+            assert seconds <= min(found.seconds_per_item[s] for s in found.seconds_per_item if s <= size) * 1.1
+
+
+async def test_served_batches_stay_within_the_measured_limit(tiny_bundle):
+    settings = encoder_settings(VISION, tiny_bundle, max_batch=8)
+    server = await start_server(settings, VisionApp(settings))
+    try:
+        limit = server.app._batcher.max_batch
+        assert 1 <= limit <= 8
+        unmeasured = encoder_settings(VISION, tiny_bundle, max_batch=8, measure_batch_limit=False)
+        other = await start_server(unmeasured, VisionApp(unmeasured))
+        assert other.app._batcher.max_batch == 8
+        await other.stop(0)
+    finally:
+        await server.stop(0)

@@ -10,7 +10,7 @@ import pytest
 
 from bench.__main__ import main
 
-SYSTEMS = ("ort", "ort-decode", "vision-batch")
+SYSTEMS = ("ort", "ort-decode", "vision-batch", "openvino", "vision-openvino")
 
 
 @pytest.mark.slow

@@ -100,10 +100,10 @@ def test_precision_setting_picks_the_file(int8_bundle, precision, file):
 def test_precision_the_bundle_lacks_is_refused_with_reasons(int8_bundle):
     with pytest.raises(EngineError, match="no text engine can run here.*precision int8.*no TensorRT plan for text"):
         select.open_engine(load_bundle(int8_bundle), "text", precision="int8", env=CPU_ONLY)
-    with pytest.raises(EngineError, match="unknown precision 'bf16'"):
-        select.open_engine(load_bundle(int8_bundle), "text", precision="bf16", env=CPU_ONLY)
-    with pytest.raises(EngineError, match="unknown engine 'openvino'"):
-        select.open_engine(load_bundle(int8_bundle), "text", engine="openvino", env=CPU_ONLY)
+    with pytest.raises(EngineError, match="unknown precision 'int4'"):
+        select.open_engine(load_bundle(int8_bundle), "text", precision="int4", env=CPU_ONLY)
+    with pytest.raises(EngineError, match="unknown engine 'openvino-gpu'"):
+        select.open_engine(load_bundle(int8_bundle), "text", engine="openvino-gpu", env=CPU_ONLY)
 
 
 @pytest.mark.parametrize("entry_edit, reason", [

@@ -5,6 +5,7 @@
   python -m engines.build plans --bundle DIR                       (on a GPU node with TensorRT)
   python -m engines.build sign --bundle DIR --key ED25519_PRIVATE.pem
   python -m engines.build calibrate --bundle DIR [--calibration DIR]
+  python -m engines.build openvino --bundle DIR [--calibration DIR]  (NNCF int8 for OpenVINO on CPUs)
 """
 
 from __future__ import annotations
@@ -155,6 +156,38 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _openvino_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engines.build openvino",
+        description="Add NNCF int8 engines for OpenVINO to a built bundle: each tower is quantized by NNCF, "
+                    "judged against fp32 by the same precision gate as the ONNX Runtime variants (run on "
+                    "OpenVINO) and timed against OpenVINO fp32; a tower that fails or is not faster keeps none.",
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory (holds manifest.json)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration and held-out images, as for quantize (required for real BiomedCLIP)")
+    parser.add_argument("--towers", default=",".join(mf.TOWERS), help="towers to quantize (default: vision,text)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for calibration, gate and timing")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _openvino(args: argparse.Namespace) -> int:
+    """0 when at least one tower kept an int8 engine for OpenVINO, 2 when none passed, 1 on errors."""
+    from engines.build.openvino_int8 import quantize_openvino
+    from engines.build.quantize import QuantizeError
+
+    try:
+        result = quantize_openvino(args.bundle, calibration=args.calibration, threads=args.threads,
+                                   towers=[t for t in args.towers.split(",") if t])
+    except (QuantizeError, BundleError, RuntimeBundleError) as exc:
+        log.error("%s", exc)
+        return 1
+    for v in result.variants:
+        print(f"{'kept' if v.kept else 'not kept'} {v.tower} int8 nncf: {v.note}; {v.report.summary()}")
+    return 0 if result.kept else 2
+
+
 def _logging(verbose: bool) -> None:
     # Our loggers at INFO; libraries (open_clip logs every step on the root logger) at WARNING.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
@@ -197,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _sign_parser().parse_args(argv[1:])
         _logging(False)
         return _sign(args.bundle, args.key)
+    if argv[:1] == ["openvino"]:
+        args = _openvino_parser().parse_args(argv[1:])
+        _logging(args.verbose)
+        return _openvino(args)
     if argv[:1] == ["plans"]:
         from engines.build import plans
 

@@ -93,7 +93,7 @@ def build_plan(onnx_path: Path, tower: str, manifest: mf.Manifest, max_batch: in
 def _source_graph(bundle: Bundle, tower: str, precision: str, work: Path) -> tuple[Path, str] | str:
     """(ONNX graph to build from, its bundle name or "") or why this precision has none."""
     manifest = bundle.manifest
-    present = {e.precision: n for n, e in manifest.engine_files(tower).items()}
+    present = {e.precision: n for n, e in manifest.engine_files(tower).items() if e.scheme != mf.SCHEME_NNCF}
     if precision == mf.FP16 and mf.FP16 in present:
         return bundle.file(present[mf.FP16]), present[mf.FP16]  # gated by quantize --precision fp16
     if precision in (mf.FP32, mf.FP16):

@@ -490,7 +490,8 @@ def quantize_bundle(
         judged = {(v.tower, v.precision) for v in variants}
         amend_bundle(
             bundle.path, added,
-            remove=lambda name, e: e.role in mf.TOWERS and (e.role, e.precision) in judged and e.precision != mf.FP32,
+            remove=lambda name, e: (e.role in mf.TOWERS and (e.role, e.precision) in judged and e.precision != mf.FP32
+                                    and e.scheme != mf.SCHEME_NNCF),  # OpenVINO's own int8 stays
             build=lambda build: build.__setitem__("precision", record),
             precision_gate=gate,
         )

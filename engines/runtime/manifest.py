@@ -64,6 +64,7 @@ PLAN_ROLE = "plan"
 SCHEME_DYNAMIC = "dynamic"  # ONNX Runtime dynamic int8 (MatMulInteger): ONNX Runtime on CPU only
 SCHEME_QDQ = "qdq"  # static int8 with explicit QuantizeLinear/DequantizeLinear: ONNX Runtime and TensorRT
 SCHEME_MIXED_FP16 = "mixed-fp16"  # MatMul/Gemm/Conv in fp16, the rest (LayerNorm, Softmax, ...) in fp32
+SCHEME_NNCF = "nncf"  # static int8 Q/DQ placed and calibrated by NNCF, gated on OpenVINO: OpenVINO only
 
 
 @dataclasses.dataclass(frozen=True)

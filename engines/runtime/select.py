@@ -1,15 +1,21 @@
-"""Which engine serves a tower: a TensorRT plan for this GPU, then ONNX Runtime CUDA, then ONNX
-Runtime CPU, at the precision asked for; every option passed over is logged with its reason.
+"""Which engine serves a tower: a TensorRT plan for this GPU, then ONNX Runtime CUDA, then on the
+CPU OpenVINO or ONNX Runtime, at the precision asked for; every option passed over is logged with
+its reason.
 
 `auto` takes, in that order, the first option that opens and reproduces the golden outputs
 within its file's tolerance. Precision `auto` prefers the fastest gated variant the bundle holds
-for the engine (int8, then fp16, then fp32): a reduced-precision file is only in a bundle if it
-passed its gate against fp32 and was faster where it was built.
+for the engine (int8, then bf16, fp16, fp32): a reduced-precision file is only in a bundle if it
+passed its gate against fp32 and was faster where it was built. On the CPU, OpenVINO's and ONNX
+Runtime's options are tried together in that precision order (OpenVINO first at equal precision,
+except fp32, where ONNX Runtime measured as fast or faster), so `auto` never takes OpenVINO f32
+over a gated ONNX Runtime int8 graph. bf16 is OpenVINO running the fp32 graph in bf16 arithmetic,
+offered only where the CPU has native bf16.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +24,7 @@ import onnxruntime as ort
 import structlog
 
 from engines.runtime import manifest as mf
+from engines.runtime import openvino as ov_engine
 from engines.runtime import tensorrt as trt_engine
 from engines.runtime.bundle import TOWER_TENSORS, Bundle, BundleError, check_golden
 from engines.runtime.engine import Engine, EngineError
@@ -29,13 +36,17 @@ AUTO = "auto"
 TENSORRT = "tensorrt"
 ORT_CUDA = "onnxruntime-cuda"
 ORT_CPU = "onnxruntime-cpu"
+OPENVINO = "openvino"
 TORCH_CPU = "torch-cpu"
 TORCH_CUDA = "torch-cuda"
-ENGINES = (AUTO, TENSORRT, ORT_CUDA, ORT_CPU, TORCH_CPU, TORCH_CUDA)
-AUTO_ORDER = (TENSORRT, ORT_CUDA, ORT_CPU)
-PRECISIONS = (AUTO, mf.FP32, mf.FP16, mf.INT8)
+ENGINES = (AUTO, TENSORRT, ORT_CUDA, OPENVINO, ORT_CPU, TORCH_CPU, TORCH_CUDA)
+AUTO_ORDER = (TENSORRT, ORT_CUDA, OPENVINO, ORT_CPU)
+BF16 = ov_engine.BF16
+PRECISIONS = (AUTO, mf.FP32, BF16, mf.FP16, mf.INT8)
 # Fastest first: the order `auto` precision tries the files of one engine in.
-SPEED_ORDER = (mf.INT8, mf.FP16, mf.FP32)
+SPEED_ORDER = (mf.INT8, BF16, mf.FP16, mf.FP32)
+# Engines tried as one tier by `auto`: their options in SPEED_ORDER, the earlier family first.
+CPU_TIER = (OPENVINO, ORT_CPU)
 
 # The torch reference needs torch and open_clip, so it lives in the build half and is imported
 # only when asked for: a serving image without them never loads it.
@@ -51,11 +62,19 @@ class Environment:
     gpu_reason: str = "not probed"
     tensorrt: str | None = None  # version
     tensorrt_reason: str = "not probed"
+    openvino: ov_engine.CpuSupport | None = None
+    openvino_reason: str = "not probed"
 
     @classmethod
-    def probe(cls, *, gpu: bool = True, tensorrt: bool = True) -> Environment:
-        """ONNX Runtime's providers; the GPU and TensorRT only when asked (they cost a CUDA init)."""
+    def probe(cls, *, gpu: bool = True, tensorrt: bool = True, openvino: bool = True) -> Environment:
+        """ONNX Runtime's providers; the GPU and TensorRT only when asked (they cost a CUDA init);
+        OpenVINO and the CPU's bf16 support when asked."""
         found: dict[str, Any] = {"ort_providers": tuple(ort.get_available_providers())}
+        if openvino:
+            try:
+                found["openvino"], found["openvino_reason"] = ov_engine.CpuSupport.probe(), ""
+            except EngineError as exc:
+                found["openvino_reason"] = str(exc)
         if gpu:
             try:
                 found["gpu"], found["gpu_reason"] = trt_engine.probe_gpu(), ""
@@ -133,12 +152,48 @@ def options(bundle: Bundle, tower: str, engine: str, precision: str,
                     reason = "int8 graphs run on the CPU provider; on GPUs int8 comes from TensorRT plans"
                 elif family == ORT_CPU and entry.precision == mf.FP16:
                     reason = "fp16 graphs are for GPUs; on a CPU they run slower than fp32"
+                if reason is None and entry.scheme == mf.SCHEME_NNCF:
+                    reason = "NNCF int8 graphs are gated on OpenVINO, not on ONNX Runtime"
                 consider(Option(family, entry.precision, name), reason)
+        elif family == OPENVINO:
+            for name, entry in _ordered(manifest.engine_files(tower)):
+                for option, reason in _openvino_options(name, entry, env):
+                    consider(option, reason)
         elif family in (TORCH_CPU, TORCH_CUDA):
             consider(Option(family, mf.FP32, None), None)
         else:
             raise EngineError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine == AUTO:
+        tried.sort(key=_cpu_tier_rank)  # stable: the GPU options keep their place ahead
     return tried, skipped
+
+
+def _cpu_tier_rank(option: Option) -> tuple[int, int, int]:
+    if option.engine not in CPU_TIER:
+        return (0, 0, 0)
+    speed = SPEED_ORDER.index(option.precision) if option.precision in SPEED_ORDER else len(SPEED_ORDER)
+    # OpenVINO f32 after ONNX Runtime fp32: measured no faster on a ViT-B/16 (1.02x slower, AVX2,
+    # 2 threads) and 2.6x slower on the small demo towers, and it costs seconds of compilation.
+    return (1, speed, int(option.engine == OPENVINO and option.precision == mf.FP32))
+
+
+def _openvino_options(name: str, entry: mf.FileEntry, env: Environment) -> list[tuple[Option, str | None]]:
+    """OpenVINO's ways to run one ONNX file, each with the reason it is ruled out (None: try it)."""
+    if env.openvino is None:
+        return [(Option(OPENVINO, entry.precision, name), env.openvino_reason or "OpenVINO is not installed")]
+    if entry.precision == mf.FP16:
+        return [(Option(OPENVINO, entry.precision, name), "fp16 graphs are for GPUs; on a CPU they run slower than fp32")]
+    if entry.scheme == mf.SCHEME_DYNAMIC:
+        return [(Option(OPENVINO, entry.precision, name),
+                 "dynamic int8 (MatMulInteger) is ONNX Runtime's scheme; OpenVINO runs Q/DQ int8 graphs")]
+    if entry.precision == mf.FP32:
+        # bf16 arithmetic on the fp32 graph where the CPU has it, then f32
+        return [(Option(OPENVINO, BF16, name), env.openvino.bf16_reason), (Option(OPENVINO, mf.FP32, name), None)]
+    if entry.scheme != mf.SCHEME_NNCF:
+        return [(Option(OPENVINO, entry.precision, name),
+                 f"{entry.scheme or entry.precision} graphs are gated on ONNX Runtime, not on OpenVINO "
+                 "(python -m engines.build openvino adds OpenVINO's own int8)")]
+    return [(Option(OPENVINO, entry.precision, name), None)]
 
 
 def _plan_reason(entry: mf.FileEntry, env: Environment) -> str | None:
@@ -151,8 +206,12 @@ def _plan_reason(entry: mf.FileEntry, env: Environment) -> str | None:
 
 
 def _open(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
-          max_batch: int) -> Engine:
+          max_batch: int, openvino_cache_dir: str = "") -> Engine:
     input_name, output_name = TOWER_TENSORS[tower]
+    if option.engine == OPENVINO:
+        return ov_engine.OpenVinoEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
+                                        precision=option.precision, threads=intra_op_threads, max_batch=max_batch,
+                                        cache_dir=openvino_cache_dir)
     if option.engine in (ORT_CPU, ORT_CUDA):
         return OnnxRuntimeEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
                                  precision=option.precision, provider=CUDA if option.engine == ORT_CUDA else CPU,
@@ -181,6 +240,7 @@ def open_engine(
     env: Environment | None = None,
     verify: bool = True,
     opener: Callable[..., Engine] | None = None,
+    openvino_cache_dir: str = "",
 ) -> Selection:
     """Open the best engine for `tower` of a verified bundle that passes its golden check.
 
@@ -197,15 +257,17 @@ def open_engine(
     if env is None:
         wants_gpu = engine in (AUTO, TENSORRT, ORT_CUDA) and (
             bool(manifest.plan_files(tower)) or CUDA in ort.get_available_providers())
-        env = Environment.probe(gpu=wants_gpu, tensorrt=wants_gpu and bool(manifest.plan_files(tower)))
+        env = Environment.probe(gpu=wants_gpu, tensorrt=wants_gpu and bool(manifest.plan_files(tower)),
+                                openvino=engine in (AUTO, OPENVINO))
     tried, skipped = options(bundle, tower, engine, precision, env)
     for s in skipped:
         log.info("engine_skipped", tower=tower, engine=s.option.engine, precision=s.option.precision,
                  file=s.option.file, reason=s.reason)
+    open_one = opener or functools.partial(_open, openvino_cache_dir=openvino_cache_dir)
     golden_failures = 0
     for option in tried:
         try:
-            opened = (opener or _open)(bundle, tower, option, env, intra_op_threads, max_batch)
+            opened = open_one(bundle, tower, option, env, intra_op_threads, max_batch)
         except EngineError as exc:
             _skip(skipped, tower, option, str(exc))
             continue
@@ -213,6 +275,8 @@ def open_engine(
             cosine = None
             if verify:
                 bound = manifest.golden_tolerance(option.file) if option.file else None
+                if option.precision == BF16:
+                    bound = min(bound or manifest.golden_min_cosine, ov_engine.BF16_GOLDEN_MIN_COSINE)
                 cosine = check_golden(bundle, tower, opened.infer_all, bound)
         except BundleError as exc:
             opened.close()

@@ -21,6 +21,7 @@ PRECISION = {
     "fp32": types_pb2.PRECISION_FP32,
     "fp16": types_pb2.PRECISION_FP16,
     "int8": types_pb2.PRECISION_INT8,
+    "bf16": types_pb2.PRECISION_BF16,
 }
 TOWER = {"vision": types_pb2.TOWER_VISION, "text": types_pb2.TOWER_TEXT}
 PRIORITY = {

@@ -14,7 +14,7 @@ from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.select import open_engine
 from services.common import convert, metrics
-from services.common.batching import STAT, Batcher, Ticket
+from services.common.batching import STAT, Batcher, BatchLimit, Ticket, measure_batch_limit
 from services.common.errors import MedvlmError, NotReady
 from services.common.settings import Settings
 from services.common.work import WorkPool
@@ -44,10 +44,10 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
             f"bundle {bundle.bundle_id} is a benchmark model (random weights); "
             "serve it only with --allow-benchmark"
         )
-    # The first engine (TensorRT plan -> ONNX Runtime CUDA -> CPU, at the precision asked for)
+    # The first engine (TensorRT plan -> ONNX Runtime CUDA -> OpenVINO/ONNX Runtime CPU, at the precision asked for)
     # that opens and reproduces the golden outputs within its file's tolerance.
     selected = open_engine(bundle, tower, settings.engine, settings.precision, settings.intra_op_threads,
-                           settings.max_batch)
+                           settings.max_batch, openvino_cache_dir=settings.openvino_cache_dir)
     engine, cosine = selected.engine, selected.golden_cosine
     log.info("tower_ready", tower=tower, bundle_id=bundle.bundle_id, kind=manifest.kind,
              signing_key_id=bundle.signing_key_id or None,
@@ -100,16 +100,28 @@ class EncoderApp:
     async def start(self) -> None:
         loaded = await asyncio.to_thread(load_tower, self.settings, self.tower)
         self._preparer = self.make_preparer(loaded)
+        max_batch = loaded.engine.max_batch
+        if self.settings.measure_batch_limit and max_batch > 1:
+            max_batch = (await asyncio.to_thread(self._batch_limit, loaded)).size
         self._batcher = Batcher(
             lambda batch: l2_normalize(loaded.engine.infer(batch)),  # in the engine's thread, off the loop
             self._preparer.collate,
-            max_batch=loaded.engine.max_batch,
+            max_batch=max_batch,
             max_delay_s=self.settings.max_delay_ms / 1000,
             max_queue=self.settings.max_queue,
             aging_s=self.settings.priority_aging_ms / 1000,
             name=self.tower,
         )
         self._loaded = loaded
+
+    def _batch_limit(self, loaded: LoadedTower) -> BatchLimit:
+        """Time the engine on the golden inputs at growing batch sizes; the batcher never forms a batch
+        of a size that is slower per item than a smaller one."""
+        input_key, _ = TOWER_TENSORS[self.tower]
+        limit = measure_batch_limit(loaded.engine.infer, loaded.bundle.golden()[input_key], loaded.engine.max_batch)
+        log.info("batch_limit_measured", tower=self.tower, engine=loaded.engine.kind,
+                 precision=loaded.engine.precision, max_batch=loaded.engine.max_batch, **limit.describe())
+        return limit
 
     @property
     def loaded(self) -> LoadedTower:

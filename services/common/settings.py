@@ -102,6 +102,14 @@ class Settings:
         "raise throughput under load; each call then takes longer.",
         ENCODERS,
     )
+    measure_batch_limit: bool = _opt(
+        True,
+        "At start, time the engine at batch sizes 1, 2, 4, ... up to --max-batch and never form "
+        "batches of the first size whose time per item is over 10 % above a smaller size's, or larger: "
+        "on a compute-bound CPU a big batch can be slower per item than small ones, and filling it "
+        "lowers throughput. Costs up to 20 s of engine calls at start; off trusts --max-batch as given.",
+        ENCODERS,
+    )
     max_delay_ms: float = _opt(
         5.0,
         "How long a batch may wait for more items, and only while other requests are being "
@@ -122,17 +130,27 @@ class Settings:
     )
     engine: str = _opt(
         "auto",
-        "auto, tensorrt, onnxruntime-cuda, onnxruntime-cpu, torch-cpu or torch-cuda. auto takes a "
-        "TensorRT plan built for this GPU, then ONNX Runtime CUDA, then CPU, and logs why it skipped "
-        "the others; torch-* is the slow reference and needs the build requirements.",
+        "auto, tensorrt, onnxruntime-cuda, openvino, onnxruntime-cpu, torch-cpu or torch-cuda. auto "
+        "takes a TensorRT plan built for this GPU, then ONNX Runtime CUDA, then on the CPU the fastest "
+        "precision OpenVINO or ONNX Runtime can run (int8, then bf16 where the CPU has it, then fp32 on "
+        "ONNX Runtime), "
+        "and logs why it skipped the others; torch-* is the slow reference and needs the build "
+        "requirements.",
         ENCODERS,
     )
     precision: str = _opt(
         "auto",
-        "auto, fp32, fp16 or int8. auto takes the fastest precision the bundle holds for the chosen engine; "
+        "auto, fp32, bf16, fp16 or int8. auto takes the fastest precision the bundle holds for the chosen engine; "
         "int8 and fp16 engines are in a bundle only if their zero-shot answers agreed with fp32 on >= 99 % "
         "of held-out images at build time, so they trade that last percent for speed. fp32 is the "
         "reference: slowest, and what the others are judged against.",
+        ENCODERS,
+    )
+    openvino_cache_dir: str = _opt(
+        "",
+        "Folder where OpenVINO keeps compiled models; a restart then loads in a fraction of the "
+        "compile time (biomedclip-arch vision: measured in the README). Empty: compile at every start. "
+        "Must be writable; one per CPU model and OpenVINO version is safe (the cache is keyed by both).",
         ENCODERS,
     )
     intra_op_threads: int = _opt(
