@@ -150,6 +150,16 @@ def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
     raise AssertionError("service did not report serving")
 
 
+async def eventually(predicate, timeout_s: float = 30, what: str = "the condition") -> None:
+    """Bounded polling: return once predicate() is true, fail after timeout_s (never a timing assertion:
+    the bound only keeps a broken build from hanging the run)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(0.005)
+
+
 async def health_status(port: int, service: str = "") -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -159,6 +169,6 @@ async def health_status(port: int, service: str = "") -> int:
 
 
 __all__ = [
-    "ROOT", "PYTHON", "Stack", "encoder_settings", "gateway_settings", "health_status",
+    "ROOT", "PYTHON", "Stack", "encoder_settings", "eventually", "gateway_settings", "health_status",
     "start_server", "start_stack", "encoders_pb2_grpc",
 ]

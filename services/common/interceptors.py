@@ -85,8 +85,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context)
             try:
+                response = await behavior(_checked(request), context)
                 await call.begin()
-                return await behavior(_checked(request), context)
+                return response
             except BaseException as exc:  # noqa: BLE001 - every outcome is audited
                 await call.fail(exc)
                 raise
@@ -99,8 +100,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context)
             try:
-                await call.begin()
                 async for response in behavior(_checked(request), context):
+                    if not call.began:
+                        await call.begin()
                     yield response
             except BaseException as exc:  # noqa: BLE001
                 await call.fail(exc)
@@ -158,9 +160,14 @@ class _Call:
         self.request_id = _incoming_request_id(context)
         self.token = _request_id.set(self.request_id)
         self.quiet = method.startswith(_QUIET_PREFIXES)
+        self.began = False
         metrics.INFLIGHT.labels(method).inc()
 
     async def begin(self) -> None:
+        """Send the request id in the headers, with the first response: a call that fails before
+        answering gets a trailers-only reply, which a client's retry policy may still retry
+        (gRPC never retries a call once headers have arrived)."""
+        self.began = True
         await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, exc: BaseException) -> None:
@@ -171,18 +178,18 @@ class _Call:
         if isinstance(exc, BaseException) and not isinstance(exc, Exception):
             self.code = grpc.StatusCode.CANCELLED  # asyncio.CancelledError and friends
             return
+        trailers = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, errors.MedvlmError):
             self.code = status_of(exc)
             message = exc.message
             if exc.retry_after_s is not None:
-                ms = str(int(exc.retry_after_s * 1000))
-                self.context.set_trailing_metadata(((RETRY_AFTER_KEY, ms),))
+                trailers.append((RETRY_AFTER_KEY, str(int(exc.retry_after_s * 1000))))
         else:
             self.code = grpc.StatusCode.INTERNAL
             message = f"internal error (request id {self.request_id})"
             log.error("unhandled_error", rpc=self.method, request_id=self.request_id,
                       error_type=type(exc).__name__, exc_info=exc)
-        await self.context.abort(self.code, message)
+        await self.context.abort(self.code, message, trailing_metadata=tuple(trailers))
 
     def end(self) -> None:
         elapsed = time.perf_counter() - self.start
