@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize run test smoke bench clean
+.PHONY: help venv protos lint-protos bundle quantize run test mutate smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,8 +45,11 @@ quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (
 run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)
 
-test: protos  ## run the test suite
+test: protos  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
+
+mutate: protos  ## break the serving path on purpose, one named mutation at a time, and report which the tests miss (about 10 min; not in CI)
+	$(PY) scripts/mutate.py $(MUTATIONS)
 
 BENCH_TRITON ?= .cache/bench-triton
 BENCH_ARGS ?=

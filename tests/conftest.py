@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +27,33 @@ from services.vision.servicer import VisionApp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# Under CI every tool a test needs is installed (.ci/run), so a missing one fails the run
+# instead of skipping the tests that need it.
+UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def find_tool(name: str) -> str | None:
+    """A command-line tool from this virtual environment's bin (pip-installed), else from PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.needs_tool(name, install=...)`: skip where the tool is missing, fail under CI."""
+    for mark in item.iter_markers("needs_tool"):
+        if find_tool(mark.args[0]) is None:
+            message = f"{mark.args[0]} not installed ({mark.kwargs.get('install', 'requirements/dev.txt')})"
+            if UNDER_CI:
+                pytest.fail(f"{message}; under CI (CI=true) every tool the tests need must be installed",
+                            pytrace=False)
+            pytest.skip(message)
 
 
 def build(model: str, out: Path) -> Path:
+    """A bundle of `model` in `out`: built here, or copied from TEST_BUNDLES, a folder of bundles
+    built already (the mutation check builds the tiny one once for all its runs)."""
+    prebuilt = sorted(Path(os.environ["TEST_BUNDLES"]).glob(f"{model}-*")) if os.environ.get("TEST_BUNDLES") else []
+    if prebuilt:
+        return Path(shutil.copytree(prebuilt[0], out / prebuilt[0].name))
     from engines.build.bundle import build_bundle
 
     return build_bundle(model, out)
@@ -169,6 +194,6 @@ async def health_status(port: int, service: str = "") -> int:
 
 
 __all__ = [
-    "ROOT", "PYTHON", "Stack", "encoder_settings", "eventually", "gateway_settings", "health_status",
+    "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings", "health_status",
     "start_server", "start_stack", "encoders_pb2_grpc",
 ]
