@@ -172,14 +172,15 @@ def copy_checkout(dest: Path) -> None:
 
 def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str], timeout_s: float) -> tuple[bool, str]:
     """True when the tests pass in `copy`; the tail of their output."""
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:randomly", "-p", "no:cacheprovider",
                "--timeout", str(int(timeout_s)), *tests]
     try:
         proc = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
     except subprocess.TimeoutExpired:
         return False, "timed out"
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return proc.returncode == 0, lines[-1] if lines else proc.stderr[-300:]
+    failed = [line[:220] for line in lines if line.startswith("FAILED ")]
+    return proc.returncode == 0, " | ".join(failed or lines[-1:]) or proc.stderr[-300:]
 
 
 def apply(copy: Path, mutation: Mutation) -> str:
