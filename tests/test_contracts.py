@@ -23,6 +23,7 @@ from conftest import (
 from engines.runtime.manifest import sha256_file
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common.batching import ROUTINE, STAT, URGENT
+from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
 from services.common.settings import TEXT, VISION
 from services.gateway.servicer import GatewayApp
@@ -356,6 +357,15 @@ async def test_stream_items_use_the_template_and_top_k_of_the_first_and_answer_f
 
 
 # --- retries ---------------------------------------------------------------------------------
+
+
+async def test_a_failed_call_carries_its_request_id_in_trailers_and_no_headers(tiny_stack):
+    """gRPC retries a call only while no headers have arrived: a refusal must come without them."""
+    call = tiny_stack.gateway_stub.Classify(classify_request(["same", "same"]),
+                                            metadata=((REQUEST_ID_KEY, "rid-failed-1"),), timeout=10)
+    await expect_status(call, grpc.StatusCode.INVALID_ARGUMENT, "distinct")
+    assert REQUEST_ID_KEY not in dict(await call.initial_metadata())
+    assert dict(await call.trailing_metadata())[REQUEST_ID_KEY] == "rid-failed-1"
 
 
 async def test_a_replica_answering_unavailable_costs_no_failed_call(tiny_bundle, tiny_stack):
