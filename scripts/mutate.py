@@ -101,7 +101,7 @@ MUTATIONS = (
         "stream-drops-template-and-top-k", "services/gateway/servicer.py",
         "                        labels=request.labels, template=request.template, top_k=request.top_k",
         "                        labels=request.labels",
-        (C + "test_stream_items_use_the_template_and_top_k_of_the_first_and_answer_for_their_own_image",),
+        (C + "test_stream_items_use_the_first_items_template_and_top_k_and_answer_for_their_image",),
         "ClassifyStream no longer carries the template and top_k forward",
     ),
     Mutation(

@@ -51,7 +51,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def build(model: str, out: Path) -> Path:
     """A bundle of `model` in `out`: built here, or copied from TEST_BUNDLES, a folder of bundles
     built already (the mutation check builds the tiny one once for all its runs)."""
-    prebuilt = sorted(Path(os.environ["TEST_BUNDLES"]).glob(f"{model}-*")) if os.environ.get("TEST_BUNDLES") else []
+    folder = os.environ.get("TEST_BUNDLES")
+    prebuilt = sorted(Path(folder).glob(f"{model}-*")) if folder else []
     if prebuilt:
         return Path(shutil.copytree(prebuilt[0], out / prebuilt[0].name))
     from engines.build.bundle import build_bundle
@@ -175,9 +176,9 @@ def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
     raise AssertionError("service did not report serving")
 
 
-async def eventually(predicate, timeout_s: float = 30, what: str = "the condition") -> None:
-    """Bounded polling: return once predicate() is true, fail after timeout_s (never a timing assertion:
-    the bound only keeps a broken build from hanging the run)."""
+async def eventually(predicate, timeout_s: float = 60, what: str = "the condition") -> None:
+    """Bounded polling: return once predicate() is true, fail after timeout_s. Not a timing
+    assertion: the bound, generous, only keeps a broken build from hanging the run."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -194,6 +195,6 @@ async def health_status(port: int, service: str = "") -> int:
 
 
 __all__ = [
-    "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings", "health_status",
-    "start_server", "start_stack", "encoders_pb2_grpc",
+    "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings",
+    "health_status", "start_server", "start_stack", "encoders_pb2_grpc",
 ]

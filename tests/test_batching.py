@@ -285,12 +285,15 @@ async def test_a_cancelled_stream_stops_consuming_engine_time(tiny_bundle):
         call.cancel()
         engine_calls = {"tower": "vision"}
 
+        def inflight(method: str) -> float:
+            return sample_value("medvlm_inflight_requests", {"method": f"/medvlm.v1.{method}"})
+
         def quiet() -> bool:  # nothing in flight at the gateway or the encoder, nothing queued
-            return (sample_value("medvlm_inflight_requests", {"method": "/medvlm.v1.GatewayService/ClassifyStream"})
-                    == sample_value("medvlm_inflight_requests", {"method": "/medvlm.v1.VisionEncoderService/EmbedImages"})
+            return (inflight("GatewayService/ClassifyStream") == inflight("VisionEncoderService/EmbedImages")
                     == stack.vision.app._batcher.queued == 0)
 
-        await eventually(quiet, what="the cancelled stream's work ending")  # work inside an engine call may finish
+        # work already inside an engine call may finish
+        await eventually(quiet, what="the cancelled stream's work ending")
         before = sample_value("medvlm_batch_size_count", engine_calls)
         # an observation window, not synchronisation: a correct server does nothing in it, so it
         # can only let a leak go unseen, never fail a correct build

@@ -33,7 +33,8 @@ def test_needs_a_present_tool():
 """
 
 
-@pytest.mark.parametrize("ci, missing_is", [("", "skipped"), ("true", "errors")])  # a setup failure is an error: the run fails
+# under CI the missing tool fails the test's setup: an error, and the run fails
+@pytest.mark.parametrize("ci, missing_is", [("", "skipped"), ("true", "errors")])
 def test_a_missing_tool_skips_locally_and_fails_under_ci(pytester, monkeypatch, ci, missing_is):
     monkeypatch.setenv("CI", ci)
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{ROOT / 'gen'}")

@@ -235,7 +235,8 @@ async def test_digests_are_the_sha256_of_each_input(tiny_stack):
         images=[types_pb2.Image(data=d) for d in datas]), timeout=10)
     assert [e.input_sha256 for e in emb.embeddings] == [hashlib.sha256(d).hexdigest() for d in datas]
     texts = await stub.EmbedTexts(types_pb2.EmbedTextsRequest(texts=labels), timeout=10)
-    assert [e.input_sha256 for e in texts.embeddings] == [hashlib.sha256(t.encode()).hexdigest() for t in labels]
+    expected = [hashlib.sha256(t.encode()).hexdigest() for t in labels]
+    assert [e.input_sha256 for e in texts.embeddings] == expected
 
 
 async def test_embeddings_are_unit_length_from_the_encoders_and_the_gateway(tiny_stack):
@@ -307,9 +308,10 @@ async def test_the_gateway_enforces_its_own_image_count_limit(tiny_stack):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             images = [types_pb2.Image(data=png_bytes(s)) for s in range(4)]
+            similarity = gateway_pb2.SimilarityRequest(images=images, texts=["a", "b"])
             with structlog.testing.capture_logs() as logs:
                 await expect_status(
-                    stub.Similarity(gateway_pb2.SimilarityRequest(images=images, texts=["a", "b"]), timeout=10),
+                    stub.Similarity(similarity, timeout=10),
                     grpc.StatusCode.INVALID_ARGUMENT, "4 images exceeds the limit of 3",
                 )
                 await expect_status(
@@ -326,7 +328,7 @@ async def test_the_gateway_enforces_its_own_image_count_limit(tiny_stack):
 # --- worklist streams ------------------------------------------------------------------------
 
 
-async def test_stream_items_use_the_template_and_top_k_of_the_first_and_answer_for_their_own_image(tiny_stack):
+async def test_stream_items_use_the_first_items_template_and_top_k_and_answer_for_their_image(tiny_stack):
     labels = fresh_labels(4)
     template = "a radiograph showing {}"
     datas = [png_bytes(s, (60 + 3 * s, 72)) for s in range(6)]
@@ -340,7 +342,8 @@ async def test_stream_items_use_the_template_and_top_k_of_the_first_and_answer_f
                 request.top_k = 2
             yield gateway_pb2.ClassifyStreamRequest(correlation_id=f"img-{i}", request=request)
 
-    streamed = {r.correlation_id: r async for r in tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=60)}
+    call = tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=60)
+    streamed = {r.correlation_id: r async for r in call}
     assert set(streamed) == {f"img-{i}" for i in range(len(datas))}
     for i, data in enumerate(datas):
         result = streamed[f"img-{i}"].result
@@ -349,7 +352,8 @@ async def test_stream_items_use_the_template_and_top_k_of_the_first_and_answer_f
         assert result.image_sha256 == hashlib.sha256(data).hexdigest()
         assert len(result.top) == 2
         assert [t.index for t in result.top] == [t.index for t in unary.top]
-        np.testing.assert_allclose([s.cosine for s in result.scores], [s.cosine for s in unary.scores], atol=1e-6)
+        np.testing.assert_allclose([s.cosine for s in result.scores], [s.cosine for s in unary.scores],
+                                   atol=1e-6)
     # the template matters for this model, so an item scored without it would differ
     plain = await tiny_stack.gateway_stub.Classify(classify_request(labels, data=datas[1]), timeout=10)
     assert not np.allclose([s.cosine for s in plain.scores],

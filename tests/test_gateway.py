@@ -210,14 +210,15 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
 
     text = await start_server(encoder_settings(TEXT, other), TextApp(encoder_settings(TEXT, other)))
     gateway = None
+
+    def refused(logs: list[dict]) -> bool:
+        return any(e.get("event") == "encoders_not_verified" and "disagree" in e["reason"] for e in logs)
+
     try:
         settings = gateway_settings(tiny_stack.vision.port, text.port, verify_retry_max_s=0.5)
         with structlog.testing.capture_logs() as logs:
             gateway = await start_server(settings, GatewayApp(settings), wait=False)
-            await eventually(
-                lambda: any(e.get("event") == "encoders_not_verified" and "disagree" in e["reason"] for e in logs),
-                what="the gateway reporting that the encoders disagree",
-            )
+            await eventually(lambda: refused(logs), what="the gateway reporting that the encoders disagree")
             assert await health_status(gateway.port) == NOT_SERVING
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
                 stub = gateway_pb2_grpc.GatewayServiceStub(channel)

@@ -79,7 +79,7 @@ async def test_corrupt_bundle_stays_live_but_not_serving(tiny_bundle, tmp_path, 
     with structlog.testing.capture_logs() as logs:
         server = await start_server(settings, TextApp(settings), wait=False)
         try:
-            await eventually(lambda: any(e.get("event") == "start_failed" for e in logs), what="start_failed logged")
+            await eventually(lambda: any(e.get("event") == "start_failed" for e in logs), what="start_failed")
             assert await health_status(server.port) == NOT_SERVING
             assert not server.ready.is_set()
         finally:
