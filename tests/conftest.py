@@ -101,7 +101,11 @@ async def start_server(settings: Settings, app, wait: bool = True) -> Server:
     server = Server(settings, app)
     await server.start()
     if wait:
-        await asyncio.wait_for(server.ready.wait(), 60)
+        try:
+            await asyncio.wait_for(server.ready.wait(), 60)
+        except BaseException:
+            await server.stop(0)  # a server left running would keep the run from ending
+            raise
     return server
 
 
@@ -130,10 +134,19 @@ class Stack:
 
 
 async def start_stack(bundle: Path, **gateway_overrides) -> Stack:
-    vision = await start_server(encoder_settings(VISION, bundle), VisionApp(encoder_settings(VISION, bundle)))
-    text = await start_server(encoder_settings(TEXT, bundle), TextApp(encoder_settings(TEXT, bundle)))
-    settings = gateway_settings(vision.port, text.port, **gateway_overrides)
-    gateway = await start_server(settings, GatewayApp(settings))
+    """The three services; those already started are stopped again when a later one fails to start."""
+    started: list[Server] = []
+    try:
+        for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
+            settings = encoder_settings(service, bundle)
+            started.append(await start_server(settings, app(settings)))
+        settings = gateway_settings(started[0].port, started[1].port, **gateway_overrides)
+        started.append(await start_server(settings, GatewayApp(settings)))
+    except BaseException:
+        for server in started:
+            await server.stop(0)
+        raise
+    vision, text, gateway = started
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     return Stack(bundle, vision, text, gateway, channel)
 

@@ -190,12 +190,12 @@ async def test_golden_outputs_of_other_inputs_are_refused_even_under_a_loose_bou
 async def test_an_engine_failure_reaches_every_waiting_caller_and_the_server_recovers(tiny_bundle):
     settings = encoder_settings(VISION, tiny_bundle)
     server = await start_server(settings, VisionApp(settings))
-    engine = server.app.loaded.engine
 
     def broken(batch):
         raise RuntimeError("simulated device fault")
 
     try:
+        engine = server.app.loaded.engine
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
             request = types_pb2.EmbedImagesRequest(images=[types_pb2.Image(data=png_bytes(1))] * 2)

@@ -66,13 +66,13 @@ def _png(image: np.ndarray) -> bytes:
 
 async def _zero_shot_through_gateway(bundle: Path, precision: str, pngs: list[bytes]) -> tuple[np.ndarray, dict]:
     """Top-1 class of each image from a gateway whose encoders serve `precision`, and the engines."""
-    encoders = []
-    for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
-        settings = encoder_settings(service, bundle, precision=precision)
-        encoders.append(await start_server(settings, app(settings)))
-    settings = gateway_settings(encoders[0].port, encoders[1].port)
-    gateway = await start_server(settings, GatewayApp(settings))
+    encoders, gateway = [], None
     try:
+        for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
+            settings = encoder_settings(service, bundle, precision=precision)
+            encoders.append(await start_server(settings, app(settings)))
+        settings = gateway_settings(encoders[0].port, encoders[1].port)
+        gateway = await start_server(settings, GatewayApp(settings))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             info = await stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10)
@@ -86,7 +86,8 @@ async def _zero_shot_through_gateway(bundle: Path, precision: str, pngs: list[by
         return np.array(top1), engines
     finally:
         for server in (gateway, *encoders):
-            await server.stop(0.5)
+            if server is not None:
+                await server.stop(0.5)
 
 
 @needs_demo
