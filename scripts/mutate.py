@@ -144,6 +144,13 @@ MUTATIONS = (
         "work whose deadline passed still reaches the engine",
     ),
     Mutation(
+        "routine-never-ages", "services/common/batching.py",
+        "        aged = [p for p, h in heads.items() if now - h.enqueued >= self._aging_s]",
+        "        aged = []",
+        ("tests/test_batching.py::test_routine_work_is_not_starved_by_a_stream_of_stat",),
+        "routine work starved by a stream of STAT (priority aging removed)",
+    ),
+    Mutation(
         "queue-unbounded", "services/common/batching.py",
         "            if self._queued + len(rows) > self._max_queue:", "            if False:",
         ("tests/test_batching.py::test_full_queue_is_resource_exhausted_in_waves_and_the_server_keeps_serving",),
