@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize quantize-openvino calibrate run test smoke bench gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv protos lint-protos bundle quantize quantize-openvino calibrate run test mutate smoke bench gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,8 +57,11 @@ calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistic
 run: protos  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
-test: protos  ## run the test suite
+test: protos  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
+
+mutate: protos  ## break the serving path on purpose, one named mutation at a time, and report which the tests miss (about 10 min; not in CI)
+	$(PY) scripts/mutate.py $(MUTATIONS)
 
 BENCH_TRITON ?= .cache/bench-triton
 BENCH_ARGS ?=

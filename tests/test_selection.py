@@ -242,8 +242,12 @@ def test_tensorrt_plans_build_gate_and_serve(tiny_bundle, tmp_path):
     chosen.engine.close()
 
 
-async def test_service_reports_the_engine_and_precision_it_picked(int8_bundle):
-    settings = encoder_settings(VISION, int8_bundle, precision="int8")
+async def test_service_reports_the_engine_and_precision_it_picked(int8_bundle, tmp_path):
+    # A version no other test serves: the metrics registry is process-wide, and another test may
+    # already have set the engine-info gauge of the int8 bundle.
+    version = f"selection-{tmp_path.name}"
+    bundle = _edit_manifest(int8_bundle, tmp_path / "b", lambda d: d.update(version=version))
+    settings = encoder_settings(VISION, bundle, precision="int8")
     server = await start_server(settings, VisionApp(settings))
     try:
         import grpc
@@ -254,8 +258,9 @@ async def test_service_reports_the_engine_and_precision_it_picked(int8_bundle):
         (engine,) = info.model.engines
         assert engine.engine == "onnxruntime/CPUExecutionProvider"
         assert engine.precision == types_pb2.PRECISION_INT8
-        labels = {tuple(s.labels.values()) for m in metrics.ENGINE_INFO.collect() for s in m.samples}
-        assert any(lab[:3] == ("vision", "onnxruntime/CPUExecutionProvider", "int8") for lab in labels)
+        assert info.model.version == version
+        labels = {tuple(s.labels.values()) for m in metrics.ENGINE_INFO.collect() for s in m.samples if s.value == 1}
+        assert ("vision", "onnxruntime/CPUExecutionProvider", "int8", info.model.bundle_id) in labels
     finally:
         await server.stop(0)
 

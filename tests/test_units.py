@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import eventually
 from services.common import errors
 from services.common.interceptors import status_of
 from services.common.work import WorkPool
@@ -70,14 +71,12 @@ async def test_work_pool_refuses_beyond_its_bound_and_frees_slots():
     try:
         first = asyncio.ensure_future(pool.run(release.wait, 5))
         second = asyncio.ensure_future(pool.run(release.wait, 5))
-        await asyncio.sleep(0.05)
-        assert pool.inflight == 2
+        await eventually(lambda: pool.inflight == 2, what="both jobs admitted")
         with pytest.raises(errors.Overloaded) as info:
             await pool.run(time.sleep, 0)
         assert info.value.retry_after_s
         second.cancel()  # queued behind `first`: cancelling it frees its slot at once
-        await asyncio.sleep(0.05)
-        assert pool.inflight == 1
+        await eventually(lambda: pool.inflight == 1, what="the cancelled job's slot freed")
         release.set()
         assert await first is True
         assert pool.inflight == 0
@@ -89,15 +88,25 @@ async def test_work_pool_refuses_beyond_its_bound_and_frees_slots():
 async def test_work_pool_drops_jobs_whose_deadline_passed_while_queued():
     pool = WorkPool(workers=1, max_inflight=4)
     ran = []
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
     try:
-        blocker = asyncio.ensure_future(pool.run(time.sleep, 0.3))
-        await asyncio.sleep(0.02)  # the blocker holds the only worker
-        expired = pool.run(ran.append, "engine", deadline=time.monotonic() + 0.1)
+        blocker = asyncio.ensure_future(pool.run(hold))
+        await eventually(started.is_set, what="the blocker holding the only worker")
+        deadline = time.monotonic() + 0.05
+        expired = asyncio.ensure_future(pool.run(ran.append, "engine", deadline=deadline))
+        await eventually(lambda: time.monotonic() > deadline, what="the deadline passing")
+        release.set()
         with pytest.raises(errors.DeadlineExpired):
             await expired
         await blocker
         assert ran == []
     finally:
+        release.set()
         pool.close()
 
 

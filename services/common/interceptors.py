@@ -127,8 +127,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context, self.admission, self.guard, self.audit_fields)
             try:
-                await call.begin()
-                return await behavior(_checked(request, call), context)
+                call.admit()
+                response = await behavior(_checked(request, call), context)
+                await call.send_headers()
+                return response
             except BaseException as exc:  # noqa: BLE001 - every outcome is audited
                 await call.fail(exc)
                 raise
@@ -141,8 +143,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context, self.admission, self.guard, self.audit_fields)
             try:
-                await call.begin()
+                call.admit()
                 async for response in behavior(_checked(request, call), context):
+                    if not call.began:
+                        await call.send_headers()
                     yield response
             except BaseException as exc:  # noqa: BLE001
                 await call.fail(exc)
@@ -224,13 +228,15 @@ class _Call:
         self.role = ""
         self.refusal = ""
         self.audit_fields = {} if audit_fields is None else audit_fields
+        self.began = False
         metrics.INFLIGHT.labels(method).inc()
 
     def _ended(self, _context: object) -> None:
         self.ended = True
 
-    async def begin(self) -> None:
-        await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+    def admit(self) -> None:
+        """Before the handler runs: authenticate, authorise, charge the caller's request quota and
+        take an admission slot; the refusal is the call's outcome."""
         if self.guard is not None:
             try:
                 self.caller = self.guard.authenticate(self.peer_auth)
@@ -248,6 +254,13 @@ class _Call:
         if self.admission is not None:
             self.admission.enter()
             self.admitted = True
+
+    async def send_headers(self) -> None:
+        """Send the request id in the headers, with the first response: a call that fails before
+        answering gets a trailers-only reply, which a client's retry policy may still retry
+        (gRPC never retries a call once headers have arrived)."""
+        self.began = True
+        await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     def charge(self, request: Any) -> None:
         """Charge the images of one request message to the caller's images-per-second quota."""
@@ -270,18 +283,18 @@ class _Call:
             # asyncio.CancelledError and friends: the client cancelled or its deadline passed
             self.code = grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
             return
+        trailers = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, errors.MedvlmError):
             self.code = status_of(exc)
             message = exc.message
             if exc.retry_after_s is not None:
-                ms = str(int(exc.retry_after_s * 1000))
-                self.context.set_trailing_metadata(((RETRY_AFTER_KEY, ms),))
+                trailers.append((RETRY_AFTER_KEY, str(int(exc.retry_after_s * 1000))))
         else:
             self.code = grpc.StatusCode.INTERNAL
             message = f"internal error (request id {self.request_id})"
             log.error("unhandled_error", rpc=self.method, request_id=self.request_id,
                       error_type=type(exc).__name__, exc_info=exc)
-        await self.context.abort(self.code, message)
+        await self.context.abort(self.code, message, trailing_metadata=tuple(trailers))
 
     def end(self) -> None:
         """Account for the call. Never touches the context: the call may be gone."""
