@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize run test smoke bench clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize run test smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,8 +33,16 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 	touch gen.new/.stamp
 	rm -rf gen && mv gen.new gen
 
-lint-protos: $(VENV)/.installed  ## buf lint the contracts
+# The contract as last released, as a buf image committed in the repository (so the check needs no
+# git history): every change must be additive against it. Refresh it when a release ships.
+PROTO_BASELINE := protos/baseline/medvlm-v1.binpb
+
+lint-protos: $(VENV)/.installed  ## buf lint the contracts, and buf breaking against the released contract
 	$(VENV)/bin/buf lint protos
+	$(VENV)/bin/buf breaking protos --against $(PROTO_BASELINE)
+
+proto-baseline: $(VENV)/.installed  ## record the current contracts as the released baseline of buf breaking
+	$(VENV)/bin/buf build protos -o $(PROTO_BASELINE)
 
 bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir] [PRECISION=int8|fp16|int8,fp16] [CALIBRATION=dir])
 	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
