@@ -246,8 +246,8 @@ class Gateway:
 
     def __init__(self, bundle: Path, tmp_path: Path, **gateway_overrides) -> None:
         self.bundle = bundle
-        self.overrides = dict(label_sets_dir=str(sets_dir(tmp_path)), data_dir=str(tmp_path / "data"),
-                              label_sets_poll_s=0.2, **gateway_overrides)
+        self.overrides = {"label_sets_dir": str(sets_dir(tmp_path)), "data_dir": str(tmp_path / "data"),
+                          "label_sets_poll_s": 0.2, **gateway_overrides}
         self.vision = self.text = self.gateway = None
         self.channel = None
 
@@ -474,3 +474,40 @@ async def test_another_bundle_or_text_engine_never_uses_old_embeddings(tiny_bund
                                        atol=1e-4)
         finally:
             await gw.stop()
+
+
+async def test_a_text_encoder_back_on_another_engine_replaces_the_stored_embeddings(tiny_bundle, tmp_path):
+    """Restarted with the text encoder down, the gateway serves the sets from disk under the text
+    tower it last verified; a text encoder that comes back on another engine is verified, and the
+    sets are encoded again by it before they are used with it."""
+    gw = Gateway(tiny_bundle, tmp_path)
+    image = types_pb2.Image(data=png_bytes(9))
+    try:
+        await gw.start_encoders()
+        stub = await gw.start_gateway()
+        await wait_ready(stub, "plain@1")
+        await gw.stop_gateway()
+        port = gw.text.port
+        await gw.text.stop(0.5)
+        gw.text = None
+        stub = await gw.start_gateway()
+        info = await stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=5)
+        assert [e.tower for e in info.model.engines] == [types_pb2.TOWER_VISION]  # text not verified yet
+        from_encoder = loads("encoder")
+        await gw.start_text(port=port, engine="torch-cpu")
+        for _ in range(600):  # bounded polling: the gateway checks its encoders every second
+            info = await stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=5)
+            if len(info.model.engines) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert info.model.engines[1].engine.startswith("torch/")
+        await wait_ready(stub, "plain@1")
+        await wait_ready(stub, "big@1")
+        assert loads("encoder") - from_encoder == 3
+        reply = await stub.Classify(gateway_pb2.ClassifyRequest(image=image, label_set="plain"), timeout=30)
+        adhoc = await stub.Classify(gateway_pb2.ClassifyRequest(
+            image=image, labels=["left pleural effusion", "cardiomegaly", "pneumothorax"]), timeout=30)
+        np.testing.assert_allclose(sorted(s.cosine for s in reply.top), sorted(s.cosine for s in adhoc.scores),
+                                   atol=1e-5)
+    finally:
+        await gw.stop()
