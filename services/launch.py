@@ -16,10 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_LABELS = {
-    "chest": ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
-              "pneumothorax", "lobar consolidation"],
-}
+LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
+DATA_DIR = ROOT / ".cache" / "gateway"  # label set embeddings, kept across runs
 
 
 def find_bundle(bundles: Path, model: str) -> Path | None:
@@ -70,8 +68,8 @@ def grpcurl_line(target: str, sample: Path | None) -> str:
     exe = str(grpcurl.relative_to(ROOT)) if grpcurl.exists() else "grpcurl"
     if sample is None:
         return f"{exe} -plaintext {target} medvlm.v1.GatewayService/GetModelInfo"
-    labels = ", ".join(f'\\"{label}\\"' for label in SAMPLE_LABELS["chest"])
-    body = f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, \\"labels\\": [{labels}]}}'
+    body = (f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, '
+            f'\\"labelSet\\": \\"chest-findings\\", \\"topK\\": 2}}')
     return f'{exe} -plaintext -d "{body}" {target} medvlm.v1.GatewayService/Classify'
 
 
@@ -95,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "vision": python + ["services.vision", "--host", args.host, "--port", str(args.vision_port), "--bundle", str(bundle)],
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
-                             "--vision-target", vision, "--text-target", text],
+                             "--vision-target", vision, "--text-target", text,
+                             "--label-sets-dir", str(LABEL_SETS), "--data-dir", str(DATA_DIR)],
     }
     stopping = False
 

