@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos proto-baseline bundle quantize run test smoke bench clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize run test smoke bench bench-labelsets clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,6 +71,10 @@ $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
 $(BENCH_TRITON)/.installed: bench/requirements-triton.txt
 	-test -x $(BENCH_TRITON)/bin/python || $(PYTHON) -m venv $(BENCH_TRITON)
 	-$(BENCH_TRITON)/bin/python -m pip install -q -r bench/requirements-triton.txt && touch $@
+
+bench-labelsets: protos  ## label set figures: p50 5,000 vs 10 labels, memory with 50,000, accuracy with ensembles, exact vs HNSW search (a few minutes)
+	test -n "$$(ls -d $(BUNDLES)/demo-*/ 2>/dev/null)" || $(PY) -m engines.build --model demo --out $(BUNDLES)
+	$(PY) -m bench.labelsets
 
 TARGET ?= 127.0.0.1:50050
 

@@ -531,3 +531,11 @@ async def test_grpcurl_lists_sets_and_classifies_with_one(gateway_with_sets):
     assert reply["label_set"] == "ensemble@1" and len(reply["top"]) == 2 and "scores" not in reply
     assert {t["label"]: t.get("code", "") for t in reply["top"]}.items() <= {
         "left pleural effusion": "60046008", "cardiomegaly": "8186001", "pneumothorax": ""}.items()
+
+
+def test_the_kubernetes_component_mounts_the_shipped_sample_sets():
+    component = ROOT / "k8s" / "components" / "labelsets"
+    listed = yaml.safe_load((component / "kustomization.yaml").read_text())["configMapGenerator"][0]["files"]
+    assert sorted(Path(f).name for f in listed) == sorted(p.name for p in SHIPPED.glob("*.yaml"))
+    for name in listed:
+        assert (component / name).read_text() == (SHIPPED / Path(name).name).read_text()
