@@ -19,6 +19,7 @@ or too many labels refuses the whole file with a message naming the file and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -81,7 +82,7 @@ class LabelSet:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
-    @property
+    @functools.cached_property
     def content_sha256(self) -> str:
         """Digest of everything that shapes the embeddings and the answers (not the description)."""
         body = {
