@@ -524,6 +524,8 @@ async def test_grpcurl_lists_sets_and_classifies_with_one(gateway_with_sets):
     listed = json.loads(await grpcurl(target, "medvlm.v1.GatewayService/ListLabelSets"))
     assert [s["name"] for s in listed["label_sets"]] == ["big", "ensemble", "plain"]
     assert listed["refused"][0]["file"] == "broken.yaml"
+    got = json.loads(await grpcurl("-d", '{"label_set": "ensemble"}', target, "medvlm.v1.GatewayService/GetLabelSet"))
+    assert got["label_set"]["version"] == 1 and got["labels"][0]["code"] == "60046008"
     import base64
 
     body = json.dumps({"image": {"data": base64.b64encode(png_bytes(2)).decode()}, "labelSet": "ensemble", "topK": 2})
