@@ -106,6 +106,8 @@ class LabelSets:
         signature = await asyncio.to_thread(labelsets.signature, self.directory)
         if signature == self._signature:
             return False
+        if not self.directory.is_dir():
+            log.error("label_sets_dir_missing", directory=str(self.directory))
         before = self.catalogue
         self.catalogue = await asyncio.to_thread(labelsets.load, self.directory, before, self.max_text_chars)
         self._signature = signature
