@@ -10,14 +10,14 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos proto-baseline bundle quantize run test smoke bench bench-labelsets clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize run test smoke bench bench-labelsets soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv: $(VENV)/.installed  ## create the virtual environment (pinned requirements)
+venv: $(VENV)/.installed $(VENV)/.medvlm-installed  ## create the virtual environment (pinned requirements) and the medvlm command
 
-$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/serve.txt requirements/build.txt requirements/client.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
@@ -32,6 +32,12 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=gen.new $(PROTOS)
 	touch gen.new/.stamp
 	rm -rf gen && mv gen.new gen
+
+# The project itself, editable: the client (medvlm.client), the generated contracts (medvlm.v1,
+# mapped to gen/medvlm/v1, so it needs gen/ first) and the `medvlm` command in $(VENV)/bin.
+$(VENV)/.medvlm-installed: pyproject.toml gen/.stamp
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
 
 # The contract as last released, as a buf image committed in the repository (so the check needs no
 # git history): every change must be additive against it. Refresh it when a release ships.
@@ -50,8 +56,8 @@ bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-a
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
-run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline
-	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES)
+run: protos  ## start the local stack (vision, text, gateway) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
+	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
 test: protos  ## run the test suite
 	$(PY) -m pytest -q
@@ -61,6 +67,18 @@ BENCH_ARGS ?=
 
 bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 25 min); BENCH_ARGS=--quick: 1 min
 	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
+
+MINUTES ?= 10
+LEAK ?=
+
+soak: protos $(VENV)/.bench-installed  ## the local stack under mixed load for MINUTES (10); fails on memory/fd/thread growth; LEAK=1 must fail
+	$(PY) -m bench.soak --minutes $(MINUTES) $(if $(LEAK),--leak)
+
+faults: protos $(VENV)/.bench-installed  ## fault matrix under load with real processes (kills, freezes, floods, SIGTERM); about 5 min
+	$(PY) -m bench.faults
+
+fuzz: protos $(VENV)/.bench-installed  ## coverage-guided fuzzing (atheris) of decoders, text path and gateway requests, MINUTES in all
+	$(PY) -m bench.fuzz --minutes $(MINUTES)
 
 $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements/bench.txt -c requirements/constraints.txt

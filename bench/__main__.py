@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
                         f"when it cannot be built; --quick: tiny)")
     p.add_argument("--systems", default=None,
                    help="comma-separated subset of: torch, ort, ort-decode, vision-nobatch, vision-batch, "
-                        "gateway, triton (default: all)")
+                        "gateway, gateway-tls, triton (default: all)")
     p.add_argument("--concurrency", default=None,
                    help=f"comma-separated concurrencies (default {DEFAULT_CONCURRENCY}; --quick: 1,4)")
     p.add_argument("--seconds", type=float, default=None,
@@ -136,6 +136,44 @@ def decode_cost(ctx, rounds: int) -> dict[str, float]:
             times.append((time.perf_counter() - start) * 1000)
     times.sort()
     return {"p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95), "samples": len(times)}
+
+
+def dicom_decode_cost(ctx, rounds: int) -> dict[str, dict[str, float]]:
+    """Decode + window + preprocessing of a synthetic 512x512 12-bit CT slice, uncompressed and
+    JPEG 2000 lossless, beside the same slice as an 8-bit PNG: per-image percentiles in ms."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.uid import JPEG2000Lossless
+
+    from bench.load import percentile
+    from bench.systems import decode_limits
+    from scripts.make_dicom_samples import dicom_file
+    from services.vision.preprocess import decode, preprocess
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:512, 0:512]
+    body = 1024 + 900 * np.exp(-((xx - 256) ** 2 + (yy - 256) ** 2) / 25000.0)  # [512, 512], stored values
+    ct = np.clip(body + rng.normal(0, 30, body.shape), 0, 4095).astype(np.uint16)
+    header = dict(Modality="CT", BitsStored=12, HighBit=11, RescaleSlope=1, RescaleIntercept=-1024,
+                  WindowCenter="40", WindowWidth="400")
+    png = io.BytesIO()
+    Image.fromarray(np.rint(ct / 4095 * 255).astype(np.uint8)).save(png, format="PNG")
+    files = {"png_8bit": png.getvalue(), "dicom_uncompressed": dicom_file(ct, **header),
+             "dicom_jpeg2000": dicom_file(ct, JPEG2000Lossless, **header)}
+    spec, limits = ctx.bundle.manifest.image, decode_limits()
+    out = {}
+    for name, data in files.items():
+        times = []
+        for _ in range(10 * rounds):
+            start = time.perf_counter()
+            preprocess(decode(data, None, limits).image, spec)
+            times.append((time.perf_counter() - start) * 1000)
+        times.sort()
+        out[name] = {"p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95), "samples": len(times),
+                     "bytes": len(data)}
+    return out
 
 
 def run_system(cls, ctx, plan: Plan) -> dict[str, Any]:
@@ -266,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 "image_size": bundle.manifest.image.size, "note": choice.note,
                 "bundle_build_s": None if choice.built_s is None else round(choice.built_s, 1),
                 "decode_ms": decode_cost(ctx, rounds=1 if args.quick else 3),
+                "dicom_decode_ms": dicom_decode_cost(ctx, rounds=1 if args.quick else 3),
                 "systems": {},
             }
             for key in plan.systems:
@@ -276,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.paired import paired_overhead
 
                 model_result["paired_overhead"] = paired_overhead(ctx, pairs=60 if args.quick else 300)
+            if "gateway-tls" in plan.systems and 1 in plan.concurrency:
+                from bench.paired import tls_overhead
+
+                model_result["tls_overhead"] = tls_overhead(ctx, pairs=60 if args.quick else 300)
             model_result["ratios"] = report.ratios(model_result, plan.concurrency)
             results["models"][choice.model] = model_result
     finally:

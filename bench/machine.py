@@ -14,7 +14,7 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_b
 BUSY_PERCENT = 10.0  # a process using more than this share of one core counts as background load
 
 
-def _cpuinfo() -> dict[str, object]:
+def cpu_info() -> dict[str, object]:
     """Model name, family/model numbers and the SIMD flags that matter for inference speed."""
     info: dict[str, str] = {}
     flags: list[str] = []
@@ -71,7 +71,7 @@ def git_revision(root: Path) -> dict[str, object]:
 def describe(root: Path) -> dict[str, object]:
     """The machine and software the run used (Triton's version is added by the Triton system)."""
     return {
-        **_cpuinfo(),
+        **cpu_info(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _mem_total_gib(),

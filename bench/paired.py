@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bench.load import percentile
-from bench.systems import Context, GatewayClassify, OrtWithDecode, System, VisionGrpc
+from bench.systems import Context, GatewayClassify, GatewayTLS, OrtWithDecode, System, VisionGrpc
 
 log = logging.getLogger("bench.paired")
 
@@ -79,3 +79,22 @@ def paired_overhead(ctx: Context, pairs: int = 300, budget_s: float = 60.0) -> d
     finally:
         local.stop()
     return out
+
+
+def tls_overhead(ctx: Context, pairs: int = 300, budget_s: float = 60.0) -> dict[str, Any]:
+    """What TLS, mTLS to the encoders and a bearer token checked per call add to Classify at
+    concurrency 1: the plaintext gateway stack and the secured one, in alternating pairs."""
+    plain, secured = GatewayClassify(ctx), GatewayTLS(ctx)
+    try:
+        for system in (plain, secured):
+            system.start()
+            system.check()
+        out = measure_pair(plain, secured, pairs, budget_s)
+        log.info("paired overhead of TLS + auth: %s", out)
+        return out
+    except Exception as exc:  # recorded, like a failed system
+        log.exception("paired overhead of TLS + auth failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        secured.stop()
+        plain.stop()

@@ -63,10 +63,11 @@ class Server:
     def failure(self, what: str) -> ServerFailed:
         return ServerFailed(f"{self.name} {what}; log: {log_tail(self.log_path)}")
 
-    def wait_serving(self, target: str, timeout_s: float) -> None:
+    def wait_serving(self, target: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Poll grpc.health.v1 until SERVING; ServerFailed if the process exits or time runs out."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(target) as channel:
+        channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -12,7 +12,7 @@ log = logging.getLogger("bench.report")
 
 RATIO_LOW = 1  # served overhead is compared at this concurrency
 RATIO_MID = 16  # throughput ratios are compared at this concurrency
-OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway", "gateway-int8", "gateway-torch")
+OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway", "gateway-tls", "gateway-int8", "gateway-torch")
 # Classify end to end and the in-process engines, compared at low concurrency across precisions
 PRECISION_ROWS = ("gateway-int8", "gateway", "gateway-torch", "ort-int8", "ort", "torch")
 
@@ -67,6 +67,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
         }
     out["served_overhead_at_low"] = overhead
     out["paired_overhead"] = result.get("paired_overhead", {})
+    out["tls_overhead"] = result.get("tls_overhead", {})
 
     relative = {}
     for key in result["systems"]:
@@ -119,6 +120,14 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         lines.append(f"  {key:15} +{o['overhead_p50_ms']:.2f} ms ({o['overhead_p25_ms']:+.2f} to "
                      f"{o['overhead_p75_ms']:+.2f}) over {o['pairs']} pairs; p50 {o['served_p50_ms']} ms "
                      f"served vs {o['in_process_p50_ms']} ms in process")
+    tls = r.get("tls_overhead") or {}
+    if "error" in tls:
+        lines.append(f"[{model}] TLS + auth overhead at concurrency 1: failed: {tls['error']}")
+    elif tls:
+        lines.append(f"[{model}] TLS + mTLS + bearer token, Classify at concurrency 1, in alternating pairs with "
+                     f"the plaintext stack: +{tls['overhead_p50_ms']:.2f} ms ({tls['overhead_p25_ms']:+.2f} to "
+                     f"{tls['overhead_p75_ms']:+.2f}) over {tls['pairs']} pairs; p50 {tls['served_p50_ms']} ms "
+                     f"secured vs {tls['in_process_p50_ms']} ms plaintext")
     lines.append(f"[{model}] throughput at concurrency {mid} (img/s; x Triton fed tensors; x Triton decoding "
                  f"PNGs as we do; x torch eager):")
 
@@ -256,6 +265,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         out.append(f"Bundle `{r['bundle_id']}` ({r['kind']}){note}. Decode + preprocess alone, one thread: "
                    f"p50 {_fmt(r['decode_ms']['p50_ms'], 2)} ms (p95 {_fmt(r['decode_ms']['p95_ms'], 2)} ms) "
                    f"per {img['width']}x{img['height']} PNG.")
+        if r.get("dicom_decode_ms"):
+            cost = r["dicom_decode_ms"]
+            out.append("Decode + window + preprocess of a 512x512 12-bit CT slice, p50 (p95): " + ", ".join(
+                f"{name.replace('_', ' ')} {_fmt(c['p50_ms'], 2)} ms ({_fmt(c['p95_ms'], 2)} ms)"
+                for name, c in cost.items()) + ".")
         out += ["", ("| system | concurrency | img/s | p50 ms | p95 ms | p99 ms | requests | errors "
                      "| other load (cores) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         skipped_points, incomplete = [], False

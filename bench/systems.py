@@ -292,13 +292,16 @@ class GrpcSystem(System):
         super().__init__(ctx)
         self.servers: list[Server] = []
         self.channels: dict[int, grpc.Channel] = {}
+        # TLS towards the server under test (None: plaintext), and metadata of every call.
+        self.credentials: grpc.ChannelCredentials | None = None
+        self.call_metadata: tuple[tuple[str, str], ...] = ()
 
-    def launch(self, name: str, args: list[str], port: int) -> str:
+    def launch(self, name: str, args: list[str], port: int, credentials: grpc.ChannelCredentials | None = None) -> str:
         server = Server(name, [sys.executable, "-m", *args], cwd=self.ctx.root,
                         env=service_env(self.ctx.root), log_dir=self.ctx.workdir)
         self.servers.append(server)
         target = f"{HOST}:{port}"
-        server.wait_serving(target, self.ctx.server_start_timeout_s)
+        server.wait_serving(target, self.ctx.server_start_timeout_s, credentials)
         return target
 
     def encoder_args(self, service: str, port: int, bundle: Path | None = None) -> list[str]:
@@ -309,17 +312,16 @@ class GrpcSystem(System):
     def channel(self, worker: int, target: str) -> grpc.Channel:
         """One channel per load-generator worker, reused across points (grpc shares the connection)."""
         if worker not in self.channels:
-            self.channels[worker] = grpc.insecure_channel(target, options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ])
+            options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+            self.channels[worker] = (grpc.insecure_channel(target, options=options) if self.credentials is None
+                                     else grpc.secure_channel(target, self.credentials, options=options))
         return self.channels[worker]
 
     def served_engines(self, stub) -> list[str]:
         """What the server says it runs (GetModelInfo): tower, engine, precision, largest batch."""
         from medvlm.v1 import types_pb2
 
-        info = stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10).model
+        info = stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10, metadata=self.call_metadata).model
         return [f"{types_pb2.Tower.Name(e.tower).removeprefix('TOWER_').lower()}: {e.engine} "
                 f"{types_pb2.Precision.Name(e.precision).removeprefix('PRECISION_').lower()}, "
                 f"max batch {e.max_batch}" for e in info.engines]
@@ -394,20 +396,25 @@ class GatewayClassify(GrpcSystem):
         self.stub_class = gateway_pb2_grpc.GatewayServiceStub
         bundle = self.bundle_path()
         vision_port, text_port, gateway_port = free_port(), free_port(), free_port()
+        encoder_security, gateway_security, encoder_credentials = self.security()
         vision = self.launch("vision", [*self.encoder_args("vision", vision_port, bundle), *self.vision_flags,
-                                        *self.ctx.batch_flags], vision_port)
+                                        *self.ctx.batch_flags, *encoder_security], vision_port, encoder_credentials)
         text = self.launch("text", [*self.encoder_args("text", text_port, bundle), *self.text_flags,
-                                    *self.ctx.batch_flags], text_port)
+                                    *self.ctx.batch_flags, *encoder_security], text_port, encoder_credentials)
         # Callers here wait up to request_timeout_s; the gateway's default cap on an encoder call
         # (--downstream-timeout-s 10) would fail requests queued longer at high concurrency.
         self.target = self.launch("gateway", [
             "services.gateway", "--host", HOST, "--port", str(gateway_port), "--no-metrics",
             "--downstream-timeout-s", str(self.ctx.request_timeout_s),
-            "--vision-target", vision, "--text-target", text], gateway_port)
+            "--vision-target", vision, "--text-target", text, *gateway_security], gateway_port, self.credentials)
         self.details.update({
             "vision_flags": ["--intra-op-threads", str(self.ctx.threads), *self.vision_flags, *self.ctx.batch_flags],
             "text_flags": ["--intra-op-threads", str(self.ctx.threads), *self.text_flags, *self.ctx.batch_flags],
             "labels": list(LABELS), "template": TEMPLATE})
+
+    def security(self) -> tuple[list[str], list[str], grpc.ChannelCredentials | None]:
+        """Flags of the encoders and of the gateway, and credentials to health-check the encoders."""
+        return [], [], None
 
     def _call(self, worker: int, n: int):
         pngs = self.ctx.images.pngs
@@ -415,7 +422,7 @@ class GatewayClassify(GrpcSystem):
         request = self.gpb.ClassifyRequest(
             image=self.pb.Image(data=pngs[n % len(pngs)], format=self.pb.IMAGE_FORMAT_PNG),
             labels=list(LABELS), template=TEMPLATE, top_k=1)
-        return stub.Classify(request, timeout=self.ctx.request_timeout_s)
+        return stub.Classify(request, timeout=self.ctx.request_timeout_s, metadata=self.call_metadata)
 
     def check(self) -> dict[str, Any]:
         reply = self._call(-1, 0)  # also fills the label cache
@@ -433,6 +440,24 @@ class GatewayClassify(GrpcSystem):
     def make_request(self, worker: int) -> Request:
         self.channel(worker, self.target)
         return lambda n: self._call(worker, n)
+
+
+class GatewayTLS(GatewayClassify):
+    key = "gateway-tls"
+    title = ("medvlm gateway Classify as `make run TLS=1` runs it: TLS to the gateway with a bearer token "
+             "checked on every call, mutual TLS to the encoders; labels cached")
+
+    def security(self) -> tuple[list[str], list[str], grpc.ChannelCredentials | None]:
+        from services.launch import make_local_tls
+
+        tls = make_local_tls(self.ctx.workdir / "tls", [HOST])
+        self.credentials = tls.channel_credentials()
+        self.call_metadata = (("authorization", f"Bearer {tls.token}"),)
+        folder = tls.folder
+        gateway_identity = grpc.ssl_channel_credentials(
+            (folder / "ca.crt").read_bytes(), (folder / "gateway.key").read_bytes(), (folder / "gateway.crt").read_bytes())
+        self.details["security"] = "TLS 1.3 (gRPC's BoringSSL), ES256 bearer token, mTLS gateway -> encoders"
+        return tls.encoder_flags(), tls.gateway_flags(), gateway_identity
 
 
 class GatewayInt8(GatewayClassify):
@@ -474,7 +499,7 @@ def all_systems() -> dict[str, type[System]]:
     """Every system, in the order they run."""
     from bench.triton import TritonDecode, TritonSystem
 
-    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify,
+    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify, GatewayTLS,
              OrtInt8, GatewayInt8, GatewayTorch, TritonSystem, TritonDecode)
     return {cls.key: cls for cls in order}
 

@@ -2,8 +2,14 @@
 # Smoke test of a running medvlm gateway through gRPC server reflection only (no .proto files):
 # the service is listed, health is SERVING, GetModelInfo answers, and Classify scores an image.
 #   scripts/smoke.sh [HOST:PORT]        or   TARGET=HOST:PORT scripts/smoke.sh
-# Default target 127.0.0.1:50050. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
+# Default target 127.0.0.1:50050. EXPECT_ENGINE=NAME (e.g. tensorrt) also fails unless every
+# tower's engine in GetModelInfo starts with NAME. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
 # The image is the first samples/*.png if there is one, else a generated PNG.
+# TLS and credentials (plaintext without CACERT):
+#   CACERT=ca.crt        trust these CA certificates (turns TLS on)
+#   CERT=c.crt KEY=c.key present a client certificate
+#   TOKEN_FILE=path      send "authorization: Bearer <token>" (the token never appears in argv)
+#   API_KEY_FILE=path    send "x-api-key: <key>" (likewise)
 set -euo pipefail
 
 TARGET="${1:-${TARGET:-127.0.0.1:50050}}"
@@ -22,11 +28,25 @@ fi
 PYTHON="$(command -v python3 || command -v python || true)"
 [[ -n "$PYTHON" ]] || fail "python3 not found (it builds the Classify request)"
 
+SECURITY=(-plaintext)
+if [[ -n "${CACERT:-}" ]]; then
+  SECURITY=(-cacert "$CACERT")
+  [[ -z "${CERT:-}" ]] || SECURITY+=(-cert "$CERT" -key "${KEY:?KEY must go with CERT}")
+fi
+# Credentials are read into the environment and expanded by grpcurl, so ps never shows them.
+if [[ -n "${TOKEN_FILE:-}" ]]; then
+  MEDVLM_SMOKE_TOKEN="$(<"$TOKEN_FILE")"; export MEDVLM_SMOKE_TOKEN
+  SECURITY+=(-expand-headers -H 'authorization: Bearer ${MEDVLM_SMOKE_TOKEN}')
+elif [[ -n "${API_KEY_FILE:-}" ]]; then
+  MEDVLM_SMOKE_API_KEY="$(<"$API_KEY_FILE")"; export MEDVLM_SMOKE_API_KEY
+  SECURITY+=(-expand-headers -H 'x-api-key: ${MEDVLM_SMOKE_API_KEY}')
+fi
+
 # grpcurl ARGS...: its output, or fail with what it said. Called in $(...), so fail ends the
 # subshell and set -e then ends the script.
 grpc() {
   local out
-  out="$("$GRPCURL" -plaintext -connect-timeout 5 -max-time 30 "$@" 2>&1)" \
+  out="$("$GRPCURL" "${SECURITY[@]}" -connect-timeout 5 -max-time 30 "$@" 2>&1)" \
     || fail "grpcurl $* (target $TARGET): $out"
   printf '%s\n' "$out"
 }
@@ -43,6 +63,19 @@ ok "health SERVING"
 info="$(grpc -d '{}' "$TARGET" medvlm.v1.GatewayService/GetModelInfo)"
 grep -q '"model"' <<<"$info" || fail "GetModelInfo returned no model: $info"
 ok "GetModelInfo: $(grep -m1 -oE '"bundle_?[iI]d": *"[^"]*"' <<<"$info" || echo 'no bundle id')"
+
+if [[ -n "${EXPECT_ENGINE:-}" ]]; then
+  engines="$("$PYTHON" -c '
+import json, sys
+expected, info = sys.argv[1], json.loads(sys.stdin.read())
+engines = [(e.get("tower", "?"), e.get("engine", "")) for e in info.get("model", {}).get("engines", [])]
+wrong = [f"{t} on {e or chr(63)}" for t, e in engines if not e.startswith(expected)]
+if not engines or wrong:
+    sys.exit("expected every tower on %s, got %s" % (expected, ", ".join(wrong) or "no engines"))
+print(", ".join(f"{t} on {e}" for t, e in engines))
+' "$EXPECT_ENGINE" <<<"$info" 2>&1)" || fail "$engines"
+  ok "engines: $engines"
+fi
 
 shopt -s nullglob
 samples=("$ROOT"/samples/*.png)

@@ -1,9 +1,12 @@
 """Local stack: build the bundle if missing, start vision, text and gateway, wait for health, print a
-grpcurl line, stop all three on Ctrl-C. `python -m services.launch --help`."""
+grpcurl line, stop all three on Ctrl-C. With --tls: a local CA, certificates and a token, TLS on every
+port, mTLS to the encoders and callers authenticated. `python -m services.launch --help`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import os
 import shlex
 import signal
@@ -18,6 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
 DATA_DIR = ROOT / ".cache" / "gateway"  # label set embeddings, kept across runs
+TLS_DIR = ROOT / ".cache" / "tls"
+GATEWAY_ID = "spiffe://medvlm.local/gateway"
+LOCAL_USER = "local-user"
+TOKEN_ISSUER = "https://medvlm.local/issuer"
 
 
 def find_bundle(bundles: Path, model: str) -> Path | None:
@@ -37,10 +44,64 @@ def ensure_bundle(bundles: Path, model: str) -> Path:
     return bundle
 
 
-def wait_serving(target: str, timeout_s: float, keep_waiting) -> bool:
+@dataclasses.dataclass(frozen=True)
+class LocalTLS:
+    """Files of a local TLS setup: the CA, the servers' certificate, the gateway's client
+    certificate for the encoders, and a caller's token with the public half of its signing key."""
+
+    folder: Path
+
+    def path(self, name: str) -> str:
+        return str(self.folder / name)
+
+    @property
+    def token(self) -> str:
+        return (self.folder / "token").read_text().strip()
+
+    def encoder_flags(self) -> list[str]:
+        return ["--tls-cert", self.path("server.crt"), "--tls-key", self.path("server.key"),
+                "--tls-client-ca", self.path("ca.crt"), "--allowed-clients", GATEWAY_ID]
+
+    def gateway_flags(self) -> list[str]:
+        # Callers authenticate with the token (or API keys); no client certificate is asked for.
+        return ["--tls-cert", self.path("server.crt"), "--tls-key", self.path("server.key"),
+                "--auth", "--jwt-keys", self.path("token-signer.pub"), "--jwt-issuer", TOKEN_ISSUER,
+                "--encoder-tls-ca", self.path("ca.crt"), "--encoder-tls-cert", self.path("gateway.crt"),
+                "--encoder-tls-key", self.path("gateway.key")]
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials((self.folder / "ca.crt").read_bytes())
+
+
+def make_local_tls(folder: Path, hosts: list[str], token_hours: float = 12) -> LocalTLS:
+    """A fresh local CA and everything the stack and a caller need, written to `folder`."""
+    import jwt
+
+    from services.common.localca import LocalCA, token_key
+
+    ca = LocalCA("medvlm local CA (make run TLS=1)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.crt").write_bytes(ca.cert_pem)
+    names = sorted({"localhost", "127.0.0.1", "::1", *hosts})
+    ca.issue("medvlm-server", names, client=False).write(folder, "server")
+    ca.issue("gateway", [GATEWAY_ID], server=False).write(folder, "gateway")
+    signer, public = token_key()
+    (folder / "token-signer.pub").write_bytes(public)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    token = jwt.encode({"sub": LOCAL_USER, "iss": TOKEN_ISSUER, "aud": "medvlm", "iat": now, "nbf": now,
+                        "exp": now + datetime.timedelta(hours=token_hours), "roles": ["classify", "embed"]},
+                       signer, algorithm="ES256")
+    fd = os.open(folder / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return LocalTLS(folder)
+
+
+def wait_serving(target: str, timeout_s: float, keep_waiting, credentials: grpc.ChannelCredentials | None = None) -> bool:
     """Poll grpc.health.v1 on target until SERVING, timeout, or keep_waiting() turns false."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and keep_waiting():
             try:
@@ -63,14 +124,25 @@ def how_it_ended(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-def grpcurl_line(target: str, sample: Path | None) -> str:
+def grpcurl_line(target: str, sample: Path | None, security: str = "-plaintext") -> str:
+    """A grpcurl command that classifies `sample` (or asks for the model without one); `security`
+    is grpcurl's transport and credential flags."""
     grpcurl = ROOT / ".venv" / "bin" / "grpcurl"
     exe = str(grpcurl.relative_to(ROOT)) if grpcurl.exists() else "grpcurl"
     if sample is None:
-        return f"{exe} -plaintext {target} medvlm.v1.GatewayService/GetModelInfo"
+        return f"{exe} {security} {target} medvlm.v1.GatewayService/GetModelInfo"
     body = (f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, '
             f'\\"labelSet\\": \\"chest-findings\\", \\"topK\\": 2}}')
-    return f'{exe} -plaintext -d "{body}" {target} medvlm.v1.GatewayService/Classify'
+    return f'{exe} {security} -d "{body}" {target} medvlm.v1.GatewayService/Classify'
+
+
+def tls_grpcurl_flags(tls: LocalTLS) -> str:
+    """grpcurl's flags for the local TLS stack: the local CA and the caller's token."""
+    def rel(name: str) -> str:
+        path = Path(tls.path(name))
+        return shlex.quote(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
+
+    return f"-cacert {rel('ca.crt')} -H \"authorization: Bearer $(cat {rel('token')})\""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-port", type=int, default=50051)
     parser.add_argument("--text-port", type=int, default=50052)
     parser.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for health")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS on every port, mTLS to the encoders, callers authenticated; a fresh local CA, "
+                             "certificates and a token are written to --tls-dir")
+    parser.add_argument("--tls-dir", type=Path, default=TLS_DIR, help="folder of the local CA's files")
     args = parser.parse_args(argv)
 
     bundle = ensure_bundle(args.bundles.resolve(), args.model)
@@ -89,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"{args.host}:{args.text_port}"
     gateway = f"{args.host}:{args.gateway_port}"
     python = [sys.executable, "-m"]
+    tls = make_local_tls(args.tls_dir.resolve(), [args.host]) if args.tls else None
     commands = {
         "vision": python + ["services.vision", "--host", args.host, "--port", str(args.vision_port), "--bundle", str(bundle)],
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
@@ -96,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                              "--vision-target", vision, "--text-target", text,
                              "--label-sets-dir", str(LABEL_SETS), "--data-dir", str(DATA_DIR)],
     }
+    if tls is not None:
+        for name in ("vision", "text"):
+            commands[name] += tls.encoder_flags()
+        commands["gateway"] += tls.gateway_flags()
     stopping = False
 
     def stop(*_: object) -> None:
@@ -110,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         return not stopping and all(p.poll() is None for p in procs.values())
 
     try:
-        if not wait_serving(gateway, args.timeout_s, all_running):
+        if not wait_serving(gateway, args.timeout_s, all_running, tls.channel_credentials() if tls else None):
             if not stopping:
                 print("the stack did not become healthy; see the logs above", file=sys.stderr)
             return 0 if stopping else 1
         samples = sorted((ROOT / "samples").glob("chest*.png"))
         print(f"\nmedvlm is serving bundle {bundle.name} on {gateway} (Ctrl-C stops it). Try:\n", flush=True)
-        print("  " + grpcurl_line(gateway, samples[0] if samples else None) + "\n", flush=True)
+        sample = samples[0] if samples else None
+        flags = "-plaintext" if tls is None else tls_grpcurl_flags(tls)
+        print("  " + grpcurl_line(gateway, sample, flags) + "\n", flush=True)
         while all_running():
             time.sleep(0.5)
         dead = [f"{n} {how_it_ended(p.returncode)}" for n, p in procs.items() if p.poll() is not None]

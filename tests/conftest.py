@@ -151,10 +151,10 @@ def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
     raise AssertionError("service did not report serving")
 
 
-async def health_status(port: int, service: str = "") -> int:
+async def health_status(port: int, service: str = "", timeout: float = 5) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
         return reply.status
 

@@ -89,3 +89,18 @@ def test_gemm_rates_are_measured_and_give_a_floor():
     for precision in ("fp32", "int8"):
         assert rates[precision]["gmac_per_s"] > 0
         assert rates[precision]["vit_b16_floor_ms"] > 0
+
+
+def test_tls_row_pairs_the_secured_stack_with_the_plaintext_one(tiny_bundle, tmp_path):
+    out = tmp_path / "results"
+    status = main(["--quick", "--models", "tiny", "--systems", "gateway-tls", "--concurrency", "1",
+                   "--seconds", "0.6", "--bundles", str(tiny_bundle.parent), "--out", str(out)])
+    assert status == 0
+    tiny = json.loads((out / "results.json").read_text())["models"]["tiny"]
+    system = tiny["systems"]["gateway-tls"]
+    assert system["status"] == "ok", system["reason"]
+    assert all(point["errors"] == 0 and point["requests"] > 0 for point in system["points"])
+    paired = tiny["tls_overhead"]
+    assert paired["pairs"] >= 20, paired
+    assert paired["overhead_p25_ms"] <= paired["overhead_p50_ms"] <= paired["overhead_p75_ms"]
+    assert "TLS + mTLS + bearer token" in (out / "README.md").read_text()

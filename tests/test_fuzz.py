@@ -85,3 +85,27 @@ async def test_fuzzed_requests_over_grpc_get_invalid_argument_and_the_server_kee
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid protobuf message" in info.value.details()
         assert len((await stub.EmbedImages(good, timeout=10)).embeddings) == 1
+
+
+# The same targets `make fuzz` runs at volume (bench/fuzz.py), a few hundred cases each here.
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=200).map(lambda t: t.encode())))
+def test_gateway_request_checks_raise_only_invalid_input(data):
+    from bench.fuzz import request_target
+
+    request_target()(data)
+
+
+@pytest.fixture(scope="module")
+def text_checks(tiny_bundle):
+    from bench.fuzz import text_target
+
+    return text_target(tiny_bundle)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=300))
+def test_text_checks_and_tokenizer_raise_only_invalid_input(text_checks, text):
+    text_checks(text.encode("utf-8", errors="surrogatepass"))

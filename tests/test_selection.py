@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_precision_the_bundle_lacks_is_refused_with_reasons(int8_bundle):
 @pytest.mark.parametrize("entry_edit, reason", [
     ({"compute_capability": "8.9", "gpu": "NVIDIA L4"}, "built for compute capability 8.9 (NVIDIA L4), this GPU is 9.0"),
     ({"tensorrt": "11.1.0"}, "built with TensorRT 11.1.0, this is TensorRT 11.4.0"),
+    # Same compute capability, another GPU model: plans are specific to the model.
+    ({"gpu": "NVIDIA H200"},
+     "built on NVIDIA H200, this GPU is NVIDIA H100 80GB HBM3 (same compute capability 9.0"),
 ])
 def test_mismatched_plan_is_skipped_before_loading_and_onnxruntime_serves(int8_bundle, tmp_path, entry_edit, reason):
     bundle = _edit_manifest(int8_bundle, tmp_path / "b",
@@ -124,7 +128,16 @@ def test_mismatched_plan_is_skipped_before_loading_and_onnxruntime_serves(int8_b
     assert chosen.option.engine == "onnxruntime-cpu"
     plan_skips = [e["reason"] for e in logs if e["event"] == "engine_skipped" and e["engine"] == "tensorrt"]
     assert len(plan_skips) == 1 and plan_skips[0].startswith(reason)
+    # Holding a GPU and computing on the CPU is never silent.
+    (unused,) = [e for e in logs if e["event"] == "engine_gpu_unused"]
+    assert unused["gpu"] == H100.name and unused["log_level"] == "warning" and reason in unused["reasons"]
     chosen.engine.close()
+    # Engine tensorrt (the gpu overlay's setting) fails closed instead: no engine, never serving.
+    refused = f"no vision engine can run here \\(engine tensorrt.*{re.escape(reason)}"
+    with pytest.raises(EngineError, match=refused):
+        select.open_engine(load_bundle(bundle), "vision", engine="tensorrt", env=GPU_NO_CUDA_EP,
+                           opener=opener)
+    assert "tensorrt" not in loads
 
 
 def test_matching_plan_that_cannot_load_falls_back(int8_bundle):
@@ -261,7 +274,8 @@ def test_plans_take_their_precision_from_the_graph_and_say_what_is_missing(int8_
     assert source == "" and any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(graph)).graph.initializer)
     assert "only ONNX Runtime runs" in plans._source_graph(bundle, "vision", "int8", tmp_path)
     assert "no gated int8 graph for text" in plans._source_graph(bundle, "text", "int8", tmp_path)
-    assert plans.plan_name("vision", "int8", H100) == "vision.int8.sm90.plan"
+    assert plans.plan_name("vision", "int8", H100, "11.4.0") == (
+        "vision.int8.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.plan")
     assert plans.profile_shapes("text", bundle.manifest, 16) == ((1, 1), (8, 32), (16, 32))
     if _tensorrt_and_gpu() is not None:
         with pytest.raises(plans.PlanError, match="cannot build TensorRT plans here"):

@@ -3,6 +3,7 @@
   python -m engines.build --model NAME --out DIR [--weights DIR] [--force] [--precision int8[,fp16]]
   python -m engines.build quantize --bundle DIR [--calibration DIR] [--precision int8[,fp16]]
   python -m engines.build plans --bundle DIR                       (on a GPU node with TensorRT)
+  python -m engines.build sign --bundle DIR --key ED25519_PRIVATE.pem
 """
 
 from __future__ import annotations
@@ -37,8 +38,38 @@ def _parser() -> argparse.ArgumentParser:
                         help="scratch folder kept after the build (default: a temporary folder)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle of the same name")
     _precision_options(parser, default="")
+    _sign_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _sign_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sign-key", type=Path, default=None,
+                        help="Ed25519 private key (PEM) to sign the finished manifest with; encoders given the "
+                             "public key (--trusted-bundle-keys) refuse bundles without a valid signature")
+
+
+def _sign_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engines.build sign",
+        description="Sign a bundle's manifest (which lists the sha256 of every file) with an Ed25519 key, into "
+                    "manifest.sig. Run it after the last step that changes the manifest (quantize, plans).",
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle directory (holds manifest.json)")
+    parser.add_argument("--key", type=Path, required=True, help="Ed25519 private key, PEM (unencrypted)")
+    return parser
+
+
+def _sign(bundle: Path, key: Path) -> int:
+    from engines.build.sign import sign_bundle
+
+    try:
+        key_id = sign_bundle(bundle, key)
+    except (OSError, ValueError, mf.ManifestError) as exc:
+        log.error("cannot sign %s: %s", bundle, exc)
+        return 1
+    print(f"signed {bundle} with key {key_id}")
+    return 0
 
 
 def _precisions(text: str) -> list[str]:
@@ -72,6 +103,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bundle", type=Path, required=True, help="bundle directory (holds manifest.json)")
     _precision_options(parser, default=mf.INT8)
+    _sign_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -130,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["quantize"]:
         args = _quantize_parser().parse_args(argv[1:])
         _logging(args.verbose)
-        return _quantize(args.bundle, args)
+        status = _quantize(args.bundle, args)
+        if args.sign_key and status != 1:
+            return _sign(args.bundle, args.sign_key) or status
+        return status
+    if argv[:1] == ["sign"]:
+        args = _sign_parser().parse_args(argv[1:])
+        _logging(False)
+        return _sign(args.bundle, args.key)
     if argv[:1] == ["plans"]:
         from engines.build import plans
 
@@ -153,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     print(path)
-    if args.precision:
-        return _quantize(path, args)
-    return 0
+    status = _quantize(path, args) if args.precision else 0
+    if args.sign_key and status != 1:
+        return _sign(path, args.sign_key) or status
+    return status
 
 
 if __name__ == "__main__":

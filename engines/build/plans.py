@@ -8,7 +8,10 @@ from the reference graphs, fp16 from a mixed-precision graph (MatMul/Gemm/Conv i
 LayerNorm, Softmax and the rest in fp32), int8 from the bundle's Q/DQ graph, the same file
 ONNX Runtime serves on CPUs. Each plan gets an optimization profile over the batch axis (and the
 sequence axis for text), is judged on held-out data against ONNX Runtime fp32 like every
-reduced-precision engine, and is named per GPU architecture: `vision.int8.sm90.plan`.
+reduced-precision engine, and is named for what it runs on, the GPU model, its compute capability
+and the TensorRT version: `vision.int8.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.plan`. Plans of other
+GPU models or TensorRT versions in the bundle are left alone, so one bundle serves every pool.
+Temporary graphs go to the temporary directory (TMPDIR): a few GiB for BiomedCLIP.
 """
 
 from __future__ import annotations
@@ -43,9 +46,15 @@ class PlanError(RuntimeError):
     """Plans cannot be built here (no GPU, no TensorRT, a graph TensorRT refuses)."""
 
 
-def plan_name(tower: str, precision: str, gpu: trt_engine.Gpu) -> str:
-    """File name of a plan: tower, precision and GPU architecture, e.g. "vision.fp16.sm90.plan"."""
-    return f"{tower}.{precision}.{gpu.arch}.plan"
+def plan_key(gpu: trt_engine.Gpu, tensorrt_version: str) -> str:
+    """What a plan is built for: GPU model, compute capability and TensorRT version, e.g.
+    "nvidia-l4.sm89.trt11.4.0"; the build record of the manifest is keyed by it."""
+    return f"{gpu.model}.{gpu.arch}.trt{tensorrt_version}"
+
+
+def plan_name(tower: str, precision: str, gpu: trt_engine.Gpu, tensorrt_version: str) -> str:
+    """File name of a plan, e.g. "vision.fp16.nvidia-l4.sm89.trt11.4.0.plan"."""
+    return f"{tower}.{precision}.{plan_key(gpu, tensorrt_version)}.plan"
 
 
 def profile_shapes(tower: str, manifest: mf.Manifest, max_batch: int) -> tuple[tuple[int, ...], ...]:
@@ -150,7 +159,7 @@ def build_plans(bundle_dir: Path, *, precisions: Sequence[str] = PRECISIONS, max
                     continue
                 graph, source_name = source
                 start = time.perf_counter()
-                name = plan_name(tower, precision, gpu)
+                name = plan_name(tower, precision, gpu, trt.__version__)
                 path = work / name
                 path.write_bytes(build_plan(graph, tower, manifest, max_batch))
                 record["build_seconds"] = round(time.perf_counter() - start, 1)
@@ -161,7 +170,7 @@ def build_plans(bundle_dir: Path, *, precisions: Sequence[str] = PRECISIONS, max
                 engine = trt_engine.TensorRTEngine(path, entry, input_name=input_name, output_name=output_name,
                                                    max_batch=max_batch, gpu=gpu)
                 try:
-                    report = gates.judge(f"{tower} {precision} plan on {gpu.arch}", evaluation, ref_out, gate,
+                    report = gates.judge(f"{tower} {precision} plan on {gpu.name}", evaluation, ref_out, gate,
                                          golden=golden, **{tower: engine.infer_all})
                     timed = quantize.latencies_ms({"plan": engine.infer}, quantize.latency_example(
                         tower, evaluation, manifest.text.pad_id))["plan"]
@@ -187,14 +196,16 @@ def build_plans(bundle_dir: Path, *, precisions: Sequence[str] = PRECISIONS, max
         }
         amend_bundle(
             bundle.path, added,
-            # This GPU's earlier plans of the towers rebuilt here are replaced, kept or not.
-            remove=lambda n, e: e.role == mf.PLAN_ROLE and e.tower in towers
-            and e.compute_capability == gpu.compute_capability,
-            build=lambda build: build.setdefault("plans", {}).__setitem__(gpu.arch, summary),
+            # Earlier plans of the towers rebuilt here for this GPU model and TensorRT version are
+            # replaced, kept or not; those of other GPU models and versions stay.
+            remove=lambda n, e: e.role == mf.PLAN_ROLE and e.tower in towers and e.gpu == gpu.name
+            and e.compute_capability == gpu.compute_capability and e.tensorrt == trt.__version__,
+            build=lambda build: build.setdefault("plans", {}).__setitem__(
+                plan_key(gpu, trt.__version__), summary),
         )
     for record in records:
         log.info("%s %s plan: %s", record["tower"], record["precision"], record.get("note", ""))
     return summary
 
 
-__all__ = ["PlanError", "build_plan", "build_plans", "plan_name", "profile_shapes"]
+__all__ = ["PlanError", "build_plan", "build_plans", "plan_key", "plan_name", "profile_shapes"]

@@ -617,17 +617,21 @@ def _render_fundus(key: str, rng: np.random.Generator) -> np.ndarray:
 _RENDERERS = {"chest": _render_chest, "derm": _render_derm, "fundus": _render_fundus}
 
 
-def write_samples(out_dir: Path, seed: int, per_class: int) -> list[Path]:
+def write_samples(out_dir: Path, seed: int, per_class: int, by_class: bool = False) -> list[Path]:
     """Write `per_class` PNGs per class, named after the ground truth (e.g. chest_left_effusion_1.png).
 
-    Images whose three channels are equal (the radiographs) are saved as grayscale PNGs.
+    With `by_class`, each class gets a folder named by its label (the layout `medvlm evaluate`
+    reads). The images are those of `generate(seed, per_class * NUM_CLASSES)`. Images whose three
+    channels are equal (the radiographs) are saved as grayscale PNGs.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for label, key in enumerate(CLASS_KEYS):
+        folder = out_dir / CLASS_LABELS[label] if by_class else out_dir
+        folder.mkdir(exist_ok=True)
         for k in range(per_class):
             s = sample(seed, label + k * NUM_CLASSES)
-            path = out_dir / (f"{key}.png" if per_class == 1 else f"{key}_{k + 1}.png")
+            path = folder / (f"{key}.png" if per_class == 1 else f"{key}_{k + 1}.png")
             gray = bool((s.image == s.image[..., :1]).all())
             Image.fromarray(s.image[..., 0] if gray else s.image).save(path, optimize=True)
             paths.append(path)
@@ -640,9 +644,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("samples"), help="folder for the PNGs")
     parser.add_argument("--seed", type=int, default=7, help="data set seed of the samples")
     parser.add_argument("--per-class", type=int, default=1, help="images per class")
+    parser.add_argument("--by-class", action="store_true",
+                        help="one folder per class, named by its label (for medvlm evaluate)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    paths = write_samples(args.out, args.seed, args.per_class)
+    paths = write_samples(args.out, args.seed, args.per_class, args.by_class)
     print(f"wrote {len(paths)} images to {args.out}")
 
 

@@ -1,13 +1,17 @@
-"""Loading a bundle: its manifest, hash checks of every file, and the golden parity check."""
+"""Loading a bundle: its signature, its manifest, hash checks of every file, and the golden parity check."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from engines.runtime import signature
 from engines.runtime.manifest import (
+    MANIFEST_NAME,
     TEXT_INPUT,
     TEXT_OUTPUT,
     VISION_INPUT,
@@ -31,6 +35,7 @@ class Bundle:
 
     path: Path
     manifest: Manifest
+    signing_key_id: str = ""  # the trusted key whose signature was verified; "" when none was asked for
 
     @property
     def bundle_id(self) -> str:
@@ -49,15 +54,31 @@ class Bundle:
             return {k: data[k] for k in data.files}
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read the manifest and check the sha256 of every file it lists."""
+def load_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bundle:
+    """Read the manifest and check the sha256 of every file it lists.
+
+    With `trusted_keys` (Ed25519 public key PEM files) the manifest must carry a signature by
+    one of them (signature.SIGNATURE_NAME); since the manifest holds every file's sha256, the
+    signature covers the whole bundle. Without, signatures are not checked.
+    """
     root = Path(path).resolve()
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist")
+    key_id = ""
     try:
-        manifest = Manifest.read(root)
-    except ManifestError as exc:
-        raise BundleError(str(exc)) from exc
+        if trusted_keys:
+            # the bytes that were verified are the bytes that are parsed
+            data = (root / MANIFEST_NAME).read_bytes()
+            key_id = signature.verify(data, root / signature.SIGNATURE_NAME, signature.load_public_keys(trusted_keys))
+            manifest = Manifest.from_dict(json.loads(data))
+        else:
+            manifest = Manifest.read(root)
+    except FileNotFoundError as exc:
+        raise BundleError(f"no {MANIFEST_NAME} in bundle directory {root}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{MANIFEST_NAME} of {root} is not valid JSON") from exc
+    except (ManifestError, signature.SignatureError) as exc:
+        raise BundleError(f"bundle {root.name}: {exc}") from exc
     for name, entry in manifest.files.items():
         target = (root / name).resolve()
         if root not in target.parents:
@@ -66,7 +87,7 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"bundle file {name} is missing")
         if sha256_file(target) != entry.sha256:
             raise BundleError(f"bundle file {name} does not match its sha256 in the manifest")
-    return Bundle(path=root, manifest=manifest)
+    return Bundle(path=root, manifest=manifest, signing_key_id=key_id)
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -225,6 +225,11 @@ def open_engine(
         log.info("engine_selected", tower=tower, engine=opened.kind, precision=opened.precision,
                  file=option.file, golden_cosine=None if cosine is None else round(cosine, 7),
                  passed_over=len(skipped))
+        if env.gpu is not None and option.engine in (ORT_CPU, TORCH_CPU):
+            # Never silent: a pod that holds a GPU and computes on its CPU is a misconfiguration
+            # (engine tensorrt refuses to start instead; see docs/deploy.md).
+            log.warning("engine_gpu_unused", tower=tower, engine=opened.kind, gpu=env.gpu.name,
+                        reasons="; ".join(f"{s.option.describe()}: {s.reason}" for s in skipped))
         return Selection(opened, option, cosine, skipped)
     reasons = "; ".join(f"{s.option.describe()}: {s.reason}" for s in skipped)
     what = f"engine {engine}, precision {precision}"

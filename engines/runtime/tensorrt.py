@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class Gpu:
     def arch(self) -> str:
         """Short architecture tag used in plan file names, e.g. "sm90"."""
         return "sm" + self.compute_capability.replace(".", "")
+
+    @property
+    def model(self) -> str:
+        """The GPU model as a file-name tag, e.g. "nvidia-h100-80gb-hbm3"."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "unknown-gpu"
 
 
 def _cudart() -> Any:
@@ -78,8 +84,13 @@ def import_tensorrt() -> Any:
 
 
 def plan_mismatch(entry: FileEntry, gpu: Gpu | None, tensorrt_version: str | None) -> str | None:
-    """Why a plan cannot run here (None: it can): a plan loads only into the TensorRT version
-    that built it, on a GPU of the compute capability it was built for."""
+    """Why a plan cannot run here (None: it can): a plan is used only with the TensorRT version
+    that built it, on the GPU model it was built on.
+
+    TensorRT plans are specific to the GPU model, not just its compute capability: an L4 and an
+    L40S (both 8.9), or an H100 and an H200 (both 9.0), differ in memory and SM count, and
+    tactics timed on one may be wrong or slow on the other.
+    """
     if tensorrt_version is None:
         return "TensorRT is not installed"
     if gpu is None:
@@ -87,6 +98,9 @@ def plan_mismatch(entry: FileEntry, gpu: Gpu | None, tensorrt_version: str | Non
     if entry.compute_capability != gpu.compute_capability:
         return (f"built for compute capability {entry.compute_capability or '?'} ({entry.gpu or 'unknown GPU'}), "
                 f"this GPU is {gpu.compute_capability} ({gpu.name})")
+    if entry.gpu != gpu.name:
+        return (f"built on {entry.gpu or 'an unrecorded GPU model'}, this GPU is {gpu.name} "
+                f"(same compute capability {gpu.compute_capability}, another model)")
     if entry.tensorrt != tensorrt_version:
         return f"built with TensorRT {entry.tensorrt or '?'}, this is TensorRT {tensorrt_version}"
     return None

@@ -100,6 +100,7 @@ class Batcher:
         self._queued = 0
         self._preparing = 0  # announced requests not yet queued: a fuller batch is worth a short wait
         self._busy = False  # a batch is being computed (by the worker or by run_if_idle)
+        self._busy_since = 0.0  # time.monotonic() when the running batch was taken
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"medvlm-batcher-{name}", daemon=True)
@@ -110,6 +111,11 @@ class Batcher:
         """Items waiting for the engine."""
         with self._cond:
             return self._queued
+
+    def busy_for(self) -> float:
+        """Seconds the engine call in progress has been running (0 when the engine is idle)."""
+        with self._cond:
+            return time.monotonic() - self._busy_since if self._busy else 0.0
 
     def announce(self, priority: int = ROUTINE, deadline: float | None = None) -> Ticket:
         """A request is on its way (its inputs are being prepared). On the event loop."""
@@ -211,8 +217,8 @@ class Batcher:
         with self._cond:
             if self._busy or self._closed or self._preparing or self._queued != ticket.queued:
                 return
-            self._busy = True
-            batch, expired = self._take(time.monotonic())
+            self._busy, self._busy_since = True, time.monotonic()
+            batch, expired = self._take(self._busy_since)
         self._finish(batch, expired)
 
     def _run(self) -> None:
@@ -229,7 +235,8 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch, expired = self._take(time.monotonic())
+                self._busy_since = time.monotonic()
+                batch, expired = self._take(self._busy_since)
             self._finish(batch, expired)
 
     def _finish(self, batch: list[_Item], expired: list[Ticket]) -> None:

@@ -57,7 +57,7 @@ def engine_info(tower: str, engine: Engine) -> types_pb2.EngineInfo:
     )
 
 
-def model_info(manifest: Manifest, engines: list[types_pb2.EngineInfo]) -> types_pb2.ModelInfo:
+def model_info(manifest: Manifest, engines: list[types_pb2.EngineInfo], signing_key_id: str = "") -> types_pb2.ModelInfo:
     return types_pb2.ModelInfo(
         bundle_id=manifest.bundle_id,
         model=manifest.model,
@@ -69,6 +69,7 @@ def model_info(manifest: Manifest, engines: list[types_pb2.EngineInfo]) -> types
         image_size=manifest.image.size,
         context_length=manifest.text.context_length,
         engines=engines,
+        signing_key_id=signing_key_id,
     )
 
 

@@ -9,13 +9,13 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from engines.runtime.bundle import Bundle, BundleError, load_bundle
+from engines.runtime.bundle import TOWER_TENSORS, Bundle, BundleError, load_bundle
 from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.select import open_engine
 from services.common import convert, metrics
-from services.common.batching import Batcher, Ticket
-from services.common.errors import NotReady
+from services.common.batching import STAT, Batcher, Ticket
+from services.common.errors import MedvlmError, NotReady
 from services.common.settings import Settings
 from services.common.work import WorkPool
 
@@ -36,7 +36,8 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
 
     Blocking; raises BundleError when the bundle must not be served.
     """
-    bundle = load_bundle(settings.bundle)
+    trusted = [k.strip() for k in settings.trusted_bundle_keys.split(",") if k.strip()]
+    bundle = load_bundle(settings.bundle, trusted)
     manifest = bundle.manifest
     if manifest.kind == KIND_BENCHMARK and not settings.allow_benchmark:
         raise BundleError(
@@ -49,6 +50,7 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
                            settings.max_batch)
     engine, cosine = selected.engine, selected.golden_cosine
     log.info("tower_ready", tower=tower, bundle_id=bundle.bundle_id, kind=manifest.kind,
+             signing_key_id=bundle.signing_key_id or None,
              engine=engine.kind, precision=engine.precision, golden_min_cosine=round(cosine, 7))
     metrics.ENGINE_INFO.labels(tower, engine.kind, engine.precision, bundle.bundle_id).set(1)
     return LoadedTower(bundle, engine, cosine)
@@ -87,6 +89,7 @@ class EncoderApp:
         self._loaded: LoadedTower | None = None
         self._preparer: Preparer | None = None
         self._batcher: Batcher | None = None
+        self._probe_failure: str | None = None
 
     def register(self, server: Any) -> None:  # pragma: no cover - subclasses
         raise NotImplementedError
@@ -132,13 +135,48 @@ class EncoderApp:
         self._batcher.run_if_idle(ticket)
 
     async def watch(self, set_serving) -> None:
-        """An encoder depends on nothing that can go away: its health is its start-up's."""
+        """Every probe_interval_s, when idle, run one golden input through the engine. A probe that
+        fails or errs turns readiness off and marks the app stalled; the next good one clears it."""
+        interval = self.settings.probe_interval_s
+        if interval <= 0:
+            return
+        row = self.loaded.bundle.golden()[TOWER_TENSORS[self.tower][0]][0]  # one input row
+        while True:
+            await asyncio.sleep(interval)
+            if self._batcher.queued or self._batcher.busy_for():
+                continue  # traffic exercises the engine; a wedged call is seen by stalled()
+            try:
+                await asyncio.wait_for(self._batcher.submit([row], STAT), self.settings.liveness_stall_s)
+                failure = None
+            except TimeoutError:
+                failure = f"probe inference took longer than {self.settings.liveness_stall_s} s"
+            except MedvlmError as exc:
+                failure = f"probe inference failed: {exc.message}"
+            if failure != self._probe_failure:
+                if failure:
+                    log.error("probe_failed", tower=self.tower, reason=failure)
+                else:
+                    log.info("probe_ok_again", tower=self.tower)
+                self._probe_failure = failure
+                await set_serving(failure is None)
+
+    def stalled(self) -> str | None:
+        """Stuck: an engine call running longer than liveness_stall_s, or the probe failing."""
+        if self._batcher is None:
+            return None
+        running = self._batcher.busy_for()
+        if running > self.settings.liveness_stall_s:
+            return f"an engine call has run for {running:.0f} s (limit {self.settings.liveness_stall_s} s)"
+        return self._probe_failure
 
     def model_info(self):
         loaded = self.loaded
         return convert.model_info(
-            loaded.bundle.manifest, [convert.engine_info(self.tower, loaded.engine)]
+            loaded.bundle.manifest, [convert.engine_info(self.tower, loaded.engine)], loaded.bundle.signing_key_id
         )
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"bundle_signer": self.loaded.bundle.signing_key_id}
 
     async def close(self) -> None:
         if self._batcher is not None:

@@ -38,3 +38,16 @@ class Unavailable(MedvlmError):
 
 class Inconsistent(MedvlmError):
     """Downstream services disagree (e.g. different bundles): refusing to mix results."""
+
+
+class BundleChanged(Unavailable):
+    """An encoder answered with another bundle than the gateway serves (a rollout in progress):
+    the answer is refused, never mixed, and the gateway re-checks its encoders."""
+
+
+class Unauthenticated(MedvlmError):
+    """The call carries no credential, or one that does not verify."""
+
+
+class PermissionDenied(MedvlmError):
+    """The caller is known but may not make this call (its role, or not an allowed client)."""

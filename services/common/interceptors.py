@@ -1,4 +1,5 @@
-"""The one server interceptor: request ids, audit records, and domain errors -> status codes."""
+"""The one server interceptor: request ids, caller checks (auth, roles, quotas), audit records, and
+domain errors -> status codes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import structlog
 
-from services.common import errors, metrics
+from services.common import auth, errors, metrics
 
 log = structlog.get_logger("medvlm.rpc")
 
@@ -30,6 +31,8 @@ STATUS_OF: dict[type[errors.MedvlmError], grpc.StatusCode] = {
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Inconsistent: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Health and reflection are never refused for load: probes must answer during a flood.
@@ -89,10 +92,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     Unknown exceptions become INTERNAL with a generic message; their detail goes
     to the log only, under the request id the client also receives. With an
     `admission` bound, calls beyond it (health and reflection excepted) are refused.
+    With a `guard`, every call but health is authenticated, authorised and charged to its
+    caller's quotas first. `audit_fields` are added to every audit record (the server fills in
+    the served bundle's signing key id once it is loaded).
     """
 
-    def __init__(self, admission: Admission | None = None) -> None:
+    def __init__(self, admission: Admission | None = None, guard: auth.Guard | None = None) -> None:
         self.admission = admission
+        self.guard = guard if guard is not None and guard.active else None
+        self.audit_fields: dict[str, str] = {}
 
     async def intercept_service(
         self,
@@ -117,10 +125,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context, self.admission)
+            call = _Call(method, context, self.admission, self.guard, self.audit_fields)
             try:
                 await call.begin()
-                return await behavior(_checked(request), context)
+                return await behavior(_checked(request, call), context)
             except BaseException as exc:  # noqa: BLE001 - every outcome is audited
                 await call.fail(exc)
                 raise
@@ -131,10 +139,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context, self.admission)
+            call = _Call(method, context, self.admission, self.guard, self.audit_fields)
             try:
                 await call.begin()
-                async for response in behavior(_checked(request), context):
+                async for response in behavior(_checked(request, call), context):
                     yield response
             except BaseException as exc:  # noqa: BLE001
                 await call.fail(exc)
@@ -167,29 +175,33 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-def _checked(request: Any) -> Any:
-    """The request, or for a client stream an iterator over it, refusing malformed messages."""
+def _checked(request: Any, call: _Call) -> Any:
+    """The request, or for a client stream an iterator over it, refusing malformed messages and
+    charging its images to the caller's quota."""
     if request is _MALFORMED:
         raise errors.InvalidInput("request is not a valid protobuf message of this method's type")
     if hasattr(request, "__aiter__"):
-        return _checked_stream(request)
+        return _checked_stream(request, call)
+    call.charge(request)
     return request
 
 
-async def _checked_stream(requests: Any) -> Any:
+async def _checked_stream(requests: Any, call: _Call) -> Any:
     async for message in requests:
-        yield _checked(message)
+        yield _checked(message, call)
 
 
 class _Call:
     """State of one call as the interceptor sees it.
 
-    Everything the audit record needs (peer, deadline) is read from the context when the
-    call starts: after a call has ended (a client cancelled a stream, say) gRPC core may have
-    freed what the context points to, and reading it then crashes the process.
+    Everything the audit record and the guard need (peer, deadline, metadata, client
+    certificate) is read from the context when the call starts: after a call has ended (a client
+    cancelled a stream, say) gRPC core may have freed what the context points to, and reading it
+    then crashes the process.
     """
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, admission: Admission | None) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, admission: Admission | None,
+                 guard: auth.Guard | None = None, audit_fields: dict[str, str] | None = None) -> None:
         self.method = method
         self.context = context
         self.code = grpc.StatusCode.OK
@@ -204,6 +216,14 @@ class _Call:
         self.quiet = method.startswith(_QUIET_PREFIXES)
         self.admission = None if method.startswith(_EXEMPT_PREFIXES) else admission
         self.admitted = False
+        self.guard = None if method.startswith(auth.OPEN_PREFIXES) else guard
+        # quotas, like admission, never refuse health or reflection
+        self.quotas = None if self.guard is None or method.startswith(_EXEMPT_PREFIXES) else self.guard.quotas
+        self.peer_auth = auth.Peer.capture(context) if self.guard is not None else None
+        self.caller: auth.Caller | None = None
+        self.role = ""
+        self.refusal = ""
+        self.audit_fields = {} if audit_fields is None else audit_fields
         metrics.INFLIGHT.labels(method).inc()
 
     def _ended(self, _context: object) -> None:
@@ -211,9 +231,32 @@ class _Call:
 
     async def begin(self) -> None:
         await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+        if self.guard is not None:
+            try:
+                self.caller = self.guard.authenticate(self.peer_auth)
+                self.role = self.guard.authorize(self.caller, self.method)
+            except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+                self.refusal = exc.message
+                metrics.AUTH_REFUSED.labels(status_of(exc).name).inc()
+                raise
+            if self.quotas is not None:
+                try:
+                    self.quotas.charge(self.caller.identity, "requests", 1)
+                except errors.Overloaded as exc:
+                    self.refusal = exc.message
+                    raise
         if self.admission is not None:
             self.admission.enter()
             self.admitted = True
+
+    def charge(self, request: Any) -> None:
+        """Charge the images of one request message to the caller's images-per-second quota."""
+        if self.caller is not None and self.quotas is not None:
+            try:
+                self.quotas.charge(self.caller.identity, "images", auth.count_images(request))
+            except errors.Overloaded as exc:
+                self.refusal = exc.message
+                raise
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -254,7 +297,15 @@ class _Call:
             peer=self.peer,
             code=self.code.name,
             latency_ms=round(elapsed * 1000, 3),
+            **self.audit_fields,
         )
+        caller = self.caller or (auth.ANONYMOUS if self.guard is None else None)
+        identity = caller.identity if caller else "unauthenticated"
+        record.update(caller=identity, auth=caller.method if caller else "", role=self.role)
+        if self.refusal:
+            record["reason"] = self.refusal
+        if self.guard is not None:
+            metrics.CALLER_REQUESTS.labels(identity, self.code.name).inc()
         if self.quiet:
             log.debug("audit", **record)
         else:

@@ -25,6 +25,11 @@ ENGINE_SECONDS = Histogram(
 ADMISSION_REJECTED = Counter(
     "medvlm_admission_rejected_total", "Calls refused at once because the server was at its in-flight bound"
 )
+CALLER_REQUESTS = Counter(
+    "medvlm_caller_requests_total", "RPCs by caller identity (never a credential) and status code", ["caller", "code"]
+)
+QUOTA_REJECTED = Counter("medvlm_quota_rejected_total", "Calls refused over a caller's quota", ["caller", "quota"])
+AUTH_REFUSED = Counter("medvlm_auth_refused_total", "Calls refused by authentication or authorisation", ["code"])
 REJECTED = Counter("medvlm_queue_rejected_total", "Requests refused because the queue was full", ["tower"])
 EXPIRED = Counter("medvlm_deadline_dropped_total", "Requests dropped before compute: deadline passed", ["tower"])
 ENGINE_INFO = Gauge(

@@ -49,6 +49,12 @@ class Settings:
         "Seconds between reporting NOT_SERVING and refusing new calls at shutdown, so load "
         "balancers stop sending first. 5-10 on Kubernetes; 0 locally.",
     )
+    max_connection_age_s: float = _opt(
+        1800.0,
+        "Clients are asked to reconnect after a connection has lived this long (they re-resolve "
+        "DNS then), so callers balancing over DNS reach replicas added since. Short (60) on "
+        "encoders behind a headless Service; keep it long where clients hold long streams.",
+    )
     max_message_mb: int = _opt(
         0,
         "Largest request message in MiB. Larger images need more; every byte allowed is memory a "
@@ -141,6 +147,18 @@ class Settings:
         "never enable this where clinicians can reach the service.",
         ENCODERS,
     )
+    liveness_stall_s: float = _opt(
+        60.0,
+        "Liveness fails when one engine call has run this long (a wedged engine or device), so "
+        "the orchestrator restarts the process. Must exceed the slowest legitimate batch.",
+        ENCODERS,
+    )
+    probe_interval_s: float = _opt(
+        30.0,
+        "Every this many seconds an idle encoder runs one golden input through its engine, so a "
+        "wedged or failing engine is found without traffic. 0 turns the probe off.",
+        ENCODERS,
+    )
     vision_target: str = _opt(
         "127.0.0.1:50051",
         "gRPC target of the vision encoder. dns:///name:port with a headless Service spreads "
@@ -187,11 +205,107 @@ class Settings:
         "beyond it. Larger saves text-encoder calls for varied labels.",
         (GATEWAY,),
     )
+    fault_retain_requests: bool = _opt(
+        False,
+        "Test only: the gateway keeps every Classify request in memory, a deliberate leak that "
+        "the soak's leak detector must catch. Never enable it in service.",
+        (GATEWAY,),
+    )
     verify_retry_max_s: float = _opt(
         5.0,
         "Longest pause between checks of the encoders while the gateway is not yet serving "
         "(both must answer and serve the same bundle). Shorter becomes ready sooner.",
         (GATEWAY,),
+    )
+
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate chain this server presents; with --tls-key it turns TLS on. Both files are "
+        "re-read when they change, so a renewed certificate reaches new connections without a restart.",
+    )
+    tls_key: str = _opt("", "PEM private key of --tls-cert.")
+    tls_client_ca: str = _opt(
+        "",
+        "PEM CA certificates that client certificates must chain to. Set: every connection must "
+        "present one (mutual TLS) and its identity authenticates the caller; on the encoders, which "
+        "only the gateway calls. gRPC Python cannot ask for an optional certificate, so a gateway "
+        "whose callers use tokens or API keys leaves it empty.",
+    )
+    allowed_clients: str = _opt(
+        "",
+        "Comma-separated certificate identities (SAN URI or DNS name, or subject CN) allowed to call. "
+        "Empty allows any certificate from --tls-client-ca; on the encoders, naming the gateway's "
+        "identity also refuses certificates the CA issued to other workloads.",
+    )
+    insecure: bool = _opt(
+        False,
+        "Allow plaintext on an address other than loopback. Anyone on that network can then read and "
+        "forge calls, clinical data included: only for isolated test networks.",
+    )
+    auth: bool = _opt(
+        False,
+        "Require a credential (client certificate, bearer token or API key) on every call but health, "
+        "and the role its RPC needs. Off: every caller is anonymous and may call everything; for "
+        "loopback only.",
+    )
+    health_port: int = _opt(
+        -1,
+        "Also answer grpc.health.v1 alone, in plaintext, on this port (-1: off; 0 picks one), for "
+        "probes that cannot speak TLS such as the kubelet's native gRPC probe. It reveals only "
+        "whether the server is serving.",
+    )
+    reflection: bool = _opt(
+        True,
+        "Serve gRPC reflection, so grpcurl works without .proto files. Off hides the API from "
+        "unauthenticated scanners; clients then need the .proto files.",
+    )
+    jwt_keys: str = _opt(
+        "",
+        "Comma-separated JWKS files or PEM public keys that verify bearer tokens (RS256, ES256). Re-read "
+        "when they change, so the identity provider's key rotation needs no restart.",
+        (GATEWAY,),
+    )
+    jwt_issuer: str = _opt("", "Required 'iss' of bearer tokens (the identity provider's URL).", (GATEWAY,))
+    jwt_audience: str = _opt("medvlm", "Required 'aud' of bearer tokens.", (GATEWAY,))
+    jwt_leeway_s: float = _opt(
+        30.0,
+        "Clock skew tolerated on 'exp' and 'nbf' in seconds. Larger forgives unsynchronised clocks and "
+        "keeps an expired token usable that much longer.",
+        (GATEWAY,),
+    )
+    jwt_roles_claim: str = _opt(
+        "roles", "Claim of bearer tokens listing the caller's roles (a list, or a space-separated string).",
+        (GATEWAY,),
+    )
+    api_keys: str = _opt(
+        "",
+        "JSON file of API keys for systems without an identity provider, stored as sha256 hashes with "
+        "an id and roles; re-read when it changes, so removing a key revokes it without a restart.",
+        (GATEWAY,),
+    )
+    access: str = _opt(
+        "",
+        "JSON file: roles of client-certificate identities, and per-caller quotas (requests and images "
+        "per second) with a default. Re-read when it changes. Without quotas one caller can starve "
+        "the others.",
+        (GATEWAY,),
+    )
+    encoder_tls_ca: str = _opt(
+        "",
+        "PEM CA certificates the encoders' certificates must chain to. Set: the gateway calls the "
+        "encoders over TLS, checking the target's host name against their certificates.",
+        (GATEWAY,),
+    )
+    encoder_tls_cert: str = _opt(
+        "", "PEM client certificate the gateway presents to the encoders (mutual TLS).", (GATEWAY,)
+    )
+    encoder_tls_key: str = _opt("", "PEM private key of --encoder-tls-cert.", (GATEWAY,))
+    trusted_bundle_keys: str = _opt(
+        "",
+        "Comma-separated Ed25519 public keys (PEM) of bundle signers. Set: a bundle must carry a valid "
+        "signature of its manifest by one of them or it is not served. Empty: signatures are not "
+        "checked (local builds).",
+        ENCODERS,
     )
 
     def __post_init__(self) -> None:
@@ -269,7 +383,24 @@ def parse_settings(
     settings = Settings(**values)
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
+    _check_security(settings)
     return settings
+
+
+def _check_security(settings: Settings) -> None:
+    """Refuse combinations of the TLS and auth settings that cannot work."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SystemExit("--tls-client-ca needs TLS (--tls-cert, --tls-key)")
+    if bool(settings.encoder_tls_cert) != bool(settings.encoder_tls_key):
+        raise SystemExit("--encoder-tls-cert and --encoder-tls-key go together")
+    if settings.encoder_tls_cert and not settings.encoder_tls_ca:
+        raise SystemExit("--encoder-tls-cert needs --encoder-tls-ca")
+    if settings.jwt_keys and not settings.jwt_issuer:
+        raise SystemExit("--jwt-keys needs --jwt-issuer")
+    if settings.auth and not (settings.tls_client_ca or settings.jwt_keys or settings.api_keys):
+        raise SystemExit("--auth needs a way to authenticate: --tls-client-ca, --jwt-keys or --api-keys")
 
 
 def markdown_table() -> str:

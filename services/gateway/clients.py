@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import grpc
 import numpy as np
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert, errors
 from services.common.interceptors import REQUEST_ID_KEY, RETRY_AFTER_KEY, current_request_id
+from services.common.tls import ClientCertificateFiles
 
 _VISION_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name
 _TEXT_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
@@ -50,6 +52,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # dns:/// targets are resolved again when a connection closes (an encoder's maximum
+        # connection age), but by default at most every 30 s: 5 s lets new replicas in sooner.
+        ("grpc.dns_min_time_between_resolutions_ms", 5000),
     ]
 
 
@@ -91,13 +96,50 @@ def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
 class EncoderClient:
     """One encoder behind one channel."""
 
-    def __init__(self, name: str, target: str, stub_class, max_message_bytes: int) -> None:
+    # How long a channel replaced after a certificate rotation stays open for the calls on it.
+    RETIRE_AFTER_S = 60.0
+
+    def __init__(self, name: str, target: str, stub_class, max_message_bytes: int,
+                 certificates: ClientCertificateFiles | None = None) -> None:
         self.name = name
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
-        self.stub = stub_class(self.channel)
+        self.stub_class = stub_class
+        self.options = channel_options(max_message_bytes)
+        self.certificates = certificates
+        self._retiring: set[asyncio.Task] = set()
+        self._version = 0 if certificates is None else certificates.version
+        self._open(None if certificates is None else certificates.credentials)
+
+    def _open(self, credentials: grpc.ChannelCredentials | None) -> None:
+        # With TLS the encoders' certificates must name the host of the target (for dns:///vision:50051
+        # on a headless Service: its DNS name); every resolved replica is checked against it.
+        self.channel = (grpc.aio.insecure_channel(self.target, options=self.options) if credentials is None
+                        else grpc.aio.secure_channel(self.target, credentials, options=self.options))
+        self.stub = self.stub_class(self.channel)
+
+    def _follow_rotation(self) -> None:
+        """After the gateway's certificate files changed, new calls go over a new channel; the old
+        one is closed once the calls on it had time to finish."""
+        if self.certificates is None:
+            return
+        version, credentials = self.certificates.current(time.monotonic())
+        if version == self._version:
+            return
+        self._version = version
+        old = self.channel
+        self._open(credentials)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(self.RETIRE_AFTER_S)
+        finally:
+            await channel.close()
 
     async def call(self, method: str, request, timeout: float):
+        self._follow_rotation()
         metadata = ((REQUEST_ID_KEY, current_request_id()),) if current_request_id() else None
         try:
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
@@ -107,6 +149,7 @@ class EncoderClient:
     async def serving(self, timeout: float) -> bool | None:
         """The encoder's grpc.health.v1 answer: True SERVING, False NOT_SERVING or unreachable,
         None when it did not answer in time (busy or hung: the caller decides)."""
+        self._follow_rotation()
         try:
             reply = await health_pb2_grpc.HealthStub(self.channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
@@ -120,6 +163,10 @@ class EncoderClient:
         return response.model
 
     async def close(self) -> None:
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await self.channel.close()
 
 
@@ -142,8 +189,8 @@ class VisionClient(EncoderClient):
     # default); the parts run concurrently and, with round_robin, on different replicas.
     CHUNK_BYTES = 16 << 20
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, certificates: ClientCertificateFiles | None = None) -> None:
+        super().__init__("vision", target, encoders_pb2_grpc.VisionEncoderServiceStub, max_message_bytes, certificates)
 
     async def embed(self, images: list[types_pb2.Image], timeout: float, priority: int) -> Embedded:
         """Image messages, passed through untouched -> embeddings, in order."""
@@ -154,7 +201,7 @@ class VisionClient(EncoderClient):
         ])
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
         if len({d.bundle_id for d in done}) != 1:
-            raise errors.Inconsistent("vision encoder replicas serve different bundles; refusing to mix them")
+            raise errors.BundleChanged("vision encoder replicas serve different bundles; retry shortly")
         vectors = np.concatenate([d.vectors for d in done])
         if len(vectors) != len(images):
             raise errors.MedvlmError(f"vision encoder returned {len(vectors)} embeddings for {len(images)} images")
@@ -162,8 +209,8 @@ class VisionClient(EncoderClient):
 
 
 class TextClient(EncoderClient):
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, certificates: ClientCertificateFiles | None = None) -> None:
+        super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes, certificates)
 
     async def embed(self, texts: list[str], timeout: float, priority: int) -> Embedded:
         request = types_pb2.EmbedTextsRequest(texts=texts, priority=convert.priority_enum(priority))

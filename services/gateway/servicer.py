@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 import numpy as np
@@ -15,6 +14,7 @@ from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput, 
 from services.common.interceptors import status_of
 from services.common.settings import Settings
 from services.common.texts import check_texts
+from services.common.tls import encoder_certificates
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.labelsets import LabelSet
 from services.gateway.sets import LabelSets
@@ -25,13 +25,10 @@ from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, SetScores
 log = structlog.get_logger("medvlm.gateway")
 
 
-async def verify_encoders(vision: VisionClient, text: TextClient) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
-    """Ask both encoders what they serve and require the same bundle and dimension.
-
-    Returns the verified identity and a ModelInfo carrying both engines. Raises
-    Inconsistent when they differ, and the clients' errors when one does not answer.
-    """
-    vision_info, text_info = await asyncio.gather(vision.model_info(5.0), text.model_info(5.0))
+def agreed_identity(vision_info: types_pb2.ModelInfo,
+                    text_info: types_pb2.ModelInfo) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """The identity both encoders serve and a ModelInfo carrying both engines; Inconsistent
+    when they serve different bundles or dimensions."""
     if (vision_info.bundle_id, vision_info.embed_dim) != (text_info.bundle_id, text_info.embed_dim):
         raise Inconsistent(
             f"encoders disagree: vision serves {vision_info.bundle_id} (dim {vision_info.embed_dim}), "
@@ -51,6 +48,13 @@ def text_tower(info: types_pb2.ModelInfo) -> str:
     engines = [e for e in info.engines if e.tower == types_pb2.TOWER_TEXT]
     engine = engines[0] if engines else types_pb2.EngineInfo()
     return f"{info.bundle_id}|{types_pb2.Precision.Name(engine.precision)}|{engine.engine}"
+
+
+async def verify_encoders(vision: VisionClient, text: TextClient,
+                          timeout: float = 5.0) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+    """Ask both encoders what they serve and require the same bundle and dimension (see
+    agreed_identity); the clients' errors when one does not answer."""
+    return agreed_identity(*await asyncio.gather(vision.model_info(timeout), text.model_info(timeout)))
 
 
 # How the gateway follows its vision encoder once serving: a grpc.health.v1 check every
@@ -74,11 +78,15 @@ class GatewayApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.admission_limit = settings.max_inflight
-        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes)
-        self.text = TextClient(settings.text_target, settings.max_message_bytes)
+        self.retained: list | None = [] if settings.fault_retain_requests else None
+        certificates = encoder_certificates(settings)
+        self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, certificates)
+        self.text = TextClient(settings.text_target, settings.max_message_bytes, certificates)
         self._core: ZeroShot | None = None
         self._info: types_pb2.ModelInfo | None = None
+        self._recheck = asyncio.Event()  # set when a reply named another bundle
         self.store: EmbeddingStore | None = None
+        self.sets: LabelSets | None = None
         self._text_verified = True
         self._sets_task: asyncio.Task[None] | None = None
 
@@ -86,13 +94,15 @@ class GatewayApp:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
 
     async def start(self) -> None:
-        """Wait, as long as it takes, until both encoders answer and agree; NOT_SERVING meanwhile."""
+        """Wait, as long as it takes, until both encoders answer and agree (or, with stored label
+        sets, the vision encoder alone: see _verify); NOT_SERVING meanwhile. Stored label sets are
+        ready before this returns."""
         if self.settings.data_dir:
             self.store = await asyncio.to_thread(EmbeddingStore, self.settings.data_dir)
         delay = 0.5
         while True:
             try:
-                identity, self._info = await self._verify()
+                identity, info = await self._verify()
                 break
             except MedvlmError as exc:
                 log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
@@ -100,15 +110,9 @@ class GatewayApp:
                 delay = min(delay * 2, self.settings.verify_retry_max_s)
         metrics.ENCODER_UP.labels("vision").set(1)
         metrics.ENCODER_UP.labels("text").set(int(self._text_verified))
-        core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
-                        self.settings.downstream_timeout_s, self.settings.label_cache_mb << 20)
-        core.sets = LabelSets(self.settings.label_sets_dir, self.store, identity.text_key, core.encode_prompts,
-                              self.settings.max_text_chars, self.settings.max_texts)
-        await core.sets.reload()
-        self._sets_task = asyncio.create_task(core.sets.watch(self.settings.label_sets_poll_s))
-        self._core = core
-        log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim,
-                 text_tower=identity.text_tower, text_verified=self._text_verified)
+        self._adopt(identity, info)
+        await self.sets.reload()
+        self._sets_task = asyncio.create_task(self.sets.watch(self.settings.label_sets_poll_s))
 
     async def _verify(self) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
         """Both encoders verified; or, with a data directory, the vision encoder alone when the
@@ -127,61 +131,89 @@ class GatewayApp:
             self._text_verified = False
             return ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale,
                                  remembered), vision_info
+        await self._text_confirmed(identity)
+        return identity, info
+
+    async def _text_confirmed(self, identity: ModelIdentity) -> None:
         self._text_verified = True
         if self.store is not None:
             await asyncio.to_thread(self.store.remember_text_tower, identity.bundle_id, identity.text_tower)
-        return identity, info
+
+    def _adopt(self, identity: ModelIdentity, info: types_pb2.ModelInfo) -> None:
+        """Serve this bundle from now on, with a text cache of its own (embeddings never mix);
+        label sets switch to the embeddings of its text tower (bundle, precision, engine)."""
+        self._info = info
+        core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
+                        self.settings.downstream_timeout_s, self.settings.label_cache_mb << 20,
+                        on_bundle_changed=self._recheck.set)
+        if self.sets is None:
+            self.sets = LabelSets(self.settings.label_sets_dir, self.store, identity.text_key, self._encode_prompts,
+                                  self.settings.max_text_chars, self.settings.max_texts)
+        else:
+            self.sets.use_text_tower(identity.text_key)
+        core.sets = self.sets
+        self._core = core
+        log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim,
+                 text_tower=identity.text_tower, text_verified=self._text_verified)
+
+    async def _encode_prompts(self, texts: list[str]):
+        return await self.core.encode_prompts(texts)
 
     async def watch(self, set_serving) -> None:
-        """Follow both encoders; report the vision encoder's state as the gateway's own."""
+        """Follow both encoders every CHECK_INTERVAL_S, and at once when a reply named another
+        bundle. SERVING while the vision encoder is up and the encoders agree on a bundle; when
+        they agree on a new one (a rollout), it is adopted without a restart."""
         up = {"vision": True, "text": self._text_verified}
         silent = {"vision": 0, "text": 0}
+        agree = serving = True
         while True:
-            await asyncio.sleep(CHECK_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self._recheck.wait(), CHECK_INTERVAL_S)
+            except TimeoutError:
+                pass
+            recheck = self._recheck.is_set() or not agree
+            self._recheck.clear()
             answers = await asyncio.gather(self.vision.serving(CHECK_TIMEOUT_S), self.text.serving(CHECK_TIMEOUT_S))
-            for (name, client), answer in zip((("vision", self.vision), ("text", self.text)), answers, strict=True):
+            for name, answer in zip(("vision", "text"), answers, strict=True):
                 silent[name] = silent[name] + 1 if answer is None else 0
                 now = up[name] and silent[name] < SILENT_CHECKS_DOWN if answer is None else answer
-                if now and not up[name]:
-                    now = await self._serves_our_bundle(client)
                 if now != up[name]:
                     up[name] = now
+                    recheck = recheck or now  # a recovered (or replaced) encoder may serve another bundle
                     metrics.ENCODER_UP.labels(name).set(int(now))
                     log.warning("encoder_down" if not now else "encoder_up", encoder=name)
-                    if name == "vision":
-                        await set_serving(now)
+            if recheck and up["vision"]:
+                agree = await self._reverify()
+            if (up["vision"] and agree) != serving:
+                serving = up["vision"] and agree
+                await set_serving(serving)
 
-    async def _serves_our_bundle(self, client) -> bool:
-        """A recovered (or replaced) encoder is used again only if it serves the verified bundle."""
+    async def _reverify(self) -> bool:
+        """Do the encoders (still) agree on a bundle? A new bundle is adopted only when both
+        confirm it; with the text encoder unreachable, the vision encoder must serve ours."""
         try:
-            info = await client.model_info(CHECK_TIMEOUT_S)
+            vision_info = await self.vision.model_info(CHECK_TIMEOUT_S)
         except MedvlmError:
             return False
-        same = (info.bundle_id, info.embed_dim) == (self.core.model.bundle_id, self.core.model.embed_dim)
-        if not same:
-            log.error("encoder_bundle_changed", encoder=client.name, got=info.bundle_id,
-                      expected=self.core.model.bundle_id)
-        elif client is self.text:
-            await self._text_answers(info)
-        return same
+        try:
+            text_info = await self.text.model_info(CHECK_TIMEOUT_S)
+        except MedvlmError:
+            return vision_info.bundle_id == self.core.model.bundle_id
+        try:
+            identity, info = agreed_identity(vision_info, text_info)
+        except Inconsistent as exc:
+            log.warning("encoders_disagree", reason=exc.message)
+            return False
+        if identity != self.core.model or not self._text_verified:
+            if identity.bundle_id != self.core.model.bundle_id:
+                log.warning("bundle_changed", old=self.core.model.bundle_id, new=identity.bundle_id)
+            await self._text_confirmed(identity)
+            self._adopt(identity, info)
+        return True
 
-    async def _text_answers(self, info: types_pb2.ModelInfo) -> None:
-        """A (re)verified text encoder of our bundle: key text embeddings by its tower from now on
-        (another precision or engine: the old embeddings are never used again)."""
-        core = self.core
-        tower = text_tower(info)
-        if tower != core.model.text_tower:
-            core.model = dataclasses.replace(core.model, text_tower=tower)
-            if core.sets is not None:
-                core.sets.use_text_tower(core.model.text_key)
-        if not self._text_verified:
-            self._text_verified = True
-            merged = types_pb2.ModelInfo()
-            merged.CopyFrom(self.info)
-            merged.engines.extend(e for e in info.engines if e.tower == types_pb2.TOWER_TEXT)
-            self._info = merged
-        if self.store is not None:
-            await asyncio.to_thread(self.store.remember_text_tower, info.bundle_id, tower)
+    def stalled(self) -> str | None:
+        """The gateway runs no engine: it is live while its event loop answers."""
+        return None
 
     @property
     def core(self) -> ZeroShot:
@@ -194,6 +226,9 @@ class GatewayApp:
         if self._info is None:
             raise NotReady("gateway has not verified its encoders yet; retry shortly")
         return self._info
+
+    def audit_fields(self) -> dict[str, str]:
+        return {"bundle_signer": self.info.signing_key_id}
 
     async def close(self) -> None:
         if self._sets_task is not None:
@@ -260,6 +295,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _classify(self, request, timeout: float) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
+        if self.app.retained is not None:
+            self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
         if not request.HasField("image"):
             raise InvalidInput("no image in the request")
         images = self.app.check_images([request.image])

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import structlog
 
 from services.common.batching import ROUTINE
-from services.common.errors import DeadlineExpired, Inconsistent, InvalidInput
+from services.common.errors import BundleChanged, DeadlineExpired, InvalidInput
 from services.common.logs import text_digest
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
@@ -96,8 +97,10 @@ class ZeroShot:
     """
 
     def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, max_chars: int,
-                 fill_timeout_s: float, cache_bytes: int = 64 << 20) -> None:
+                 fill_timeout_s: float, cache_bytes: int = 64 << 20,
+                 on_bundle_changed: Callable[[], None] = lambda: None) -> None:
         self.model = model
+        self.on_bundle_changed = on_bundle_changed
         self.vision = vision
         self.text = text
         self.max_chars = max_chars
@@ -109,14 +112,20 @@ class ZeroShot:
     def _check(self, result: Embedded, what: str) -> Embedded:
         if result.bundle_id != self.model.bundle_id:
             log.error("bundle_mismatch", encoder=what, got=result.bundle_id, expected=self.model.bundle_id)
-            raise Inconsistent(
+            self.on_bundle_changed()
+            raise BundleChanged(
                 f"{what} encoder serves bundle {result.bundle_id}, the gateway serves "
-                f"{self.model.bundle_id}; refusing to mix them"
+                f"{self.model.bundle_id}; refusing to mix them until the encoders agree; retry shortly"
             )
         return result
 
     async def embed_images(self, images: list, timeout: float, priority: int = ROUTINE) -> Embedded:
-        return self._check(await self.vision.embed(images, timeout, priority), "vision")
+        try:
+            embedded = await self.vision.embed(images, timeout, priority)
+        except BundleChanged:
+            self.on_bundle_changed()
+            raise
+        return self._check(embedded, "vision")
 
     async def embed_texts(self, labels: list[str], timeout: float, template: str = DEFAULT_TEMPLATE,
                           priority: int = ROUTINE) -> np.ndarray:

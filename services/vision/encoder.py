@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from engines.runtime.manifest import ImageSpec
-from services.vision.preprocess import DecodeLimits, decode_image, preprocess
+from services.vision.preprocess import DEFAULT_OPTIONS, DecodeLimits, ImageOptions, decode, preprocess
+from services.vision.dicom import DicomInfo
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """One image of a request: its bytes, declared format and options. `dicom` is filled in by
+    ImagePreparer.prepare() for a DICOM source, for the audit record."""
+
+    data: bytes
+    format: str | None
+    options: ImageOptions = DEFAULT_OPTIONS
+    dicom: DicomInfo | None = None
 
 
 class ImagePreparer:
@@ -15,13 +29,17 @@ class ImagePreparer:
         self.spec = spec
         self.limits = limits
 
-    def prepare(self, items: list[tuple[bytes, str | None]]) -> list[np.ndarray]:
-        """(bytes, declared format) pairs -> one [3, S, S] float32 per image; InvalidInput names
-        the bad one."""
-        return [
-            preprocess(decode_image(data, fmt, self.limits, label=f"image {i}"), self.spec)
-            for i, (data, fmt) in enumerate(items)
-        ]
+    def prepare(self, items: list[ImageInput] | list[tuple[bytes, str | None]]) -> list[np.ndarray]:
+        """Images (or (bytes, declared format) pairs) -> one [3, S, S] float32 per image;
+        InvalidInput names the bad one."""
+        rows = []
+        for i, item in enumerate(items):
+            if not isinstance(item, ImageInput):
+                item = ImageInput(*item)
+            decoded = decode(item.data, item.format, self.limits, item.options, label=f"image {i}")
+            item.dicom = decoded.dicom
+            rows.append(preprocess(decoded.image, self.spec))
+        return rows
 
     def collate(self, rows: list[np.ndarray]) -> np.ndarray:
         return np.stack(rows)  # [B, 3, S, S]

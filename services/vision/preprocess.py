@@ -1,4 +1,4 @@
-"""Safe decoding of PNG/JPEG bytes and the open_clip preprocessing of a bundle, with Pillow and numpy."""
+"""Safe decoding of PNG, JPEG and DICOM bytes, and the open_clip preprocessing of a bundle."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 
 from engines.runtime.manifest import ImageSpec
 from services.common.errors import InvalidInput
+from services.vision.dicom import DicomInfo, configure_pydicom, decode_dicom, looks_like_raw_dataset
+from services.vision.window import NO_WINDOW, WindowRequest, bit_depth_range, to_eight_bit
 
 PNG, JPEG, DICOM = "PNG", "JPEG", "DICOM"
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", PNG), (b"\xff\xd8\xff", JPEG))
@@ -26,12 +28,32 @@ class DecodeLimits:
     max_pixels: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+    """Per-image choices of the caller: the display window and, for multi-frame DICOM, the frame."""
+
+    window: WindowRequest = NO_WINDOW
+    frame: int | None = None
+
+
+DEFAULT_OPTIONS = ImageOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """A decoded image ready for preprocess(), and what the audit may say about a DICOM source."""
+
+    image: Image.Image
+    dicom: DicomInfo | None = None
+
+
 def configure_pillow(max_pixels: int) -> None:
-    """Process-wide Pillow guards, set once at start: our pixel limit, bomb warnings as errors,
-    truncated files refused."""
+    """Process-wide decoder guards, set once at start: our pixel limit, bomb warnings as errors,
+    truncated files refused; pydicom quiet (its messages can quote header values)."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     Image.LOAD_TRUNCATED_IMAGES = False
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+    configure_pydicom()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -44,23 +66,66 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, stated: str | None, limits: DecodeLimits, label: str = "image") -> Image.Image:
-    """Decode PNG or JPEG bytes into a loaded PIL image, refusing anything else or anything too big.
-
-    `stated` is the format the caller declared (None: detect). Error messages name the
-    problem and `label` (e.g. "image 3"), never the content.
-    """
+def _detect(data: bytes, stated: str | None, limits: DecodeLimits, label: str) -> str:
+    """The format of the bytes after the checks every format shares: not empty, not too large,
+    a known signature that agrees with the declared format."""
     if not data:
         raise InvalidInput(f"{label}: empty image data")
     if len(data) > limits.max_bytes:
         raise InvalidInput(f"{label}: {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     detected = sniff_format(data)
-    if detected == DICOM:
-        raise InvalidInput(f"{label}: DICOM is not accepted by this server; send PNG or JPEG")
+    if detected is None and looks_like_raw_dataset(data):
+        raise InvalidInput(
+            f"{label}: looks like a DICOM dataset without the 128-byte preamble and 'DICM' prefix; "
+            "send a DICOM Part-10 file"
+        )
     if detected is None:
-        raise InvalidInput(f"{label}: not a PNG or JPEG image (unrecognised file signature)")
+        raise InvalidInput(f"{label}: not a PNG or JPEG image or a DICOM file (unrecognised file signature)")
     if stated is not None and stated != detected:
         raise InvalidInput(f"{label}: declared format {stated} but the data is {detected}")
+    return detected
+
+
+def decode(data: bytes, stated: str | None, limits: DecodeLimits, options: ImageOptions = DEFAULT_OPTIONS,
+           label: str = "image") -> Decoded:
+    """Decode PNG, JPEG or DICOM bytes into an image preprocess() takes, applying the caller's
+    window; greyscale of more than 8 bits always comes out windowed to 8 bits.
+
+    `stated` is the format the caller declared (None: detect). Error messages name the
+    problem and `label` (e.g. "image 3"), never the content.
+    """
+    detected = _detect(data, stated, limits, label)
+    if detected == DICOM:
+        image, info = decode_dicom(data, limits.max_pixels, options.window, options.frame, label)
+        return Decoded(image, info)
+    if options.frame:
+        raise InvalidInput(f"{label}: `frame` applies to multi-frame DICOM objects only")
+    return Decoded(to_display(decode_image(data, detected, limits, label), options.window, label))
+
+
+def to_display(img: Image.Image, request: WindowRequest, label: str = "image") -> Image.Image:
+    """Greyscale of more than 8 bits -> 8-bit "L" through the request's window or else its
+    bit depth's range (bit_depth_range); 8-bit greyscale through the request's window if one
+    is set; anything else as it is."""
+    if request.preset:
+        raise InvalidInput(f"{label}: window presets are in Hounsfield units and apply to DICOM CT only")
+    window = request.resolve()
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img)  # [H, W]
+        return Image.fromarray(to_eight_bit(values, window or bit_depth_range(values)))
+    if window is None:
+        return img
+    if img.mode not in ("L", "LA", "1"):
+        raise InvalidInput(f"{label}: a window applies to greyscale images only")
+    return Image.fromarray(to_eight_bit(np.asarray(img.convert("L")), window))
+
+
+def decode_image(data: bytes, stated: str | None, limits: DecodeLimits, label: str = "image") -> Image.Image:
+    """Decode PNG or JPEG bytes into a loaded PIL image as stored (16-bit greyscale stays
+    16-bit), refusing anything else or anything too big. DICOM goes through decode()."""
+    detected = _detect(data, stated, limits, label)
+    if detected == DICOM:
+        raise InvalidInput(f"{label}: DICOM must be decoded with its window and frame (decode())")
     try:
         img = Image.open(io.BytesIO(data), formats=[detected])
         width, height = img.size
@@ -80,24 +145,20 @@ def decode_image(data: bytes, stated: str | None, limits: DecodeLimits, label: s
     return img
 
 
-def _to_eight_bit(img: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit grayscale by keeping the high byte (full-range linear map)."""
-    arr = np.asarray(img, dtype=np.uint32)  # [H, W]
-    return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
-
-
 def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     """open_clip's eval transform for resize_mode "shortest": resize the shortest side to
     spec.size, centre crop, convert to RGB, scale to [0, 1], normalize -> [3, S, S] float32.
 
     The steps run in open_clip's order and with the same Pillow calls, so palette and RGBA
-    images come out as open_clip makes them. One deliberate difference: 16-bit grayscale is
-    first mapped to 8 bits (open_clip's RGB conversion would saturate it to white).
+    images come out as open_clip makes them. One deliberate difference: greyscale of more than
+    8 bits is first windowed to 8 bits by its bit depth's range (open_clip's RGB conversion would
+    saturate it to white); decode() has normally done that already, with the caller's window.
     """
     if spec.resize_mode != "shortest":
         raise ValueError(f"unsupported resize_mode {spec.resize_mode!r}")
     if img.mode in _SIXTEEN_BIT:
-        img = _to_eight_bit(img)
+        values = np.asarray(img)  # [H, W]
+        img = Image.fromarray(to_eight_bit(values, bit_depth_range(values)))
     size = spec.size
     width, height = img.size
     short, long = (width, height) if width <= height else (height, width)

@@ -3,24 +3,49 @@
 from __future__ import annotations
 
 import grpc
+import structlog
 
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.encoder import EncoderApp, LoadedTower
 from services.common.errors import InvalidInput
 from services.common.work import deadline_of
-from services.vision.encoder import ImagePreparer
-from services.vision.preprocess import JPEG, PNG, DecodeLimits, configure_pillow
+from services.vision.encoder import ImageInput, ImagePreparer
+from services.vision.preprocess import DICOM, JPEG, PNG, DecodeLimits, ImageOptions, configure_pillow
+from services.vision.window import WindowRequest, checked_window
 
 FORMATS = {
     types_pb2.IMAGE_FORMAT_UNSPECIFIED: None,
     types_pb2.IMAGE_FORMAT_PNG: PNG,
     types_pb2.IMAGE_FORMAT_JPEG: JPEG,
+    types_pb2.IMAGE_FORMAT_DICOM: DICOM,
+}
+PRESETS = {
+    types_pb2.WINDOW_PRESET_UNSPECIFIED: None,
+    types_pb2.WINDOW_PRESET_LUNG: "lung",
+    types_pb2.WINDOW_PRESET_MEDIASTINUM: "mediastinum",
+    types_pb2.WINDOW_PRESET_BONE: "bone",
+    types_pb2.WINDOW_PRESET_BRAIN: "brain",
+    types_pb2.WINDOW_PRESET_ABDOMEN: "abdomen",
 }
 
 
-def image_items(images, max_images: int) -> list[tuple[bytes, str | None]]:
-    """Image messages -> (bytes, declared format) pairs, checking count and format enum."""
+def image_options(image, label: str) -> ImageOptions:
+    """The window, preset and frame of one Image message, checked."""
+    if image.window_preset not in PRESETS:
+        raise InvalidInput(f"{label}: unsupported window preset value {image.window_preset}")
+    preset = PRESETS[image.window_preset]
+    window = None
+    if image.HasField("window"):
+        window = checked_window(image.window.center, image.window.width, label)
+    if window is not None and preset is not None:
+        raise InvalidInput(f"{label}: set either a window or a window preset, not both")
+    frame = image.frame if image.HasField("frame") else None
+    return ImageOptions(WindowRequest(window, preset), frame)
+
+
+def image_items(images, max_images: int) -> list[ImageInput]:
+    """Image messages -> ImageInputs, checking count, format enum, window and frame."""
     if not images:
         raise InvalidInput("no images in the request")
     if len(images) > max_images:
@@ -29,8 +54,21 @@ def image_items(images, max_images: int) -> list[tuple[bytes, str | None]]:
     for i, image in enumerate(images):
         if image.format not in FORMATS:
             raise InvalidInput(f"image {i}: unsupported format value {image.format}")
-        items.append((image.data, FORMATS[image.format]))
+        items.append(ImageInput(image.data, FORMATS[image.format], image_options(image, f"image {i}")))
     return items
+
+
+def bind_dicom_audit(items: list[ImageInput]) -> None:
+    """Add the DICOM facts that are not PHI (modality, transfer syntax, burned-in annotation
+    flag) to this call's audit record."""
+    infos = [item.dicom for item in items if item.dicom is not None]
+    if infos:
+        structlog.contextvars.bind_contextvars(
+            dicom_modality=[info.modality for info in infos],
+            dicom_transfer_syntax=[info.transfer_syntax for info in infos],
+            dicom_burned_in_annotation=[info.burned_in_annotation for info in infos],
+            dicom_window=[info.window_source for info in infos],
+        )
 
 
 class VisionApp(EncoderApp):
@@ -61,7 +99,8 @@ class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
         loaded = self.app.loaded
         items = image_items(request.images, self.app.settings.max_images)
         vectors = await self.app.embed(items, convert.priority(request.priority), deadline_of(context))
-        digests = [convert.sha256_hex(data) for data, _ in items]
+        bind_dicom_audit(items)
+        digests = [convert.sha256_hex(item.data) for item in items]
         return types_pb2.EmbedImagesResponse(
             embeddings=convert.embeddings(vectors, digests), bundle_id=loaded.bundle.bundle_id
         )

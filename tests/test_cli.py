@@ -1,0 +1,242 @@
+"""The `medvlm` command against the real local stack: batch with resume, bad files, evaluate, README examples."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, start_stack
+from medvlm.client.cli import build_parser, main
+
+SAMPLES = ROOT / "samples"
+ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+       "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+async def demo_stack(demo_bundle):
+    stack = await start_stack(demo_bundle)
+    yield stack
+    await stack.stop()
+
+
+def target(stack) -> str:
+    return f"127.0.0.1:{stack.gateway.port}"
+
+
+async def medvlm(stack, *args: str, cwd: Path = ROOT, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the command in its own process against `stack` (target from MEDVLM_TARGET)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "medvlm.client", *args, cwd=cwd, env={**ENV, "MEDVLM_TARGET": target(stack)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_pngs(folder: Path, count: int, start: int = 0) -> list[Path]:
+    """Distinct small PNGs spread over nested folders."""
+    paths = []
+    for i in range(start, start + count):
+        rng = np.random.default_rng(i)
+        path = folder / f"site{i % 3}" / f"study{i // 50:03d}" / f"img{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_entry_point_names_main():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["medvlm"].partition(":")
+    assert (module, attr) == ("medvlm.client.cli", "main")
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(subcommands) == {"classify", "similarity", "embed", "info", "health", "batch", "evaluate"}
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["classify", "x.png"])  # neither --labels nor --label-set
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["health", "--token", "t"])  # a token without TLS
+    assert exited.value.code == 2 and "TLS" in capsys.readouterr().err
+
+
+async def test_classify_json_and_errors_name_the_file(demo_stack, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    code, out, err = await medvlm(
+        demo_stack, "classify", str(SAMPLES / "chest_left_effusion.png"), str(SAMPLES / "chest_cardiomegaly.png"),
+        str(notes), "--labels", "normal chest radiograph", "left pleural effusion", "cardiomegaly", "--json")
+    assert code == 1
+    reply = json.loads(out)
+    assert [r["top"][0]["label"] for r in reply["results"]] == ["left pleural effusion", "cardiomegaly"]
+    assert reply["failed"] == [{"file": str(notes), "code": "UNRECOGNIZED_FILE",
+                                "message": reply["failed"][0]["message"]}]
+    assert f"{notes}: UNRECOGNIZED_FILE" in err
+
+
+async def test_batch_1000_killed_halfway_resumes_without_recomputing(demo_stack, tmp_path):
+    folder, out = tmp_path / "studies", tmp_path / "results.csv"
+    write_pngs(folder, 1000)
+    args = ["batch", str(folder), "--out", str(out), "--labels", "normal chest radiograph", "cardiomegaly",
+            "--no-progress", "--json"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "medvlm.client", *args, cwd=ROOT, env={**ENV, "MEDVLM_TARGET": target(demo_stack)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(6000):  # bounded polling of the output, up to 5 minutes
+            if out.exists() and out.read_bytes().count(b"\n") > 400:
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        await proc.wait()
+    first = out.read_text()
+    complete = [line for line in first.splitlines(keepends=True)[1:] if line.endswith("\n")]
+    assert 400 <= len(complete) < 1000, "the first run was not killed halfway"
+
+    code, stdout, _ = await medvlm(demo_stack, *args)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["failed"] == [] and summary["not_processed"] == 0
+    rows = csv_rows(out)
+    finished_first = {row["path"] for row in csv.DictReader(io.StringIO(first.splitlines(keepends=True)[0] +
+                                                                       "".join(complete)))}
+    assert summary["skipped"] == len(finished_first)
+    assert summary["classified"] == 1000 - len(finished_first)
+    assert len(rows) == 1000 and len({r["path"] for r in rows}) == 1000  # each item once
+    assert all(r["status"] == "ok" and r["label"] for r in rows)
+    # the finished rows were kept as written, not recomputed
+    assert out.read_text().startswith("".join(first.splitlines(keepends=True)[:1] + complete))
+
+    code, stdout, _ = await medvlm(demo_stack, *args)
+    assert code == 0 and json.loads(stdout)["skipped"] == 1000 and json.loads(stdout)["classified"] == 0
+
+
+async def test_batch_lists_bad_files_and_fails(demo_stack, tmp_path):
+    from test_client import dicom_bytes
+
+    folder = tmp_path / "mixed"
+    good = write_pngs(folder, 3)
+    (folder / "corrupt.png").write_bytes(good[0].read_bytes()[:80])
+    (folder / "nopixels.dcm").write_bytes(dicom_bytes(tmp_path, with_pixels=False))
+    (folder / "readme.txt").write_text("referral letter")
+    out = tmp_path / "results.jsonl"
+    code, stdout, err = await medvlm(demo_stack, "batch", str(folder), "--out", str(out), "--labels",
+                                     "normal chest radiograph", "cardiomegaly", "--no-progress", "--json")
+    assert code == 1
+    summary = json.loads(stdout)
+    failed = {f["path"]: f for f in summary["failed"]}
+    assert set(failed) == {"corrupt.png", "nopixels.dcm", "readme.txt"} and summary["classified"] == 3
+    assert failed["readme.txt"]["code"] == "UNRECOGNIZED_FILE"
+    assert failed["corrupt.png"]["code"] == "INVALID_ARGUMENT" and failed["corrupt.png"]["message"]
+    assert failed["nopixels.dcm"]["code"] == "INVALID_ARGUMENT" and failed["nopixels.dcm"]["message"]
+    for name in failed:
+        assert f"medvlm: {name}: " in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["status"] for r in records) == ["failed"] * 3 + ["ok"] * 3
+    assert "CANARY" not in stdout + err + out.read_text()  # DICOM header values never come back
+
+
+async def test_evaluate_reproduces_bench_accuracy(demo_stack, tmp_path):
+    """`medvlm evaluate` on the generator's held-out set (a small slice of bench.accuracy's) gives
+    the top-1 of bench.accuracy's own ClassifyStream loop within 0.5 points, and writes the report."""
+    from bench import accuracy
+    from engines.build import synthetic
+    from medvlm.v1 import gateway_pb2_grpc
+
+    per_class = 2
+    heldout = tmp_path / "heldout"
+    synthetic.write_samples(heldout, accuracy.EVAL_SEED, per_class, by_class=True)
+    images, labels = synthetic.generate(accuracy.EVAL_SEED, per_class * synthetic.NUM_CLASSES)
+
+    def bench_top1() -> float:
+        with grpc.insecure_channel(target(demo_stack)) as channel:
+            predictions = accuracy.classify_all(gateway_pb2_grpc.GatewayServiceStub(channel), images, "{}")
+        return 100 * float((predictions == labels).mean())
+
+    expected = await asyncio.to_thread(bench_top1)
+    report = tmp_path / "report"
+    code, stdout, err = await medvlm(demo_stack, "evaluate", str(heldout), "--out", str(report),
+                                     "--bootstrap", "50", "--json")
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert abs(100 * metrics["accuracy"]["value"] - expected) <= 0.5
+    assert metrics["images"] == metrics["answered"] == per_class * synthetic.NUM_CLASSES
+    assert [c["class"] for c in metrics["classes"]] == sorted(synthetic.CLASS_LABELS)
+    for row in metrics["classes"]:
+        for key in ("sensitivity", "specificity", "ppv", "npv", "auc"):
+            assert row[key]["value"] is not None and row[key]["ci95_low"] <= row[key]["value"] + 1e-9
+    assert np.array(metrics["confusion"]).sum() == metrics["answered"]
+    assert metrics["bundle_ids"] == [metrics["model"]["bundle_id"]]
+    markdown = (report / "report.md").read_text()
+    for needle in ("Sensitivity", "Specificity", "PPV", "NPV", "ROC AUC", "macro average",
+                   metrics["model"]["bundle_id"], "onnxruntime", "roc.png", "Not clinical"):
+        assert needle in markdown
+    assert "<table>" in (report / "report.html").read_text()
+    for png in ("roc.png", "confusion.png"):
+        assert (report / png).read_bytes().startswith(b"\x89PNG")
+
+
+async def test_readme_command_line_examples_run(demo_stack, tmp_path):
+    """Every command of the README's block, in a scratch folder that sees the repository's samples.
+    Two changes keep it short: 2 held-out images per class instead of 25, and 50 bootstrap resamples."""
+    (tmp_path / "samples").symlink_to(SAMPLES)
+    block = next(b for b in __import__("test_client").readme_blocks("Command line", "bash"))
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c]
+    assert commands[0][0] == "export" and commands[0][1].startswith("MEDVLM_TARGET=")
+    ran = []
+    for argv in commands[1:]:
+        if argv[0] == "medvlm":
+            if argv[1] == "evaluate":
+                argv = [*argv, "--bootstrap", "50"]
+            code, out, err = await medvlm(demo_stack, *argv[1:], cwd=tmp_path)
+        else:
+            argv = [a if a != "25" else "2" for a in argv]
+            assert argv[:3] == ["python", "-m", "engines.build.synthetic"]
+            proc = await asyncio.create_subprocess_exec(sys.executable, *argv[1:], cwd=tmp_path, env=ENV,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out_b, err_b = await asyncio.wait_for(proc.communicate(), 300)
+            code, out, err = proc.returncode, out_b.decode(), err_b.decode()
+        assert code == 0, f"{argv}: {err}"
+        ran.append((argv[1] if argv[0] == "medvlm" else "synthetic", out))
+    outputs = dict(ran)
+    assert list(outputs) == ["health", "info", "classify", "similarity", "embed", "batch", "synthetic", "evaluate"]
+    assert "SERVING" in outputs["health"] and "demo" in outputs["info"]
+    assert "left pleural effusion" in outputs["classify"]
+    assert json.loads(outputs["similarity"])["cosine"][0][0] > json.loads(outputs["similarity"])["cosine"][0][1]
+    assert len(json.loads(outputs["embed"])["embeddings"]) == 2
+    assert len(csv_rows(tmp_path / "results.csv")) == len(list(SAMPLES.iterdir()))
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "roc.png").exists()
+
+
+def test_label_sets_refused_before_anything_is_written(tmp_path, capsys):
+    from medvlm.v1 import gateway_pb2
+
+    if "label_set" in gateway_pb2.ClassifyRequest.DESCRIPTOR.fields_by_name:
+        pytest.skip("the contract has label sets now: the label set tests cover them")
+    out = tmp_path / "results.csv"
+    code = main(["batch", str(SAMPLES), "--out", str(out), "--label-set", "chest-findings@1",
+                 "--target", "127.0.0.1:1"])
+    assert code == 1 and not out.exists()
+    assert "NOT_SUPPORTED" in capsys.readouterr().err
