@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
-DATA_DIR = ROOT / ".cache" / "gateway"  # label set embeddings, kept across runs
+DATA_DIR = ROOT / ".cache" / "gateway"  # label set embeddings, kept across runs (one folder per gateway port)
 TLS_DIR = ROOT / ".cache" / "tls"
 GATEWAY_ID = "spiffe://medvlm.local/gateway"
 LOCAL_USER = "local-user"
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
                              "--vision-target", vision, "--text-target", text,
-                             "--label-sets-dir", str(LABEL_SETS), "--data-dir", str(DATA_DIR)],
+                             "--label-sets-dir", str(LABEL_SETS), "--data-dir", str(DATA_DIR / str(args.gateway_port))],
     }
     if tls is not None:
         for name in ("vision", "text"):
