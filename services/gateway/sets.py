@@ -17,7 +17,7 @@ import structlog
 from services.common import metrics
 from services.common.errors import DeadlineExpired, MedvlmError
 from services.gateway import labelsets
-from services.gateway.labelsets import Catalogue, LabelSet
+from services.gateway.labelsets import LabelSet
 from services.gateway.store import EmbeddingStore, index_key
 
 log = structlog.get_logger("medvlm.gateway")
