@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos bundle quantize quantize-openvino calibrate run test mutate smoke bench gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test mutate smoke bench bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,8 +39,16 @@ $(VENV)/.medvlm-installed: pyproject.toml gen/.stamp
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-lint-protos: $(VENV)/.installed  ## buf lint the contracts
+# The contract as last released, as a buf image committed in the repository (so the check needs no
+# git history): every change must be additive against it. Refresh it when a release ships.
+PROTO_BASELINE := protos/baseline/medvlm-v1.binpb
+
+lint-protos: $(VENV)/.installed  ## buf lint the contracts, and buf breaking against the released contract
 	$(VENV)/bin/buf lint protos
+	$(VENV)/bin/buf breaking protos --against $(PROTO_BASELINE)
+
+proto-baseline: $(VENV)/.installed  ## record the current contracts as the released baseline of buf breaking
+	$(VENV)/bin/buf build protos -o $(PROTO_BASELINE)
 
 bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir] [PRECISION=int8|fp16|int8,fp16] [CALIBRATION=dir])
 	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
@@ -90,6 +98,10 @@ $(VENV)/.bench-installed: requirements/bench.txt $(VENV)/.installed
 $(BENCH_TRITON)/.installed: bench/requirements-triton.txt
 	-test -x $(BENCH_TRITON)/bin/python || $(PYTHON) -m venv $(BENCH_TRITON)
 	-$(BENCH_TRITON)/bin/python -m pip install -q -r bench/requirements-triton.txt && touch $@
+
+bench-labelsets: protos  ## label set figures: p50 5,000 vs 10 labels, memory with 50,000, accuracy with ensembles, exact vs HNSW search (a few minutes)
+	test -n "$$(ls -d $(BUNDLES)/demo-*/ 2>/dev/null)" || $(PY) -m engines.build --model demo --out $(BUNDLES)
+	$(PY) -m bench.labelsets
 
 GPU_CHECK_ARGS ?=
 GPU_PYTHON ?= $(PY)

@@ -23,14 +23,12 @@ from engines.runtime.calibration import CALIBRATION_NAME, Calibration, Calibrati
 from engines.runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
+LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
+DATA_DIR = ROOT / ".cache" / "gateway"  # label set embeddings, kept across runs (one folder per gateway port)
 TLS_DIR = ROOT / ".cache" / "tls"
 GATEWAY_ID = "spiffe://medvlm.local/gateway"
 LOCAL_USER = "local-user"
 TOKEN_ISSUER = "https://medvlm.local/issuer"
-SAMPLE_LABELS = {
-    "chest": ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
-              "pneumothorax", "lobar consolidation"],
-}
 
 
 def find_bundle(bundles: Path, model: str) -> Path | None:
@@ -137,8 +135,8 @@ def grpcurl_line(target: str, sample: Path | None, security: str = "-plaintext")
     exe = str(grpcurl.relative_to(ROOT)) if grpcurl.exists() else "grpcurl"
     if sample is None:
         return f"{exe} {security} {target} medvlm.v1.GatewayService/GetModelInfo"
-    labels = ", ".join(f'\\"{label}\\"' for label in SAMPLE_LABELS["chest"])
-    body = f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, \\"labels\\": [{labels}]}}'
+    body = (f'{{\\"image\\": {{\\"data\\": \\"$(base64 -w0 {shlex.quote(str(sample.relative_to(ROOT)))})\\"}}, '
+            f'\\"labelSet\\": \\"chest-findings\\", \\"topK\\": 2}}')
     return f'{exe} {security} -d "{body}" {target} medvlm.v1.GatewayService/Classify'
 
 
@@ -194,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "vision": python + ["services.vision", "--host", args.host, "--port", str(args.vision_port), "--bundle", str(bundle)],
         "text": python + ["services.text", "--host", args.host, "--port", str(args.text_port), "--bundle", str(bundle)],
         "gateway": python + ["services.gateway", "--host", args.host, "--port", str(args.gateway_port),
-                             "--vision-target", vision, "--text-target", text]
+                             "--vision-target", vision, "--text-target", text,
+                             "--label-sets-dir", str(LABEL_SETS), "--data-dir", str(DATA_DIR / str(args.gateway_port))]
                    + (["--calibration", str(calibration)] if calibration else []),
         "web": python + ["medvlm.web", "--host", args.host, "--port", str(args.web_port),
                          "--target", gateway],

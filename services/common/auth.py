@@ -41,6 +41,9 @@ ROLE_OF: dict[str, str] = {
     _GATEWAY + "EmbedImages": EMBED,
     _GATEWAY + "EmbedTexts": EMBED,
     _GATEWAY + "GetModelInfo": ANY,
+    # Reading the served vocabularies is part of classifying with them.
+    _GATEWAY + "ListLabelSets": CLASSIFY,
+    _GATEWAY + "GetLabelSet": CLASSIFY,
     # The encoders are reached only by the gateway, whose certificate --allowed-clients names.
     "/medvlm.v1.VisionEncoderService/EmbedImages": ANY,
     "/medvlm.v1.VisionEncoderService/GetModelInfo": ANY,

@@ -45,3 +45,21 @@ def serve_metrics(host: str, port: int) -> int:
     addr = "::" if host in ("[::]", "::") else host
     server, _thread = start_http_server(port, addr=addr)
     return server.server_port
+
+# Gateway label embeddings: cache "adhoc" (labels sent in requests) or a label set "name@version".
+LABEL_CACHE = Counter(
+    "medvlm_label_cache_total",
+    "Gateway label-embedding lookups by cache: hit (ready) or miss (had to be encoded)", ["cache", "result"],
+)
+LABEL_CACHE_ENTRIES = Gauge("medvlm_label_cache_entries", "Gateway label embeddings held, by cache", ["cache"])
+LABEL_CACHE_BYTES = Gauge("medvlm_label_cache_bytes", "Gateway memory of label embeddings, by cache", ["cache"])
+LABEL_CACHE_EVICTIONS = Counter(
+    "medvlm_label_cache_evictions_total", "Gateway label embeddings evicted (least recently used)", ["cache"]
+)
+LABEL_SET_LOADS = Counter(
+    "medvlm_label_set_loads_total",
+    "Gateway label set embeddings made ready, by source: disk (stored) or encoder (computed)", ["source"],
+)
+LABEL_SET_FILES_REFUSED = Gauge(
+    "medvlm_label_set_files_refused", "Gateway label set files refused at the last reading of the directory"
+)

@@ -196,6 +196,33 @@ class Settings:
         "Higher keeps the encoders busier, lower bounds memory per stream.",
         (GATEWAY,),
     )
+    label_sets_dir: str = _opt(
+        "",
+        "Directory of label set files (YAML or JSON, one set each; a ConfigMap mount on "
+        "Kubernetes). Read at start and whenever it changes. Empty: no label sets, only labels "
+        "sent in requests.",
+        (GATEWAY,),
+    )
+    label_sets_poll_s: float = _opt(
+        5.0,
+        "How often the label set directory is checked for changes, in seconds. Shorter picks up "
+        "a new version sooner; each check only stats the files.",
+        (GATEWAY,),
+    )
+    data_dir: str = _opt(
+        "",
+        "Directory where label set embeddings are kept (FAISS index files and SQLite metadata), "
+        "one gateway process per directory, so a restart serves them without the text encoder. "
+        "Empty: kept in memory only and recomputed at every start.",
+        (GATEWAY,),
+    )
+    label_cache_mb: int = _opt(
+        64,
+        "Memory bound of the cache of labels sent in requests, in MiB (about 1,300 labels per "
+        "MiB at 128 dimensions, 450 at 512); the least recently used are evicted "
+        "beyond it. Larger saves text-encoder calls for varied labels.",
+        (GATEWAY,),
+    )
     fault_retain_requests: bool = _opt(
         False,
         "Test only: the gateway keeps every Classify request in memory, a deliberate leak that "

@@ -1,55 +1,93 @@
-"""Text-embedding cache: a FAISS index keyed by (bundle id, prompt template, text)."""
+"""Ad hoc text-embedding cache: labels sent in requests, bounded, least recently used evicted first."""
 
 from __future__ import annotations
 
-import faiss
+import collections
+
 import numpy as np
 
 from services.common import metrics
 
-CacheKey = tuple[str, str, str]  # (bundle_id, template, text)
+CacheKey = tuple[str, str, str]  # (text tower: bundle id, precision, engine; template; text)
+
+# Bookkeeping per entry besides its vector: the key tuple and its strings, the dict slot.
+ENTRY_OVERHEAD_BYTES = 256
 
 
 class TextEmbeddingCache:
-    """Unit-length text embeddings in an exact inner-product FAISS index.
+    """Unit-length text embeddings of ad hoc labels, at most `max_bytes` of them.
 
-    Keys include the bundle id, so embeddings of different bundles never mix; the
-    index also answers nearest-text queries (inner product = cosine for unit vectors).
+    Vectors live in one float32 slab that grows by doubling up to the bound; the least recently
+    used entry gives up its row when the cache is full. Keys include the text tower, so
+    embeddings of another bundle or precision never match.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, max_bytes: int = 64 << 20, name: str = "adhoc") -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._ids: dict[CacheKey, int] = {}
+        self.name = name
+        self.entry_bytes = 4 * dim + ENTRY_OVERHEAD_BYTES
+        self.capacity = max(1, max_bytes // self.entry_bytes)
+        self._slab = np.empty((min(self.capacity, 1024), dim), dtype=np.float32)  # [rows, D]
+        self._rows: collections.OrderedDict[CacheKey, int] = collections.OrderedDict()
+        self._free: list[int] = list(range(len(self._slab) - 1, -1, -1))
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+        self._lookups = {r: metrics.LABEL_CACHE.labels(name, r) for r in ("hit", "miss")}
+        self._evicted = metrics.LABEL_CACHE_EVICTIONS.labels(name)
+        self._publish()
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._rows)
 
     def __contains__(self, key: CacheKey) -> bool:
-        return key in self._ids
+        return key in self._rows
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds: its slab plus the bookkeeping of its entries."""
+        return self._slab.nbytes + ENTRY_OVERHEAD_BYTES * len(self._rows)
 
     def get(self, keys: list[CacheKey], count: bool = True) -> list[np.ndarray | None]:
-        """The cached vector of each key, or None; counts hits and misses unless told not to."""
+        """The cached vector of each key (a copy), or None; counts hits and misses unless told not to."""
         out: list[np.ndarray | None] = []
         for key in keys:
-            ident = self._ids.get(key)
+            row = self._rows.get(key)
+            if row is not None:
+                self._rows.move_to_end(key)
             if count:
-                self.hits += ident is not None
-                self.misses += ident is None
-                metrics.TEXT_CACHE.labels("miss" if ident is None else "hit").inc()
-            out.append(None if ident is None else self._index.reconstruct(ident))
+                result = "miss" if row is None else "hit"
+                self.hits += row is not None
+                self.misses += row is None
+                metrics.TEXT_CACHE.labels(result).inc()
+                self._lookups[result].inc()
+            out.append(None if row is None else self._slab[row].copy())
         return out
 
     def put(self, keys: list[CacheKey], vectors: np.ndarray) -> None:
-        """Add [N, D] vectors under their keys (keys already present are left as they are)."""
-        new = [(k, v) for k, v in zip(keys, vectors, strict=True) if k not in self._ids]
-        if not new:
-            return
-        start = len(self._ids)
-        ids = np.arange(start, start + len(new), dtype=np.int64)
-        block = np.ascontiguousarray(np.stack([v for _, v in new]), dtype=np.float32)  # [M, D]
-        self._index.add_with_ids(block, ids)
-        for (key, _), ident in zip(new, ids, strict=True):
-            self._ids[key] = int(ident)
+        """Add [N, D] vectors under their keys (keys already present keep their vector), evicting
+        the least recently used entries beyond the bound."""
+        for key, vector in zip(keys, vectors, strict=True):
+            if key in self._rows:
+                continue
+            self._rows[key] = row = self._take_row()
+            self._slab[row] = vector
+        self._publish()
+
+    def _take_row(self) -> int:
+        if not self._free and len(self._slab) < self.capacity:
+            grown = min(self.capacity, 2 * len(self._slab))
+            slab = np.empty((grown, self.dim), dtype=np.float32)
+            slab[: len(self._slab)] = self._slab
+            self._free = list(range(grown - 1, len(self._slab) - 1, -1))
+            self._slab = slab
+        if not self._free:
+            _, row = self._rows.popitem(last=False)
+            self.evictions += 1
+            self._evicted.inc()
+            return row
+        return self._free.pop()
+
+    def _publish(self) -> None:
+        metrics.LABEL_CACHE_ENTRIES.labels(self.name).set(len(self._rows))
+        metrics.LABEL_CACHE_BYTES.labels(self.name).set(self.nbytes)

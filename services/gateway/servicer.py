@@ -16,9 +16,12 @@ from services.common.settings import Settings
 from services.common.texts import check_texts
 from services.common.tls import encoder_certificates
 from services.gateway.clients import TextClient, VisionClient
+from services.gateway.labelsets import LabelSet
+from services.gateway.sets import LabelSets
+from services.gateway.store import EmbeddingStore
 from services.gateway.stream import map_unordered
 from services.gateway.trust import Trust, Verdict
-from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, ZeroShot
+from services.gateway.zeroshot import DEFAULT_TEMPLATE, ModelIdentity, SetScores, ZeroShot
 
 log = structlog.get_logger("medvlm.gateway")
 
@@ -35,7 +38,17 @@ def agreed_identity(vision_info: types_pb2.ModelInfo,
     info = types_pb2.ModelInfo()
     info.CopyFrom(vision_info)
     info.engines.extend(text_info.engines)
-    return ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale), info
+    identity = ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale,
+                             text_tower(text_info))
+    return identity, info
+
+
+def text_tower(info: types_pb2.ModelInfo) -> str:
+    """"bundle id|precision|engine" of the text tower a ModelInfo describes: what text embeddings
+    are keyed by, in memory and on disk."""
+    engines = [e for e in info.engines if e.tower == types_pb2.TOWER_TEXT]
+    engine = engines[0] if engines else types_pb2.EngineInfo()
+    return f"{info.bundle_id}|{types_pb2.Precision.Name(engine.precision)}|{engine.engine}"
 
 
 async def verify_encoders(vision: VisionClient, text: TextClient,
@@ -74,40 +87,87 @@ class GatewayApp:
         self._info: types_pb2.ModelInfo | None = None
         self._recheck = asyncio.Event()  # set when a reply named another bundle
         self.trust: Trust | None = None  # the bundle's calibration, when --calibration names one
+        self.store: EmbeddingStore | None = None
+        self.sets: LabelSets | None = None
+        self._text_verified = True
+        self._sets_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
 
     async def start(self) -> None:
-        """Wait, as long as it takes, until both encoders answer and agree; NOT_SERVING meanwhile."""
+        """Wait, as long as it takes, until both encoders answer and agree (or, with stored label
+        sets, the vision encoder alone: see _verify); NOT_SERVING meanwhile. Stored label sets are
+        ready before this returns."""
+        if self.settings.data_dir:
+            self.store = await asyncio.to_thread(EmbeddingStore, self.settings.data_dir)
         delay = 0.5
         while True:
             try:
-                identity, info = await verify_encoders(self.vision, self.text)
+                identity, info = await self._verify()
                 self._adopt(identity, info)
                 break
             except MedvlmError as exc:
                 log.warning("encoders_not_verified", reason=exc.message, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.verify_retry_max_s)
-        for name in ("vision", "text"):
-            metrics.ENCODER_UP.labels(name).set(1)
+        metrics.ENCODER_UP.labels("vision").set(1)
+        metrics.ENCODER_UP.labels("text").set(int(self._text_verified))
+        await self.sets.reload()
+        self._sets_task = asyncio.create_task(self.sets.watch(self.settings.label_sets_poll_s))
+
+    async def _verify(self) -> tuple[ModelIdentity, types_pb2.ModelInfo]:
+        """Both encoders verified; or, with a data directory, the vision encoder alone when the
+        text encoder does not answer but a text tower was verified for its bundle before (label
+        sets are then served from disk; the text tower is checked again once it answers)."""
+        try:
+            identity, info = await verify_encoders(self.vision, self.text)
+        except MedvlmError as exc:
+            if self.store is None or isinstance(exc, Inconsistent):
+                raise
+            vision_info = await self.vision.model_info(5.0)
+            remembered = await asyncio.to_thread(self.store.text_tower, vision_info.bundle_id)
+            if remembered is None:
+                raise
+            log.warning("text_encoder_unverified", reason=exc.message, assumed_text_tower=remembered)
+            self._text_verified = False
+            return ModelIdentity(vision_info.bundle_id, vision_info.embed_dim, vision_info.logit_scale,
+                                 remembered), vision_info
+        await self._text_confirmed(identity)
+        return identity, info
+
+    async def _text_confirmed(self, identity: ModelIdentity) -> None:
+        self._text_verified = True
+        if self.store is not None:
+            await asyncio.to_thread(self.store.remember_text_tower, identity.bundle_id, identity.text_tower)
 
     def _adopt(self, identity: ModelIdentity, info: types_pb2.ModelInfo) -> None:
-        """Serve this bundle from now on, with a text cache of its own (embeddings never mix).
+        """Serve this bundle from now on, with a text cache of its own (embeddings never mix);
+        label sets switch to the embeddings of its text tower (bundle, precision, engine).
         Inconsistent, and nothing changes, when --calibration was made for another bundle."""
         trust = Trust.load(self.settings.calibration, identity.bundle_id) if self.settings.calibration else None
-        self.trust, self._info = trust, info
-        self._core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
-                              self.settings.downstream_timeout_s, on_bundle_changed=self._recheck.set)
+        core = ZeroShot(identity, self.vision, self.text, self.settings.max_text_chars,
+                        self.settings.downstream_timeout_s, self.settings.label_cache_mb << 20,
+                        on_bundle_changed=self._recheck.set)
+        if self.sets is None:
+            self.sets = LabelSets(self.settings.label_sets_dir, self.store, identity.text_key, self._encode_prompts,
+                                  self.settings.max_text_chars, self.settings.max_texts)
+        else:
+            self.sets.use_text_tower(identity.text_key)
+        core.sets = self.sets
+        self.trust, self._info, self._core = trust, info, core
         log.info("encoders_verified", bundle_id=identity.bundle_id, embed_dim=identity.embed_dim,
-                 calibration=self.trust.calibration.calibration_id if self.trust else None)
+                 text_tower=identity.text_tower, text_verified=self._text_verified,
+                 calibration=trust.calibration.calibration_id if trust else None)
+
+    async def _encode_prompts(self, texts: list[str]):
+        return await self.core.encode_prompts(texts)
 
     async def watch(self, set_serving) -> None:
         """Follow both encoders every CHECK_INTERVAL_S, and at once when a reply named another
         bundle. SERVING while the vision encoder is up and the encoders agree on a bundle; when
         they agree on a new one (a rollout), it is adopted without a restart."""
-        up = {"vision": True, "text": True}
+        up = {"vision": True, "text": self._text_verified}
         silent = {"vision": 0, "text": 0}
         agree = serving = True
         while True:
@@ -148,13 +208,15 @@ class GatewayApp:
         except Inconsistent as exc:
             log.warning("encoders_disagree", reason=exc.message)
             return False
-        if identity != self.core.model:
-            log.warning("bundle_changed", old=self.core.model.bundle_id, new=identity.bundle_id)
+        if identity != self.core.model or not self._text_verified:
+            if identity.bundle_id != self.core.model.bundle_id:
+                log.warning("bundle_changed", old=self.core.model.bundle_id, new=identity.bundle_id)
             try:
                 self._adopt(identity, info)
             except Inconsistent as exc:  # the calibration file is the old bundle's: not served
                 log.error("bundle_not_adopted", reason=exc.message)
                 return False
+            await self._text_confirmed(identity)
         return True
 
     def stalled(self) -> str | None:
@@ -177,7 +239,11 @@ class GatewayApp:
         return {"bundle_signer": self.info.signing_key_id}
 
     async def close(self) -> None:
+        if self._sets_task is not None:
+            self._sets_task.cancel()
         await asyncio.gather(self.vision.close(), self.text.close())
+        if self.store is not None:
+            self.store.close()
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """Budget for downstream calls: the caller's remaining time, capped by the setting."""
@@ -226,6 +292,25 @@ def _add_trust(response: gateway_pb2.ClassifyResponse, verdict: Verdict | None) 
     return response
 
 
+def _set_response(found: SetScores, bundle_id: str) -> gateway_pb2.ClassifyResponse:
+    labels = found.label_set.labels
+    top = [
+        gateway_pb2.LabelScore(label=labels[i].name, index=int(i), probability=float(p), cosine=float(c),
+                               code=labels[i].code)
+        for i, c, p in zip(found.indexes, found.cosine, found.probabilities, strict=True)
+    ]
+    return gateway_pb2.ClassifyResponse(top=top, bundle_id=bundle_id, image_sha256=found.image_digest,
+                                        label_set=found.label_set.ref)
+
+
+def _summary(label_set: LabelSet, ready: bool) -> gateway_pb2.LabelSetSummary:
+    return gateway_pb2.LabelSetSummary(
+        name=label_set.name, version=label_set.version, description=label_set.description,
+        label_count=len(label_set.labels), templates=label_set.templates, ready=ready,
+        content_sha256=label_set.content_sha256,
+    )
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Converts the public messages; ZeroShot does the work."""
 
@@ -242,6 +327,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not request.HasField("image"):
             raise InvalidInput("no image in the request")
         images = self.app.check_images([request.image])
+        if request.label_set:
+            if request.labels:
+                raise InvalidInput("send labels or a label_set, not both")
+            if request.template:
+                raise InvalidInput("a label set brings its own templates: leave template empty")
+            found = await core.classify_set(images, request.label_set, request.top_k, timeout,
+                                            convert.priority(request.priority))
+            verdict = self.app.trust and self.app.trust.judge(
+                found.every_cosine, found.image_vector, [label.name for label in found.label_set.labels], "",
+                core.model.logit_scale, scope=self.app.trust.calibration.scope_named(found.label_set.ref))
+            return _add_trust(_set_response(found, core.model.bundle_id), verdict)
         labels = check_texts(list(request.labels), self.app.settings, what="label", minimum=2)
         if len(set(labels)) != len(labels):
             raise InvalidInput("labels must be distinct")
@@ -265,9 +361,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             shared = gateway_pb2.ClassifyRequest()  # labels, template, top_k carried forward
             async for message in request_iterator:
                 request = message.request
-                if request.labels:
+                if request.labels or request.label_set:
                     shared = gateway_pb2.ClassifyRequest(
-                        labels=request.labels, template=request.template, top_k=request.top_k
+                        labels=request.labels, label_set=request.label_set, template=request.template,
+                        top_k=request.top_k,
                     )
                 else:
                     merged = gateway_pb2.ClassifyRequest()
@@ -323,3 +420,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return types_pb2.GetModelInfoResponse(model=self.app.info)
+
+    async def ListLabelSets(self, request, context):
+        sets = self.app.core.sets
+        return gateway_pb2.ListLabelSetsResponse(
+            label_sets=[_summary(s, sets.ready(ref)) for ref, s in sets.catalogue.sets.items()],
+            refused=[gateway_pb2.RefusedLabelSetFile(file=r.file, problem=r.problem) for r in sets.catalogue.refused],
+        )
+
+    async def GetLabelSet(self, request, context):
+        sets = self.app.core.sets
+        label_set = sets.catalogue.resolve(request.label_set)
+        return gateway_pb2.GetLabelSetResponse(
+            label_set=_summary(label_set, sets.ready(label_set.ref)),
+            labels=[gateway_pb2.Label(name=x.name, code=x.code, synonyms=x.synonyms) for x in label_set.labels],
+        )

@@ -17,6 +17,8 @@ from services.common.errors import BundleChanged, DeadlineExpired, InvalidInput
 from services.common.logs import text_digest
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
+from services.gateway.labelsets import LabelSet
+from services.gateway.sets import LabelSets
 
 log = structlog.get_logger("medvlm.gateway")
 
@@ -66,6 +68,26 @@ class ModelIdentity:
     bundle_id: str
     embed_dim: int
     logit_scale: float
+    # What computes text embeddings: "bundle id|precision|engine". Every stored or cached text
+    # embedding is keyed by it, so a bundle or precision change never reuses old ones.
+    text_tower: str = ""
+
+    @property
+    def text_key(self) -> str:
+        return self.text_tower or self.bundle_id
+
+
+@dataclasses.dataclass(frozen=True)
+class SetScores:
+    """The best labels of a label set for one image."""
+
+    label_set: LabelSet
+    indexes: np.ndarray  # [k] positions in the set, best first
+    cosine: np.ndarray  # [k]
+    probabilities: np.ndarray  # [k], softmax over every label of the set
+    image_digest: str
+    every_cosine: np.ndarray  # [N] every label of the set
+    image_vector: np.ndarray  # [D] unit-length image embedding
 
 
 class ZeroShot:
@@ -78,14 +100,16 @@ class ZeroShot:
     """
 
     def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, max_chars: int,
-                 fill_timeout_s: float, on_bundle_changed: Callable[[], None] = lambda: None) -> None:
+                 fill_timeout_s: float, cache_bytes: int = 64 << 20,
+                 on_bundle_changed: Callable[[], None] = lambda: None) -> None:
         self.model = model
         self.on_bundle_changed = on_bundle_changed
         self.vision = vision
         self.text = text
         self.max_chars = max_chars
         self.fill_timeout_s = fill_timeout_s
-        self.cache = TextEmbeddingCache(model.embed_dim)
+        self.cache = TextEmbeddingCache(model.embed_dim, cache_bytes)
+        self.sets: LabelSets | None = None
         self._pending: dict[CacheKey, asyncio.Task[dict[CacheKey, np.ndarray]]] = {}
 
     def _check(self, result: Embedded, what: str) -> Embedded:
@@ -110,7 +134,7 @@ class ZeroShot:
                           priority: int = ROUTINE) -> np.ndarray:
         """[N, D] unit-length embeddings of the labels with the template applied (a checked
         template), from the cache where possible."""
-        keys = [(self.model.bundle_id, template, label) for label in labels]
+        keys = [(self.model.text_key, template, label) for label in labels]
         found = self.cache.get(keys)
         missing = list(dict.fromkeys(k for k, v in zip(keys, found, strict=True) if v is None))
         if missing:
@@ -150,6 +174,31 @@ class ZeroShot:
                 del self._pending[k]
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter re-raises it itself
+
+    async def encode_prompts(self, texts: list[str]) -> np.ndarray:
+        """[N, D] embeddings of prompts, straight from the text encoder (routine priority), for
+        label sets, whose embeddings are kept apart from the ad hoc cache."""
+        result = self._check(await self.text.embed(texts, self.fill_timeout_s, ROUTINE), "text")
+        return result.vectors
+
+    async def classify_set(self, images: list, ref: str, top_k: int, timeout: float,
+                           priority: int = ROUTINE) -> SetScores:
+        """The top_k labels (0: all) of a served label set for one image, by exact FAISS search."""
+        if self.sets is None:
+            raise InvalidInput("unknown label set (see ListLabelSets)")
+        self.sets.catalogue.resolve(ref)  # an unknown set is refused before any encoder call
+        image_task = asyncio.ensure_future(self.embed_images(images, timeout, priority))
+        try:
+            found = await self.sets.embeddings(ref, timeout)
+        except BaseException:
+            image_task.cancel()
+            raise
+        embedded = await image_task
+        count = len(found.label_set.labels)
+        k = top_k if 0 < top_k <= count else count
+        indexes, cosine, probabilities, every = found.top(embedded.vectors[0], k, self.model.logit_scale)
+        return SetScores(found.label_set, indexes, cosine, probabilities, embedded.digests[0], every,
+                         embedded.vectors[0])
 
     async def scores(self, images: list, texts: list[str], template: str, timeout: float,
                      priority: int = ROUTINE) -> Scores:
