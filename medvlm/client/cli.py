@@ -62,8 +62,9 @@ def _window(text: str) -> Window:
 def _add_image_flags(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--window", type=_window, metavar="C,W",
-                       help="display window for greyscale images, center,width in the image's units "
-                            "(Hounsfield units for CT), overriding the file's own")
+                       help="display window for greyscale images: center,width in the image's units "
+                            "(Hounsfield units for CT), overriding the file's own; a negative center "
+                            "needs the = form, --window=-600,1500")
     which.add_argument("--window-preset", choices=WINDOW_PRESETS, metavar="NAME",
                        help=f"a named CT window (DICOM CT only): {', '.join(WINDOW_PRESETS)}")
     p.add_argument("--frame", type=int, metavar="N", help="frame of a multi-frame DICOM object, from 0")
