@@ -12,8 +12,9 @@ from typing import Union
 from medvlm.client._errors import UnreadableFile, UnrecognizedFile
 from medvlm.v1 import types_pb2
 
-ImageSource = Union[str, "os.PathLike[str]", bytes]
-"""An image as a path to a file or as the file's bytes (PNG, JPEG or DICOM Part 10)."""
+ImageSource = Union[str, "os.PathLike[str]", bytes, "LoadedImage"]
+"""An image as a path to a file, as the file's bytes (PNG, JPEG or DICOM Part 10), or as a
+LoadedImage (load_image's result, with its display window and frame)."""
 
 PNG, JPEG, DICOM = "png", "jpeg", "dicom"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,7 +106,7 @@ class LoadedImage:
         return image
 
 
-def load_image(source: ImageSource | LoadedImage, *, window: Window | None = None,
+def load_image(source: ImageSource, *, window: Window | None = None,
                window_preset: str | None = None, frame: int | None = None) -> LoadedImage:
     """Read an image from a path or take it from bytes, and recognise its type by content.
 

@@ -183,10 +183,10 @@ def render_preview(data: bytes, options: dict, settings: WebSettings, size: int)
     from services.vision.window import PRESETS, WindowRequest, checked_window
 
     window = options.get("window")
-    request = WindowRequest(checked_window(window.center, window.width, "image") if window else None,
-                            options.get("window_preset"))
     limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     try:
+        request = WindowRequest(checked_window(window.center, window.width, "image") if window else None,
+                                options.get("window_preset"))
         decoded = decode(data, None, limits, ImageOptions(request, options.get("frame")))
     except InvalidInput as exc:
         raise PageError("INVALID_ARGUMENT", str(exc)) from None
