@@ -80,6 +80,20 @@ def demo_bundle(tmp_path_factory) -> Path:
     return build("demo", tmp_path_factory.mktemp("bundles"))
 
 
+CALIBRATION_PER_CLASS = 12  # demo calibration images per class in tests (the shipped default is 40)
+
+
+@pytest.fixture(scope="session")
+def demo_calibration(demo_bundle, tmp_path_factory) -> Path:
+    """calibration.json of the demo bundle, fitted once per run on its generator's images."""
+    from engines.build.calibrate import calibrate, demo_images
+    from engines.runtime.bundle import load_bundle
+
+    bundle = load_bundle(demo_bundle)
+    calibration = calibrate(bundle, demo_images(bundle, per_class=CALIBRATION_PER_CLASS))
+    return calibration.write(tmp_path_factory.mktemp("calibration") / "calibration.json")
+
+
 def encoder_settings(service: str, bundle: Path, **overrides) -> Settings:
     values = dict(service=service, host="127.0.0.1", port=0, metrics_port=0, bundle=str(bundle), grace_s=2.0)
     values.update(overrides)

@@ -240,3 +240,105 @@ def test_label_sets_refused_before_anything_is_written(tmp_path, capsys):
                  "--target", "127.0.0.1:1"])
     assert code == 1 and not out.exists()
     assert "NOT_SUPPORTED" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+async def calibrated_stack(demo_bundle, demo_calibration):
+    stack = await start_stack(demo_bundle, calibration=str(demo_calibration))
+    yield stack
+    await stack.stop()
+
+
+CHEST = ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
+         "pneumothorax", "lobar consolidation"]
+
+
+async def test_classify_shows_abstain_first_calibrated_probabilities_and_the_calibration(
+        calibrated_stack, demo_calibration, demo_stack):
+    from engines.runtime.calibration import Calibration
+
+    calibration_id = Calibration.read(demo_calibration).calibration_id
+    chest, derm = SAMPLES / "chest_left_effusion.png", SAMPLES / "derm_naevus.png"
+    code, out, err = await medvlm(calibrated_stack, "classify", str(chest), str(derm), "--labels", *CHEST, "--json")
+    assert code == 0, err
+    trusted, foreign = json.loads(out)["results"]
+    assert trusted["abstain"] is False and trusted["abstain_reason"] == ""
+    assert foreign["abstain"] is True and foreign["abstain_reason"] == "out_of_distribution"
+    assert foreign["trust"]["scope"] == "chest" and foreign["trust"]["calibration_id"] == calibration_id
+    best = trusted["top"][0]
+    assert best["label"] == "left pleural effusion" and 0 < best["calibrated_probability"] <= 1
+
+    code, out, err = await medvlm(calibrated_stack, "classify", str(chest), str(derm), "--labels", *CHEST,
+                                  "--top-k", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(line for line in lines if "label" in line)
+    assert "calibrated probability" in header
+    derm_rows = [i for i, line in enumerate(lines) if "derm_naevus.png" in line]
+    assert len(derm_rows) == 1 and "ABSTAIN: out of distribution" in lines[derm_rows[0]]  # before any label
+    chest_row = next(line for line in lines if "chest_left_effusion.png" in line)
+    assert "left pleural effusion" in chest_row and f"{best['calibrated_probability']:.4f}" in chest_row
+    assert f"calibration {calibration_id}, scope chest" in out
+
+    code, out, err = await medvlm(demo_stack, "classify", str(chest), "--labels", *CHEST)
+    assert code == 0, err
+    assert "not calibrated" in out and "ABSTAIN" not in out and "calibrated probability" not in out
+    code, out, _ = await medvlm(demo_stack, "classify", str(chest), "--labels", *CHEST, "--json")
+    (plain,) = json.loads(out)["results"]
+    assert plain["trust"] is None and plain["abstain"] is False
+    assert plain["top"][0]["calibrated_probability"] is None
+
+
+async def test_batch_rows_say_abstain_and_why(calibrated_stack, tmp_path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for name in ("chest_left_effusion.png", "chest_cardiomegaly.png", "derm_naevus.png", "fundus_glaucoma.png"):
+        (folder / name).write_bytes((SAMPLES / name).read_bytes())
+    out = tmp_path / "results.csv"
+    code, stdout, err = await medvlm(calibrated_stack, "batch", str(folder), "--out", str(out), "--labels", *CHEST,
+                                     "--no-progress", "--json")
+    assert code == 0, err
+    rows = {r["path"]: r for r in csv_rows(out)}
+    assert {p: (r["abstain"], r["abstain_reason"]) for p, r in rows.items()} == {
+        "chest_left_effusion.png": ("no", ""), "chest_cardiomegaly.png": ("no", ""),
+        "derm_naevus.png": ("yes", "out_of_distribution"), "fundus_glaucoma.png": ("yes", "out_of_distribution")}
+    assert all(r["calibration_id"] and r["calibrated_probability"] for r in rows.values())
+    assert json.loads(stdout)["abstained"] == 2
+
+    jsonl = tmp_path / "results.jsonl"
+    code, _, err = await medvlm(calibrated_stack, "batch", str(folder), "--out", str(jsonl), "--labels", *CHEST,
+                                "--no-progress", "--json")
+    assert code == 0, err
+    records = {r["path"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert records["derm_naevus.png"]["abstain"] is True
+    assert records["derm_naevus.png"]["abstain_reason"] == "out_of_distribution"
+    assert "calibrated_probability" in records["chest_cardiomegaly.png"]["top"][0]
+
+
+async def test_window_flags_reach_the_encoder(calibrated_stack):
+    from medvlm.client import AsyncClient, Window, load_image
+
+    dcm = str(SAMPLES / "chest_left_effusion.dcm")
+    runs = {}
+    for flags in ((), ("--window-preset", "lung"), ("--window=-600,1500",)):
+        code, out, err = await medvlm(calibrated_stack, "classify", dcm, "--labels", *CHEST, "--json", *flags)
+        assert code == 0, err
+        runs[flags] = json.loads(out)["results"][0]["scores"]
+    async with AsyncClient(target(calibrated_stack)) as client:
+        expected = await client.classify(load_image(dcm, window=Window(-600, 1500)), CHEST)
+    assert [s["probability"] for s in runs[("--window=-600,1500",)]] == [s.probability for s in expected.scores]
+    assert runs[("--window-preset", "lung")] == runs[("--window=-600,1500",)]
+    assert runs[()] != runs[("--window-preset", "lung")]
+    # the same flags on embed; a preset on a PNG is the server's INVALID_ARGUMENT, named per file
+    code, out, err = await medvlm(calibrated_stack, "classify", str(SAMPLES / "chest_normal.png"), "--labels",
+                                  *CHEST, "--window-preset", "lung")
+    assert code == 1 and "chest_normal.png: INVALID_ARGUMENT" in err and "CT" in err
+
+
+def test_window_flags_usage_errors(capsys):
+    for flags in (["--window", "40"], ["--window", "40,400", "--window-preset", "lung"],
+                  ["--window-preset", "liver"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["classify", "x.dcm", "--labels", "a", "b", *flags])
+        assert exited.value.code == 2
+    assert "CENTER,WIDTH" in capsys.readouterr().err

@@ -315,3 +315,99 @@ async def test_tls_client_certificate_and_token(pki):
         assert recorder.seen == ["Bearer test-token-123"]
     finally:
         await server.stop(0)
+
+
+# ----------------------------------------------------------------------------- display options and trust
+
+DICOM_SAMPLE = SAMPLES / "chest_left_effusion.dcm"  # a synthetic CT object with a window of its own
+
+
+def test_display_options_go_on_the_wire_and_are_checked():
+    from medvlm.client import WINDOW_PRESETS, Window
+    from medvlm.v1 import types_pb2
+
+    assert WINDOW_PRESETS == ("lung", "mediastinum", "bone", "brain", "abdomen")
+    plain = load_image(DICOM_SAMPLE).to_proto()
+    assert not plain.HasField("window") and plain.window_preset == 0 and not plain.HasField("frame")
+    lung = load_image(DICOM_SAMPLE, window_preset="lung", frame=0)
+    wire = lung.to_proto()
+    assert wire.window_preset == types_pb2.WINDOW_PRESET_LUNG and wire.HasField("frame") and wire.frame == 0
+    # options given again replace the image's own: a window replaces the preset
+    windowed = load_image(lung, window=Window.parse("-40,400"))
+    assert (windowed.window, windowed.window_preset, windowed.frame) == (Window(-40.0, 400.0), None, 0)
+    assert (windowed.to_proto().window.center, windowed.to_proto().window.width) == (-40.0, 400.0)
+    assert windowed.to_proto().window_preset == 0
+    for bad in ("40", "40,0", "a,b", "1,2,3", "nan,10"):
+        with pytest.raises(ValueError, match="window"):
+            Window.parse(bad)
+    with pytest.raises(ValueError, match="not both"):
+        load_image(DICOM_SAMPLE, window=Window(40, 400), window_preset="lung")
+    with pytest.raises(ValueError, match="one of lung"):
+        load_image(DICOM_SAMPLE, window_preset="liver")
+    with pytest.raises(ValueError, match="from 0"):
+        load_image(DICOM_SAMPLE, frame=-1)
+
+
+@pytest.fixture(scope="module")
+async def calibrated_stack(demo_bundle, demo_calibration):
+    stack = await start_stack(demo_bundle, calibration=str(demo_calibration))
+    yield stack
+    await stack.stop()
+
+
+async def test_trust_abstain_and_calibrated_probabilities(calibrated_stack, demo_calibration, tiny_stack):
+    from engines.runtime.calibration import Calibration
+    from medvlm.client import AbstainReason
+    from medvlm.v1 import types_pb2
+
+    calibration_id = Calibration.read(demo_calibration).calibration_id
+    chest, derm = SAMPLES / "chest_left_effusion.png", SAMPLES / "derm_naevus.png"
+    async with AsyncClient(target(calibrated_stack)) as client:
+        trusted = await client.classify(chest, CHEST)
+        foreign = await client.classify(derm, CHEST)
+        streamed = {r.id: r async for r in client.classify_worklist([("chest", chest), ("derm", derm)], CHEST)}
+    # the client's dataclasses carry exactly what the gateway sent
+    for result, path in ((trusted, chest), (foreign, derm)):
+        raw = await calibrated_stack.gateway_stub.Classify(
+            gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=path.read_bytes()), labels=CHEST), timeout=60)
+        assert [s.calibrated_probability for s in result.scores] == [s.calibrated_probability for s in raw.scores]
+        assert [s.probability for s in result.scores] == [s.probability for s in raw.scores]
+        assert result.abstain == raw.abstain
+        assert result.trust is not None and result.trust.ood_score == raw.trust.ood_score
+        assert (result.trust.scope, result.trust.calibration_id) == ("chest", calibration_id)
+        assert result.best.shown_probability == result.best.calibrated_probability
+    assert trusted.best.label == "left pleural effusion"
+    assert not trusted.abstain and trusted.abstain_reason is AbstainReason.NONE
+    # a dermoscopy image against chest labels: withheld as out of distribution
+    assert foreign.abstain and foreign.abstain_reason is AbstainReason.OUT_OF_DISTRIBUTION
+    assert foreign.trust.ood_score > foreign.trust.ood_threshold
+    # stream items carry the same
+    assert streamed["derm"].result.abstain_reason is AbstainReason.OUT_OF_DISTRIBUTION
+    assert streamed["chest"].result.trust == trusted.trust and not streamed["chest"].result.abstain
+
+    # without a calibration: no trust, no calibrated probability, never abstains
+    with Client(target(tiny_stack)) as plain_client:
+        plain = await asyncio.to_thread(plain_client.classify, chest, CHEST[:3])
+    assert plain.trust is None and not plain.calibrated and not plain.abstain
+    assert all(s.calibrated_probability is None and s.shown_probability == s.probability for s in plain.scores)
+
+
+async def test_dicom_window_options_reach_the_encoder(calibrated_stack):
+    from medvlm.client import Window
+    from medvlm.v1 import types_pb2
+
+    async with AsyncClient(target(calibrated_stack)) as client:
+        default, lung, same_as_lung = (await client.embed_images([
+            DICOM_SAMPLE, load_image(DICOM_SAMPLE, window_preset="lung"),
+            load_image(DICOM_SAMPLE, window=Window(-600, 1500))])).matrix
+        result = await client.classify(load_image(DICOM_SAMPLE, window_preset="bone"), CHEST)
+        with pytest.raises(InvalidInput, match="greyscale"):  # a window on a colour PNG: the server refuses
+            await client.classify(load_image(SAMPLES / "derm_naevus.png", window=Window(40, 400)), CHEST)
+        with pytest.raises(InvalidInput, match="frame"):  # a frame beyond the single one
+            await client.classify(load_image(DICOM_SAMPLE, frame=3), CHEST)
+    assert float(default @ lung) < 0.9999  # the window changed what the model saw
+    np.testing.assert_allclose(lung, same_as_lung, atol=1e-6)  # the preset is that window
+    raw = await calibrated_stack.gateway_stub.Classify(gateway_pb2.ClassifyRequest(
+        image=types_pb2.Image(data=DICOM_SAMPLE.read_bytes(), window_preset=types_pb2.WINDOW_PRESET_BONE),
+        labels=CHEST), timeout=60)
+    assert [s.probability for s in result.scores] == [s.probability for s in raw.scores]

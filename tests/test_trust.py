@@ -14,7 +14,7 @@ import pytest
 import structlog
 from PIL import Image
 
-from conftest import gateway_settings, health_status, start_server, start_stack
+from conftest import CALIBRATION_PER_CLASS, gateway_settings, health_status, start_server, start_stack
 from engines.runtime.calibration import DEFAULT_SCOPE, Calibration, CalibrationError, Scope
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.common.server import NOT_SERVING
@@ -22,7 +22,7 @@ from services.gateway.servicer import GatewayApp
 from services.gateway.trust import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Trust
 
 CHEST = "chest"
-PER_CLASS = 12  # demo calibration images per class in these tests (the shipped default is 40)
+PER_CLASS = CALIBRATION_PER_CLASS  # demo calibration images per class (conftest's demo_calibration)
 HELD_OUT_SEED = 1000
 
 
@@ -73,16 +73,6 @@ def test_judge_abstains_out_of_distribution_and_on_low_confidence():
 
 
 # ----------------------------------------------------------------------------- demo bundle
-
-
-@pytest.fixture(scope="session")
-def demo_calibration(demo_bundle, tmp_path_factory):
-    from engines.build.calibrate import calibrate, demo_images
-    from engines.runtime.bundle import load_bundle
-
-    bundle = load_bundle(demo_bundle)
-    calibration = calibrate(bundle, demo_images(bundle, per_class=PER_CLASS))
-    return calibration.write(tmp_path_factory.mktemp("calibration") / "calibration.json")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, start_stack
 from medvlm.client import AsyncClient
 from medvlm.web import WebSettings
-from services.common.settings import GATEWAY, Settings
+from services.common.settings import GATEWAY, VISION, Settings
 
 SAMPLES = ROOT / "samples"
 CHEST = ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",
@@ -142,6 +143,7 @@ def test_limits_default_to_the_gateways():
     gateway = Settings(service=GATEWAY)
     assert WebSettings().max_image_bytes == gateway.max_image_bytes
     assert WebSettings().max_images == gateway.max_images
+    assert WebSettings().max_image_pixels == Settings(service=VISION).max_image_pixels
 
 
 @needs_browser
@@ -297,3 +299,110 @@ async def test_page_checks_the_size_before_uploading(demo_stack, tmp_path):
         assert (await error.inner_text()).startswith("TOO_LARGE: ")
         await web.stop()
     assert "POST /api/classify" not in "".join(web.log)  # refused in the browser, never sent
+
+
+@pytest.fixture(scope="module")
+async def calibrated_stack(demo_bundle, demo_calibration):
+    stack = await start_stack(demo_bundle, calibration=str(demo_calibration))
+    yield stack
+    await stack.stop()
+
+
+def data_url_bytes(url: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return base64.b64decode(url[len(prefix):])
+
+
+@needs_browser
+async def test_abstain_calibration_and_the_dicom_window_in_a_real_browser(calibrated_stack, demo_calibration, tmp_path):
+    from engines.runtime.calibration import Calibration
+    from medvlm.client import Window, load_image
+
+    port = calibrated_stack.gateway.port
+    calibration_id = Calibration.read(demo_calibration).calibration_id
+    dicom = SAMPLES / "chest_left_effusion.dcm"
+    async with web_app(port, tmp_path / "web") as web, browser_page() as page, \
+            AsyncClient(f"127.0.0.1:{port}") as client:
+        await page.goto(web.url)
+        await page.locator("#banner").wait_for(state="visible", timeout=30_000)
+
+        # A dermoscopy image against chest labels: withheld, said before any label, with the calibration.
+        await page.locator("#image").set_input_files(files=[str(SAMPLES / "derm_naevus.png")])
+        assert not await page.locator("#dicom-controls").is_visible()
+        await page.locator("#labels").fill("\n".join(CHEST))
+        await page.locator("#classify-submit").click()
+        abstain = page.locator("#abstain")
+        await abstain.wait_for(state="visible", timeout=60_000)
+        text = await abstain.inner_text()
+        assert "Answer withheld" in text and "Out of distribution" in text
+        assert await page.evaluate("document.getElementById('abstain').compareDocumentPosition("
+                                   "document.getElementById('ranking')) & Node.DOCUMENT_POSITION_FOLLOWING")
+        expected = await client.classify(SAMPLES / "derm_naevus.png", CHEST)
+        assert expected.abstain and expected.trust is not None
+        trust = await page.locator("#trust").inner_text()
+        assert f"calibration {calibration_id}, scope chest" in trust
+        assert await page.locator("#probability-head").inner_text() == "Calibrated probability"
+        first = await page.locator("#ranking tbody tr .probability .value").first.inner_text()
+        assert first == f"{expected.top[0].calibrated_probability:.3f}"
+        await page.screenshot(path=str(artifacts(tmp_path) / "web-abstain.png"), full_page=True)
+
+        # A DICOM file: preset and center/width controls and the image as the model will see it.
+        await page.locator("#labels").focus()
+        await page.keyboard.press("Shift+Tab")  # back to the file input, by keyboard
+        assert await focused_id(page) == "image"
+        await page.locator("#image").set_input_files(files=[str(dicom)])
+        preview = page.locator("#window-preview")
+        await preview.wait_for(state="visible", timeout=60_000)
+        assert "file's own window" in await page.locator("#window-caption").inner_text()
+        default_src = await preview.get_attribute("src")
+        # Keyboard only: the window controls come right after the file input, each with its label.
+        for expected_id in ("window-preset", "window-center"):
+            await page.keyboard.press("Tab")
+            assert await focused_id(page) == expected_id
+        await page.keyboard.type("-600")
+        await page.keyboard.press("Tab")
+        assert await focused_id(page) == "window-width"
+        await page.keyboard.type("1500")
+        await page.keyboard.press("Tab")  # leaving the field updates the preview
+        assert await focused_id(page) == "preview-update"
+        for control in ("window-preset", "window-center", "window-width"):
+            assert await page.locator(f"label[for='{control}']").count() == 1
+        await page.wait_for_function("src => document.getElementById('window-preview').src !== src", arg=default_src)
+        assert "center and width given here" in await page.locator("#window-caption").inner_text()
+        windowed = data_url_bytes(await preview.get_attribute("src"))
+        # What the page shows is what the encoder sees: embedded as a PNG it gives the embedding of the
+        # DICOM file under that window (the preview is already at the input size, so no resampling).
+        shown, sent = (await client.embed_images([windowed, load_image(dicom, window=Window(-600, 1500))])).matrix
+        np.testing.assert_allclose(shown, sent, atol=1e-5)
+        # A preset fills in its values and shows the same image.
+        await page.locator("#window-preset").select_option("lung")
+        await page.wait_for_function("() => document.getElementById('window-caption').textContent.includes('preset')")
+        assert await page.locator("#window-center").input_value() == "-600"
+        assert data_url_bytes(await preview.get_attribute("src")) == windowed
+
+        await page.locator("#classify-submit").click()
+        await page.locator("#preview").wait_for(state="visible", timeout=60_000)
+        await page.wait_for_function("() => document.getElementById('preview').src.startsWith('data:')")
+        expected = await client.classify(load_image(dicom, window_preset="lung"), CHEST)
+        page_first = page.locator("#ranking tbody tr").first
+        assert await page_first.locator(".label").inner_text() == expected.best.label
+        assert (await page_first.locator(".probability .value").inner_text()
+                == f"{expected.best.calibrated_probability:.3f}")
+        assert await page.locator("#abstain").is_visible() == expected.abstain
+        await page.screenshot(path=str(artifacts(tmp_path) / "web-dicom.png"), full_page=True)
+
+        # A bad window is the page's message, and a preset on a PNG the decoder's own.
+        await page.locator("#window-preset").select_option("")
+        await page.locator("#window-width").fill("0")
+        await page.locator("#preview-update").click()
+        error = page.locator("#window-error")
+        await error.wait_for(state="visible", timeout=30_000)
+        assert "width of at least 1" in await error.inner_text()
+        await web.stop()
+        log = "".join(web.log)
+    assert "POST /api/preview 200" in log and "POST /api/preview 400" in log
+    for secret in ["SYNTHETIC", "CANARY", "1016.5", "4081", *CHEST]:  # header values and labels never logged
+        assert secret not in log
+    assert list((tmp_path / "web" / "cwd").iterdir()) == []
+    assert list((tmp_path / "web" / "tmp").iterdir()) == []

@@ -12,19 +12,19 @@ from medvlm.client._errors import (
     DeadlineExceeded, InvalidInput, MedvlmError, NotSupported, Overloaded, PermissionDenied,
     Unauthenticated, Unavailable, UnreadableFile, UnrecognizedFile,
 )
-from medvlm.client._images import ImageSource, LoadedImage, load_image, sniff
+from medvlm.client._images import WINDOW_PRESETS, ImageSource, LoadedImage, Window, load_image, sniff
 from medvlm.client._settings import ConnectionSettings, settings_from
 from medvlm.client._sync import Client
 from medvlm.client._types import (
-    ClassifyResult, Embedding, Embeddings, EngineInfo, ItemError, ItemResult, LabelScore, ModelInfo,
-    Priority, SimilarityResult,
+    AbstainReason, ClassifyResult, Embedding, Embeddings, EngineInfo, ItemError, ItemResult, LabelScore, ModelInfo,
+    Priority, SimilarityResult, Trust,
 )
 
 __all__ = [
     "AsyncClient", "Client", "ConnectionSettings", "settings_from",
-    "ClassifyResult", "Embedding", "Embeddings", "EngineInfo", "ItemError", "ItemResult", "LabelScore",
-    "ModelInfo", "Priority", "SimilarityResult",
-    "ImageSource", "LoadedImage", "load_image", "sniff",
+    "AbstainReason", "ClassifyResult", "Embedding", "Embeddings", "EngineInfo", "ItemError", "ItemResult", "LabelScore",
+    "ModelInfo", "Priority", "SimilarityResult", "Trust",
+    "ImageSource", "LoadedImage", "WINDOW_PRESETS", "Window", "load_image", "sniff",
     "MedvlmError", "InvalidInput", "Unavailable", "Overloaded", "DeadlineExceeded", "Unauthenticated",
     "PermissionDenied", "UnreadableFile", "UnrecognizedFile", "NotSupported",
 ]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from medvlm.client._convert import check_labels
 from medvlm.client._errors import MedvlmError
+from medvlm.client._images import LoadedImage, load_image
 from medvlm.client._sync import Client
 from medvlm.client._types import ItemResult, Priority
 
-CSV_FIELDS = ("path", "sha256", "status", "label", "probability", "top", "bundle_id", "error_code", "error_message")
+CSV_FIELDS = ("path", "sha256", "status", "abstain", "abstain_reason", "label", "probability",
+              "calibrated_probability", "top", "bundle_id", "calibration_id", "error_code", "error_message")
 OK, FAILED = "ok", "failed"
 
 
@@ -51,6 +53,10 @@ class Row:
     status: str
     bundle_id: str = ""
     top: tuple[tuple[str, float, float, str], ...] = ()  # (label, probability, cosine, code), best first
+    calibrated: tuple[float, ...] = ()  # calibrated probability of each of `top`; () when not calibrated
+    abstain: bool = False
+    abstain_reason: str = ""
+    calibration_id: str = ""  # "" when the gateway served without a calibration
     error_code: str = ""
     error_message: str = ""
 
@@ -61,14 +67,22 @@ class Row:
         result = item.result
         assert result is not None
         top = tuple((s.label, s.probability, s.cosine, s.code) for s in result.top)
-        return Row(path, item.sha256, OK, bundle_id=result.bundle_id, top=top)
+        calibrated = tuple(s.calibrated_probability for s in result.top
+                           if s.calibrated_probability is not None) if result.calibrated else ()
+        return Row(path, item.sha256, OK, bundle_id=result.bundle_id, top=top, calibrated=calibrated,
+                   abstain=result.abstain, abstain_reason=result.abstain_reason.value,
+                   calibration_id=result.trust.calibration_id if result.trust else "")
 
     def to_json(self) -> str:
         record: dict[str, object] = {"path": self.path, "sha256": self.sha256, "status": self.status}
         if self.status == OK:
+            record["abstain"] = self.abstain
+            record["abstain_reason"] = self.abstain_reason
             record["bundle_id"] = self.bundle_id
-            record["top"] = [{"label": label, "probability": p, "cosine": c, **({"code": code} if code else {})}
-                             for label, p, c, code in self.top]
+            record["calibration_id"] = self.calibration_id
+            record["top"] = [{"label": label, "probability": p, "cosine": c, **({"code": code} if code else {}),
+                              **({"calibrated_probability": self.calibrated[i]} if self.calibrated else {})}
+                             for i, (label, p, c, code) in enumerate(self.top)]
         else:
             record["error"] = {"code": self.error_code, "message": self.error_message}
         return json.dumps(record, ensure_ascii=False)
@@ -77,9 +91,13 @@ class Row:
         best = self.top[0] if self.top else None
         return {
             "path": self.path, "sha256": self.sha256, "status": self.status,
+            "abstain": ("yes" if self.abstain else "no") if self.status == OK else "",
+            "abstain_reason": self.abstain_reason,
             "label": best[0] if best else "", "probability": f"{best[1]:.6f}" if best else "",
+            "calibrated_probability": f"{self.calibrated[0]:.6f}" if self.calibrated else "",
             "top": "; ".join(f"{label}={p:.6f}" for label, p, _, _ in self.top),
-            "bundle_id": self.bundle_id, "error_code": self.error_code, "error_message": self.error_message,
+            "bundle_id": self.bundle_id, "calibration_id": self.calibration_id,
+            "error_code": self.error_code, "error_message": self.error_message,
         }
 
 
@@ -183,6 +201,7 @@ class Summary:
     seconds: float = 0.0
     output: str = ""
     bundle_ids: set[str] = dataclasses.field(default_factory=set)
+    abstained: int = 0  # classified, but the gateway says not to act on the answer
 
     @property
     def ok(self) -> bool:
@@ -195,15 +214,28 @@ class Summary:
             "not_processed": self.not_processed, "stream_error": self.stream_error,
             "seconds": round(self.seconds, 3),
             "items_per_s": round((self.classified + len(self.failed)) / self.seconds, 2) if self.seconds else 0.0,
-            "output": self.output, "bundle_ids": sorted(self.bundle_ids),
+            "abstained": self.abstained, "output": self.output, "bundle_ids": sorted(self.bundle_ids),
         }
 
 
+def _with_options(path: Path, options: dict | None) -> Path | LoadedImage:
+    """The file loaded with the display options, or the path itself when there are none or it cannot
+    be read (the worklist then reads it again and reports the error as the item's)."""
+    if not options:
+        return path
+    try:
+        return load_image(path, **options)
+    except MedvlmError:
+        return path
+
+
 def run_batch(client: Client, root: Path, output: Path, labels: Sequence[str] | None, label_set: str | None,
-              template: str, top_k: int, priority: Priority, window: int, progress) -> Summary:
+              template: str, top_k: int, priority: Priority, window: int, progress,
+              image_options: dict | None = None) -> Summary:
     """Classify every file under `root` not already in `output`, appending a row per file.
 
-    `progress(total)` returns a callable advanced once per finished item (or None for no bar).
+    `progress(total)` returns a callable advanced once per finished item (or None for no bar);
+    `image_options` (window, window_preset, frame) are load_image's, applied to every file.
     """
     check_labels(labels, label_set)
     results = ResultsFile(output)
@@ -234,7 +266,7 @@ def run_batch(client: Client, root: Path, output: Path, labels: Sequence[str] | 
     started = time.monotonic()
     seen = 0
     with results:
-        items = ((rel[path], path) for path in todo)
+        items = ((rel[path], _with_options(path, image_options)) for path in todo)
         try:
             for item in client.classify_worklist(items, labels, label_set=label_set, template=template,
                                                  top_k=top_k, priority=priority, window=window):
@@ -246,6 +278,7 @@ def run_batch(client: Client, root: Path, output: Path, labels: Sequence[str] | 
                 results.write(row)
                 if row.status == OK:
                     summary.classified += 1
+                    summary.abstained += row.abstain
                     summary.bundle_ids.add(row.bundle_id)
                 else:
                     summary.failed.append(row)

@@ -8,7 +8,8 @@ import numpy as np
 
 from medvlm.client._errors import NotSupported
 from medvlm.client._types import (
-    ClassifyResult, Embedding, Embeddings, EngineInfo, LabelScore, ModelInfo, SimilarityResult,
+    AbstainReason, ClassifyResult, Embedding, Embeddings, EngineInfo, LabelScore, ModelInfo, SimilarityResult,
+    Trust,
 )
 from medvlm.v1 import gateway_pb2, types_pb2
 
@@ -50,17 +51,33 @@ def label_set_names(reply) -> tuple[str, ...]:
     return tuple(f"{s.name}@{s.version}" for s in reply.label_sets)
 
 
-def label_score(score: gateway_pb2.LabelScore) -> LabelScore:
+def label_score(score: gateway_pb2.LabelScore, calibrated: bool) -> LabelScore:
     code = getattr(score, "code", "")
     return LabelScore(label=score.label, index=score.index, probability=score.probability,
-                      cosine=score.cosine, code=code)
+                      cosine=score.cosine, code=code,
+                      calibrated_probability=score.calibrated_probability if calibrated else None)
+
+
+_ABSTAIN_REASONS = {
+    gateway_pb2.ABSTAIN_REASON_UNSPECIFIED: AbstainReason.NONE,
+    gateway_pb2.ABSTAIN_REASON_OUT_OF_DISTRIBUTION: AbstainReason.OUT_OF_DISTRIBUTION,
+    gateway_pb2.ABSTAIN_REASON_LOW_CONFIDENCE: AbstainReason.LOW_CONFIDENCE,
+}
 
 
 def classify_result(reply: gateway_pb2.ClassifyResponse) -> ClassifyResult:
+    calibrated = reply.HasField("trust")
+    t = reply.trust
+    trust = Trust(ood_score=t.ood_score, ood_threshold=t.ood_threshold, min_probability=t.min_probability,
+                  temperature=t.temperature, scope=t.scope, calibration_id=t.calibration_id) if calibrated else None
     return ClassifyResult(
-        scores=tuple(label_score(s) for s in reply.scores),
-        top=tuple(label_score(s) for s in reply.top),
+        scores=tuple(label_score(s, calibrated) for s in reply.scores),
+        top=tuple(label_score(s, calibrated) for s in reply.top),
         bundle_id=reply.bundle_id, image_sha256=reply.image_sha256,
+        abstain=reply.abstain,
+        abstain_reason=_ABSTAIN_REASONS.get(reply.abstain_reason, AbstainReason.OTHER)
+        if reply.abstain else AbstainReason.NONE,
+        trust=trust,
     )
 
 

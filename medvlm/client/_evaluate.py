@@ -72,6 +72,9 @@ class Predictions:
     failures: dict[int, ItemError]
     bundle_ids: set[str]
     seconds: float
+    # answers the gateway withheld, by reason (they are still scored in the metrics)
+    abstained: dict[str, int] = dataclasses.field(default_factory=dict)
+    calibrated: bool = False  # whether any answer came with a calibration's trust assessment
 
 
 def classify_dataset(client: Client, data: Dataset, label_set: str | None, template: str,
@@ -83,6 +86,8 @@ def classify_dataset(client: Client, data: Dataset, label_set: str | None, templ
     probabilities = np.full((count, num_classes), np.nan, dtype=np.float32)
     failures: dict[int, ItemError] = {}
     bundle_ids: set[str] = set()
+    abstained: dict[str, int] = {}
+    calibrated = False
     started = time.monotonic()
     items = ((str(i), path) for i, path in enumerate(data.paths))
     columns: np.ndarray | None = None
@@ -97,13 +102,17 @@ def classify_dataset(client: Client, data: Dataset, label_set: str | None, templ
                     columns = _class_columns(data.classes, item.result.scores)
                 probabilities[i] = item.result.probabilities[columns]
                 bundle_ids.add(item.result.bundle_id)
+                calibrated = calibrated or item.result.calibrated
+                if item.result.abstain:
+                    reason = item.result.abstain_reason.value
+                    abstained[reason] = abstained.get(reason, 0) + 1
             if advance is not None:
                 advance()
     except MedvlmError as exc:
         for i in range(count):
             if np.isnan(probabilities[i]).any() and i not in failures:
                 failures[i] = ItemError(exc.code, f"not processed: the stream failed ({exc.message})")
-    return Predictions(probabilities, failures, bundle_ids, time.monotonic() - started)
+    return Predictions(probabilities, failures, bundle_ids, time.monotonic() - started, abstained, calibrated)
 
 
 def _class_columns(classes: Sequence[str], scores) -> np.ndarray:
@@ -364,6 +373,8 @@ def metrics_dict(data: Dataset, predictions: Predictions, metrics: Metrics, info
         "images": len(data.paths), "answered": len(data.paths) - len(predictions.failures),
         "failed": [{"path": str(data.paths[i]), "code": e.code, "message": e.message}
                    for i, e in sorted(predictions.failures.items())],
+        "calibrated": predictions.calibrated,
+        "abstained": {"total": sum(predictions.abstained.values()), **predictions.abstained},
         "accuracy": metrics.accuracy.as_dict(),
         "classes": [
             {"class": name, "n": metrics.support[c], **{k: metrics.per_class[k][c].as_dict() for k in PER_CLASS}}

@@ -25,6 +25,34 @@ class LabelScore:
     probability: float  # softmax over the request's labels of logit_scale * cosine
     cosine: float
     code: str = ""  # the label's code (e.g. SNOMED CT) when the server sends one
+    # softmax of logit_scale * cosine / the calibration's temperature; None when the gateway has no calibration
+    calibrated_probability: float | None = None
+
+    @property
+    def shown_probability(self) -> float:
+        """The calibrated probability where there is one, else the raw one."""
+        return self.probability if self.calibrated_probability is None else self.calibrated_probability
+
+
+class AbstainReason(str, enum.Enum):
+    """Why the gateway withholds an answer (medvlm.v1.AbstainReason)."""
+
+    NONE = ""  # not withheld
+    OUT_OF_DISTRIBUTION = "out_of_distribution"  # the image is unlike the calibration images of these labels
+    LOW_CONFIDENCE = "low_confidence"  # no label's calibrated probability reaches the threshold
+    OTHER = "other"  # a reason newer than this client's contract
+
+
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """The gateway's calibration assessment behind `abstain` (medvlm.v1.Trust)."""
+
+    ood_score: float  # Mahalanobis distance to the nearest calibration centroid; larger is stranger
+    ood_threshold: float  # scores above it are out of distribution
+    min_probability: float  # abstention threshold on the best calibrated probability
+    temperature: float
+    scope: str  # the calibrated label set used, or "bundle"
+    calibration_id: str  # "<bundle id>/<version>+<content hash>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +63,15 @@ class ClassifyResult:
     top: tuple[LabelScore, ...]  # the top_k labels, most probable first
     bundle_id: str  # the bundle that computed the answer
     image_sha256: str  # hex sha256 of the image bytes, as the server received them
+    # True: do not act on this answer (see abstain_reason). Only meaningful when `trust` is set.
+    abstain: bool = False
+    abstain_reason: AbstainReason = AbstainReason.NONE
+    trust: Trust | None = None  # None: the gateway serves without a calibration ("not calibrated")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the gateway judged this answer against a calibration."""
+        return self.trust is not None
 
     @property
     def best(self) -> LabelScore:

@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from medvlm.client._errors import MedvlmError
+from medvlm.client._images import WINDOW_PRESETS, Window, load_image
 from medvlm.client._settings import add_connection_flags, settings_from
 from medvlm.client._sync import DEFAULT_WINDOW, Client
-from medvlm.client._types import Priority
+from medvlm.client._types import ClassifyResult, Priority
 
 # Piped output gets wide tables rather than rich's 80 columns, so rows stay one line for grep.
 _out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
@@ -51,6 +52,37 @@ def _add_label_flags(p: argparse.ArgumentParser, top_k: int) -> None:
     p.add_argument("--top-k", type=int, default=top_k, help=f"labels to report per image (default {top_k}; 0: all)")
 
 
+def _window(text: str) -> Window:
+    try:
+        return Window.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--window", type=_window, metavar="C,W",
+                       help="display window for greyscale images: center,width in the image's units "
+                            "(Hounsfield units for CT), overriding the file's own; a negative center "
+                            "needs the = form, --window=-600,1500")
+    which.add_argument("--window-preset", choices=WINDOW_PRESETS, metavar="NAME",
+                       help=f"a named CT window (DICOM CT only): {', '.join(WINDOW_PRESETS)}")
+    p.add_argument("--frame", type=int, metavar="N", help="frame of a multi-frame DICOM object, from 0")
+
+
+def _image_options(args: argparse.Namespace) -> dict:
+    """load_image's display options from the flags (only those given)."""
+    options = {"window": args.window, "window_preset": args.window_preset, "frame": args.frame}
+    if args.frame is not None and args.frame < 0:
+        raise ValueError("--frame counts from 0")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _images(args: argparse.Namespace) -> list:
+    options = _image_options(args)
+    return [load_image(p, **options) if options else p for p in args.files]
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--priority", choices=[p.name.lower() for p in Priority], default="routine",
@@ -65,17 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="zero-shot classification of image files")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PNG, JPEG or DICOM files")
+    _add_image_flags(p)
     _add_label_flags(p, top_k=3)
     _add_common(p)
 
     p = sub.add_parser("similarity", help="cosine similarity of images x texts")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _add_image_flags(p)
     p.add_argument("--texts", nargs="+", required=True, metavar="TEXT")
     p.add_argument("--template", default="", help='prompt template with one "{}" (default: the text)')
     _add_common(p)
 
     p = sub.add_parser("embed", help="embeddings of image files or texts")
     p.add_argument("files", nargs="*", type=Path, metavar="FILE")
+    _add_image_flags(p)
     p.add_argument("--texts", nargs="+", metavar="TEXT", help="embed these texts instead of files")
     _add_common(p)
 
@@ -87,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="classify every file under a folder into a results file, resumably")
     p.add_argument("folder", type=Path, metavar="DIR", help="searched recursively; types sniffed by content")
+    _add_image_flags(p)
     p.add_argument("--out", type=Path, required=True, help="results.csv or results.jsonl; rows of files "
                    "already there with the same sha256 are kept and not recomputed")
     _add_label_flags(p, top_k=3)
@@ -163,9 +199,11 @@ def _progress(enabled: bool, what: str):
 def cmd_classify(client: Client, args: argparse.Namespace) -> int:
     labels, label_set = _labels(args)
     results, failed = [], []
+    options = _image_options(args)
     for path in args.files:
         try:
-            result = client.classify(path, labels, label_set=label_set, template=args.template,
+            image = load_image(path, **options) if options else path
+            result = client.classify(image, labels, label_set=label_set, template=args.template,
                                      top_k=args.top_k, priority=Priority[args.priority.upper()])
             results.append((path, result))
         except MedvlmError as exc:
@@ -174,16 +212,37 @@ def cmd_classify(client: Client, args: argparse.Namespace) -> int:
         _print_json({"results": [{"file": str(p), **dataclasses.asdict(r)} for p, r in results],
                      "failed": [{"file": str(p), "code": e.code, "message": e.message} for p, e in failed]})
     else:
-        table = _table("file", "label", "probability", "cosine")
+        calibrated = any(r.calibrated for _, r in results)
+        table = _table("file", "label", "calibrated probability" if calibrated else "probability", "cosine")
         for path, result in results:
+            first = str(path)
+            if result.abstain:  # before any label: the answer is not to be acted on
+                table.add_row(first, f"[bold red]ABSTAIN: {_reason(result)}[/]", "", "")
+                first = ""
             for rank, score in enumerate(result.top):
-                table.add_row(str(path) if rank == 0 else "", score.label, f"{score.probability:.4f}",
+                table.add_row(first if rank == 0 else "", score.label, f"{score.shown_probability:.4f}",
                               f"{score.cosine:.4f}")
         if results:
             _out.print(table)
-            _out.print(f"bundle {results[0][1].bundle_id}")
+            for line in sorted({_trust_line(r) for _, r in results}):
+                _out.print(line)
     _report_failures(failed)
     return 1 if failed else 0
+
+
+_REASONS = {"out_of_distribution": "out of distribution (unlike the images these labels were calibrated on)",
+            "low_confidence": "low confidence (no label reaches the calibrated threshold)"}
+
+
+def _reason(result: ClassifyResult) -> str:
+    return _REASONS.get(result.abstain_reason.value, result.abstain_reason.value or "withheld")
+
+
+def _trust_line(result: ClassifyResult) -> str:
+    """Which bundle answered and with which calibration, or that nothing says whether to trust it."""
+    if result.trust is None:
+        return f"bundle {result.bundle_id}; not calibrated: nothing says whether to trust these answers"
+    return (f"bundle {result.bundle_id}; calibration {result.trust.calibration_id}, scope {result.trust.scope}")
 
 
 def _report_failures(failed: Sequence[tuple[object, MedvlmError]]) -> None:
@@ -192,7 +251,7 @@ def _report_failures(failed: Sequence[tuple[object, MedvlmError]]) -> None:
 
 
 def cmd_similarity(client: Client, args: argparse.Namespace) -> int:
-    result = client.similarity(args.files, args.texts, template=args.template,
+    result = client.similarity(_images(args), args.texts, template=args.template,
                                priority=Priority[args.priority.upper()])
     if args.json:
         _print_json({"files": [str(p) for p in args.files], "texts": args.texts, **dataclasses.asdict(result)})
@@ -212,7 +271,7 @@ def cmd_embed(client: Client, args: argparse.Namespace) -> int:
     if args.texts:
         names, result = list(args.texts), client.embed_texts(args.texts, priority=priority)
     else:
-        names, result = [str(p) for p in args.files], client.embed_images(args.files, priority=priority)
+        names, result = [str(p) for p in args.files], client.embed_images(_images(args), priority=priority)
     if args.json:
         _print_json({"bundle_id": result.bundle_id, "embeddings": [
             {"input": n, "sha256": e.input_sha256, "vector": e.vector} for n, e in zip(names, result.items)]})
@@ -258,16 +317,17 @@ def cmd_batch(client: Client, args: argparse.Namespace) -> int:
     start, stop = _progress(not args.no_progress and not args.json, "batch")
     try:
         summary = run_batch(client, args.folder, args.out, labels, label_set, args.template, args.top_k,
-                            Priority[args.priority.upper()], args.concurrency, start)
+                            Priority[args.priority.upper()], args.concurrency, start, _image_options(args))
     finally:
         stop()
     if args.json:
         _print_json(summary.as_dict())
     else:
         rate = summary.as_dict()["items_per_s"]
-        table = _table("files", "already done", "classified", "failed", "not processed", "seconds", "items/s")
-        table.add_row(str(summary.found), str(summary.skipped), str(summary.classified), str(len(summary.failed)),
-                      str(summary.not_processed), f"{summary.seconds:.1f}", str(rate))
+        table = _table("files", "already done", "classified", "abstained", "failed", "not processed", "seconds",
+                       "items/s")
+        table.add_row(str(summary.found), str(summary.skipped), str(summary.classified), str(summary.abstained),
+                      str(len(summary.failed)), str(summary.not_processed), f"{summary.seconds:.1f}", str(rate))
         _out.print(table)
         _out.print(f"results in {summary.output}" + (f", bundle {', '.join(sorted(summary.bundle_ids))}"
                                                       if summary.bundle_ids else ""))
@@ -314,6 +374,12 @@ def cmd_evaluate(client: Client, args: argparse.Namespace) -> int:
         _out.print(table)
         _out.print(f"top-1 accuracy {metrics.accuracy.cell()} on {int(answered.sum())} images; "
                    f"bundle {', '.join(sorted(predictions.bundle_ids))} ({info.kind}); {info.engine_summary}")
+        if predictions.calibrated:
+            reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(predictions.abstained.items()))
+            _out.print(f"abstained on {sum(predictions.abstained.values())} images"
+                       + (f" ({reasons})" if reasons else "") + "; they are scored above all the same")
+        else:
+            _out.print("not calibrated: the gateway did not say which answers to withhold")
         _out.print(f"report: {files['report.html']} and {files['report.md']}")
     for i, error in sorted(predictions.failures.items()):
         _error(f"medvlm: {data.paths[i]}: {error.code}: {error.message}")

@@ -23,6 +23,8 @@ _OWN = {  # field -> (variable, help)
     "max_image_bytes": ("MEDVLM_MAX_IMAGE_BYTES", "Largest uploaded image in bytes; the same variable sets "
                                                   "the gateway's limit, so both agree."),
     "max_images": ("MEDVLM_MAX_IMAGES", "Most images in one similarity upload (the gateway's limit)."),
+    "max_image_pixels": ("MEDVLM_MAX_IMAGE_PIXELS", "Largest decoded image in pixels for the window preview "
+                                                    "(the vision encoder's limit, same variable)."),
 }
 
 
@@ -57,10 +59,10 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, WebSettings]:
         loopback = False
     if not loopback:
         parser.error(f"--host {args.host}: the page listens on loopback only (127.0.0.1 or ::1)")
-    if args.max_image_bytes < 1 or args.max_images < 1:
-        parser.error("--max-image-bytes and --max-images must be positive")
+    if args.max_image_bytes < 1 or args.max_images < 1 or args.max_image_pixels < 1:
+        parser.error("--max-image-bytes, --max-images and --max-image-pixels must be positive")
     return args, WebSettings(host=args.host, port=args.port, max_image_bytes=args.max_image_bytes,
-                             max_images=args.max_images)
+                             max_images=args.max_images, max_image_pixels=args.max_image_pixels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import dataclasses
+import io
 import logging
 import time
 import traceback
@@ -17,7 +20,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from medvlm.client import AsyncClient, ConnectionSettings, MedvlmError, ModelInfo, NotSupported
+from medvlm.client import (
+    WINDOW_PRESETS, AsyncClient, ClassifyResult, ConnectionSettings, LoadedImage, MedvlmError, ModelInfo,
+    NotSupported, Window, load_image,
+)
 
 log = logging.getLogger("medvlm.web")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -29,7 +35,7 @@ _HTTP_STATUS = {
     "UNAUTHENTICATED": 502, "PERMISSION_DENIED": 502,
 }
 _SECURITY_HEADERS = {
-    "content-security-policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+    "content-security-policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
@@ -47,6 +53,7 @@ class WebSettings:
     port: int = 8050
     max_image_bytes: int = 20 << 20
     max_images: int = 16
+    max_image_pixels: int = 40_000_000  # the vision encoder's limit, for the window preview
 
 
 class PageError(Exception):
@@ -66,6 +73,7 @@ def error_response(code: str, message: str, request_id: str = "") -> JSONRespons
 def info_json(info: ModelInfo) -> dict:
     return {
         "bundle_id": info.bundle_id, "model": info.model, "version": info.version, "kind": info.kind,
+        "image_size": info.image_size,
         "description": info.description, "synthetic": info.kind != "clinical",
         "engines": [{"tower": e.tower, "engine": e.engine, "precision": e.precision} for e in info.engines],
     }
@@ -90,7 +98,7 @@ async def read_form(request: Request, max_body: int, max_files: int) -> FormData
                 raise too_large
             yield chunk
 
-    parser = MultiPartParser(request.headers, bounded(), max_files=max_files, max_fields=8,
+    parser = MultiPartParser(request.headers, bounded(), max_files=max_files, max_fields=12,
                              max_part_size=FORM_OVERHEAD)
     parser.spool_max_size = max_body + 1  # never spill to disk: the body is bounded below this
     try:
@@ -126,6 +134,81 @@ def text_field(form: FormData, field: str) -> str:
     return value.strip()
 
 
+def image_options(form: FormData) -> dict:
+    """load_image's display options from the form: window_center and window_width (both or neither),
+    window_preset, frame. Empty fields are left out (the file's own window, frame 0)."""
+    center, width = text_field(form, "window_center"), text_field(form, "window_width")
+    preset, frame = text_field(form, "window_preset"), text_field(form, "frame")
+    options: dict = {}
+    try:
+        if center or width:
+            if not (center and width):
+                raise ValueError("give both window center and width, or neither")
+            options["window"] = Window(float(center), float(width))
+        if preset:
+            options["window_preset"] = preset
+        if frame:
+            options["frame"] = int(frame)
+    except ValueError as exc:
+        raise PageError("BAD_FORM", str(exc)) from None
+    return options
+
+
+def loaded(image: bytes, options: dict) -> LoadedImage:
+    """The upload recognised by the client, with its display options checked there."""
+    try:
+        return load_image(image, **options)
+    except ValueError as exc:
+        raise PageError("BAD_FORM", str(exc)) from None
+
+
+def trust_json(result: ClassifyResult) -> dict:
+    """Whether to act on the answer, and the calibration behind that (None: not calibrated)."""
+    t = result.trust
+    return {
+        "abstain": result.abstain, "abstain_reason": result.abstain_reason.value,
+        "trust": None if t is None else {
+            "ood_score": t.ood_score, "ood_threshold": t.ood_threshold, "min_probability": t.min_probability,
+            "temperature": t.temperature, "scope": t.scope, "calibration_id": t.calibration_id},
+    }
+
+
+def render_preview(data: bytes, options: dict, settings: WebSettings, size: int) -> dict:
+    """The image as the vision encoder sees it: decoded and windowed, resized and centre-cropped to
+    the model's input size by the encoder's own code, as a PNG data URL (nothing leaves memory).
+    Needs the project's services package beside the page (as `make run` has it)."""
+    from engines.runtime.manifest import ImageSpec
+    from services.common.errors import InvalidInput
+    from services.vision.preprocess import DecodeLimits, ImageOptions, decode, preprocess
+    from services.vision.window import PRESETS, WindowRequest, checked_window
+
+    window = options.get("window")
+    limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    try:
+        request = WindowRequest(checked_window(window.center, window.width, "image") if window else None,
+                                options.get("window_preset"))
+        decoded = decode(data, None, limits, ImageOptions(request, options.get("frame")))
+    except InvalidInput as exc:
+        raise PageError("INVALID_ARGUMENT", str(exc)) from None
+    # mean 0, std 1: the encoder's resize and crop, unnormalized, in [0, 1]
+    spec = ImageSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    pixels = preprocess(decoded.image, spec)  # [3, S, S]
+    rgb = (pixels.transpose(1, 2, 0) * 255.0).round().clip(0, 255).astype("uint8")  # [S, S, 3]
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    info = decoded.dicom
+    return {
+        "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+        "size": size, "dicom": info is not None,
+        "modality": info.modality if info else "", "frames": info.frames if info else 1,
+        "window_source": info.window_source if info else "",
+        "presets": {name: {"center": w.center, "width": w.width} for name, w in PRESETS.items()
+                    if name in WINDOW_PRESETS},
+    }
+
+
 def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettings()) -> FastAPI:
     """The page and its API, calling the gateway at connection.target through one AsyncClient."""
     state: dict = {}
@@ -136,6 +219,10 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        with contextlib.suppress(ImportError):  # the decoders' guards, and pydicom never logging header values
+            from services.vision.preprocess import configure_pillow
+
+            configure_pillow(settings.max_image_pixels)
         async with AsyncClient(settings=connection) as client:
             state["client"] = client
             yield
@@ -191,20 +278,22 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
 
     @app.post("/api/classify")
     async def classify(request: Request) -> JSONResponse:
-        """Form: image (one file), labels (one per line) or label_set, template. Every label, ranked."""
+        """Form: image (one file), labels (one per line) or label_set, template, and the display options
+        of image_options(). Every label, ranked, and whether to act on the answer."""
         try:
             form = await read_form(request, max_body, 1)
             try:
                 (image,) = await file_bytes(form, "image", settings.max_image_bytes)
                 labels, label_set = text_lines(form, "labels"), text_field(form, "label_set")
                 template = text_field(form, "template")
+                options = image_options(form)
             finally:
                 await form.close()
             if label_set and labels:
                 raise PageError("BAD_FORM", "choose a label set or type labels, not both")
             if not label_set and not labels:
                 raise PageError("BAD_FORM", "type at least two labels, one per line, or choose a label set")
-            result = await state["client"].classify(image, labels or None, label_set=label_set or None,
+            result = await state["client"].classify(loaded(image, options), labels or None, label_set=label_set or None,
                                                     template=template, top_k=MAX_SHOWN)
             info = await model_info(result.bundle_id)
         except PageError as exc:
@@ -214,14 +303,38 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
         # `top` is most probable first; `scores` (every label) is empty when a label set answered.
         ranked = result.top
         return JSONResponse({
-            "ranked": [{"label": s.label, "probability": s.probability, "cosine": s.cosine, "code": s.code}
-                       for s in ranked],
+            **trust_json(result),
+            "ranked": [{"label": s.label, "probability": s.probability, "cosine": s.cosine, "code": s.code,
+                        "calibrated_probability": s.calibrated_probability} for s in ranked],
             "total": len(result.scores) or None,
             "bundle_id": result.bundle_id, "image_sha256": result.image_sha256,
             # The engines of the bundle that answered; None if the gateway changed bundle since.
             "engines": info["engines"] if info["bundle_id"] == result.bundle_id else None,
             "synthetic": info["synthetic"], "kind": info["kind"],
         })
+
+    @app.post("/api/preview")
+    async def preview(request: Request) -> JSONResponse:
+        """Form: image and the display options of image_options(). The windowed image as the model sees
+        it (a PNG data URL), the modality and frame count, for the page's window controls."""
+        try:
+            form = await read_form(request, max_body, 1)
+            try:
+                (image,) = await file_bytes(form, "image", settings.max_image_bytes)
+                options = image_options(form)
+            finally:
+                await form.close()
+            loaded(image, options)
+            size = int((await model_info()).get("image_size") or 224)
+            body = await asyncio.to_thread(render_preview, image, options, settings, size)
+        except PageError as exc:
+            return error_response(exc.code, exc.message)
+        except MedvlmError as exc:
+            return error_response(exc.code, exc.message, exc.request_id)
+        except ImportError:
+            return error_response("NOT_SUPPORTED", "no preview: the project's decoders are not installed "
+                                                   "beside the page")
+        return JSONResponse(body)
 
     @app.post("/api/similarity")
     async def similarity(request: Request) -> JSONResponse:

@@ -5,6 +5,11 @@
 const $ = (id) => document.getElementById(id);
 let limits = { max_image_bytes: 20 * 1024 * 1024, max_images: 16 };
 let previewUrl = null;
+let isDicom = false; // the chosen file is DICOM: the window controls are shown and sent
+let frames = 1; // frames of the chosen DICOM object, from its preview
+let presetsFilled = false;
+let previewSeq = 0; // answers to older preview requests are dropped
+let presetValues = {};
 
 class PageError extends Error {}
 
@@ -82,15 +87,122 @@ function setupDrop() {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    if (event.dataTransfer.files.length) input.files = event.dataTransfer.files;
+    if (event.dataTransfer.files.length) {
+      input.files = event.dataTransfer.files;
+      fileChosen();
+    }
   });
+  input.addEventListener("change", fileChosen);
+}
+
+async function sniffDicom(file) {
+  // Part 10: a 128-byte preamble, then "DICM". The content decides, never the name.
+  if (file.size < 132) return false;
+  const head = new Uint8Array(await file.slice(128, 132).arrayBuffer());
+  return String.fromCharCode(...head) === "DICM";
+}
+
+async function fileChosen() {
+  const file = $("image").files[0];
+  isDicom = Boolean(file) && await sniffDicom(file);
+  $("dicom-controls").hidden = !isDicom;
+  if (!isDicom) return;
+  frames = 1;
+  $("window-preset").value = "";
+  $("window-center").value = "";
+  $("window-width").value = "";
+  $("frame").value = "0";
+  $("frame-row").hidden = true;
+  $("window-preview").hidden = true;
+  $("window-caption").textContent = "";
+  updatePreview();
+}
+
+function appendWindow(form, forPreview) {
+  // A preset, or a center and width, or neither (the file's own window); the frame of a multi-frame object.
+  const preset = $("window-preset").value;
+  const center = $("window-center").value.trim();
+  const width = $("window-width").value.trim();
+  if (preset) form.append("window_preset", preset);
+  else if (center || width) {
+    form.append("window_center", center);
+    form.append("window_width", width);
+  }
+  if (forPreview || frames > 1) form.append("frame", $("frame").value.trim() || "0");
+}
+
+const WINDOW_SOURCES = {
+  "request": "the center and width given here", "preset": "the preset", "file window": "the file's own window",
+  "VOI LUT": "the file's VOI LUT", "data range": "the image's value range", "colour": "no window (a colour image)",
+};
+
+async function updatePreview() {
+  const file = $("image").files[0];
+  if (!file || !isDicom) return;
+  const seq = ++previewSeq;
+  const box = $("window-error");
+  showError(box, "");
+  try {
+    checkSize(file);
+    const form = new FormData();
+    form.append("image", file, "image");
+    appendWindow(form, true);
+    const body = await api("/api/preview", form);
+    if (seq !== previewSeq) return;
+    if (!presetsFilled) {
+      presetValues = body.presets;
+      for (const [name, w] of Object.entries(body.presets)) {
+        $("window-preset").add(new Option(`${name} (${w.center} / ${w.width})`, name));
+      }
+      presetsFilled = true;
+    }
+    const ct = body.modality === "CT";
+    $("window-preset").disabled = !ct;
+    $("window-note").textContent = ct ? "" : "Presets are in Hounsfield units and apply to CT only; give a center and width instead.";
+    frames = body.frames;
+    $("frame-row").hidden = frames <= 1;
+    $("frame").max = String(frames - 1);
+    const img = $("window-preview");
+    img.src = body.image;
+    img.hidden = false;
+    $("window-caption").textContent = `Windowed by ${WINDOW_SOURCES[body.window_source] || body.window_source}, ` +
+      `resized and centre-cropped to ${body.size} px as the model sees it` +
+      (body.modality ? ` · modality ${body.modality}` : "") + (frames > 1 ? ` · ${frames} frames` : "");
+  } catch (e) {
+    if (seq !== previewSeq) return;
+    $("window-preview").hidden = true;
+    showError(box, e.message);
+  }
+}
+
+function setupWindow() {
+  $("window-preset").addEventListener("change", () => {
+    const w = presetValues[$("window-preset").value];
+    if (w) {
+      $("window-center").value = String(w.center);
+      $("window-width").value = String(w.width);
+    }
+    updatePreview();
+  });
+  for (const id of ["window-center", "window-width"]) {
+    $(id).addEventListener("change", () => {
+      $("window-preset").value = ""; // typed values are a window of their own
+      updatePreview();
+    });
+  }
+  $("frame").addEventListener("change", updatePreview);
+  $("preview-update").addEventListener("click", updatePreview);
 }
 
 function showPreview(file) {
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = null;
   const img = $("preview");
-  if (file.type === "image/png" || file.type === "image/jpeg") {
+  if (isDicom && !$("window-preview").hidden) {
+    img.src = $("window-preview").src;
+    img.hidden = false;
+    $("preview-note").textContent = "As the model sees it (windowed, resized and cropped).";
+  } else if (file.type === "image/png" || file.type === "image/jpeg") {
     previewUrl = URL.createObjectURL(file);
     img.src = previewUrl;
     img.hidden = false;
@@ -101,7 +213,36 @@ function showPreview(file) {
   }
 }
 
+const ABSTAIN_REASONS = {
+  out_of_distribution: "Out of distribution: this image is unlike the images these labels were calibrated on " +
+    "(another modality, a photograph, noise).",
+  low_confidence: "Low confidence: no label reaches the calibrated probability threshold.",
+};
+
+function renderTrust(result) {
+  const box = $("abstain");
+  if (result.abstain) {
+    const title = document.createElement("strong");
+    title.textContent = "Answer withheld: do not act on it.";
+    const reason = document.createElement("span");
+    reason.textContent = (ABSTAIN_REASONS[result.abstain_reason] || `Reason: ${result.abstain_reason || "not given"}.`) +
+      " The ranking below is shown for reference only.";
+    box.replaceChildren(title, reason);
+  }
+  box.hidden = !result.abstain;
+  $("ranking").classList.toggle("withheld", result.abstain);
+  const t = result.trust;
+  $("trust").textContent = t
+    ? `Calibrated: calibration ${t.calibration_id}, scope ${t.scope}. Out-of-distribution score ` +
+      `${t.ood_score.toFixed(2)} (threshold ${t.ood_threshold.toFixed(2)}); answers whose best calibrated ` +
+      `probability is below ${t.min_probability.toFixed(2)} are withheld; temperature ${t.temperature.toFixed(2)}.`
+    : "Not calibrated: the gateway serves without a calibration, so nothing says whether to trust this answer.";
+}
+
 function renderRanking(result) {
+  renderTrust(result);
+  const calibrated = Boolean(result.trust);
+  $("probability-head").textContent = calibrated ? "Calibrated probability" : "Probability";
   const body = $("ranking").tBodies[0];
   body.replaceChildren();
   result.ranked.forEach((score, i) => {
@@ -118,11 +259,13 @@ function renderRanking(result) {
     bar.className = "bar";
     bar.setAttribute("aria-hidden", "true");
     const fill = document.createElement("span");
-    fill.style.width = `${(100 * score.probability).toFixed(1)}%`;
+    const p = calibrated && score.calibrated_probability !== null ? score.calibrated_probability : score.probability;
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
     bar.appendChild(fill);
     const value = document.createElement("span");
     value.className = "value";
-    value.textContent = score.probability.toFixed(3);
+    value.textContent = p.toFixed(3);
+    if (calibrated) value.title = `raw ${score.probability.toFixed(3)}`;
     prob.append(bar, value);
     const cos = row.insertCell();
     cos.className = "cosine num";
@@ -131,7 +274,9 @@ function renderRanking(result) {
   const shown = result.ranked.length;
   const more = result.total === null ? ` (the ${shown} most probable of the set)`
     : result.total > shown ? ` (the ${shown} most probable of ${result.total})` : "";
-  $("ranking").caption.textContent = `Labels, most probable first${more}: probability (softmax over all the labels) and cosine similarity`;
+  const what = calibrated ? "calibrated probability (softmax over all the labels at the calibration's temperature)"
+    : "probability (softmax over all the labels)";
+  $("ranking").caption.textContent = `Labels, most probable first${more}: ${what} and cosine similarity`;
   const engines = result.engines ? ` · ${engineLine(result.engines)}` : "";
   $("answered-by").textContent = `Answered by bundle ${result.bundle_id}${engines} · image sha256 ${result.image_sha256}`;
 }
@@ -151,6 +296,7 @@ async function submitClassify(event) {
     if (labelSet) form.append("label_set", labelSet);
     else form.append("labels", $("labels").value);
     form.append("template", $("template").value);
+    if (isDicom) appendWindow(form, false);
     button.disabled = true;
     $("classify-result").setAttribute("aria-busy", "true");
     const result = await api("/api/classify", form);
@@ -231,6 +377,7 @@ async function submitSimilarity(event) {
 
 document.addEventListener("DOMContentLoaded", () => {
   setupDrop();
+  setupWindow();
   $("classify-form").addEventListener("submit", submitClassify);
   $("similarity-form").addEventListener("submit", submitSimilarity);
   loadInfo();
