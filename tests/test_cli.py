@@ -230,16 +230,12 @@ async def test_readme_command_line_examples_run(demo_stack, tmp_path):
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "roc.png").exists()
 
 
-def test_label_sets_refused_before_anything_is_written(tmp_path, capsys):
-    from medvlm.v1 import gateway_pb2
-
-    if "label_set" in gateway_pb2.ClassifyRequest.DESCRIPTOR.fields_by_name:
-        pytest.skip("the contract has label sets now: the label set tests cover them")
-    out = tmp_path / "results.csv"
-    code = main(["batch", str(SAMPLES), "--out", str(out), "--label-set", "chest-findings@1",
-                 "--target", "127.0.0.1:1"])
-    assert code == 1 and not out.exists()
-    assert "NOT_SUPPORTED" in capsys.readouterr().err
+async def test_an_unknown_label_set_is_refused_with_the_servers_message(tiny_stack, capsys):
+    code = await asyncio.to_thread(main, ["classify", str(SAMPLES / "chest_normal.png"), "--label-set",
+                                          "chest-findings@1", "--target", f"127.0.0.1:{tiny_stack.gateway.port}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "label set" in err
 
 
 @pytest.fixture(scope="module")

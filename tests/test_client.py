@@ -158,10 +158,27 @@ async def test_errors_carry_the_servers_status_and_message(tiny_stack):
             await client.classify(SAMPLES / "chest_normal.png", ["only one"])
         with pytest.raises(ValueError):
             await client.classify(SAMPLES / "chest_normal.png")
-        if "label_set" in gateway_pb2.ClassifyRequest.DESCRIPTOR.fields_by_name:
-            pytest.skip("the contract has label sets now: the label set tests cover them")
-        with pytest.raises(NotSupported):
+        with pytest.raises(ValueError):
+            await client.classify(SAMPLES / "chest_normal.png", CHEST, label_set="chest-findings@1")
+        with pytest.raises(InvalidInput, match="label set"):  # this stack serves none
             await client.classify(SAMPLES / "chest_normal.png", label_set="chest-findings@1")
+
+
+@pytest.fixture(scope="module")
+async def stack_with_label_sets(demo_bundle, tmp_path_factory):
+    stack = await start_stack(demo_bundle, label_sets_dir=str(ROOT / "labelsets"),
+                              data_dir=str(tmp_path_factory.mktemp("label-set-store")))
+    yield stack
+    await stack.stop()
+
+
+async def test_label_sets_listed_and_classified_with_codes(stack_with_label_sets):
+    async with AsyncClient(target(stack_with_label_sets)) as client:
+        names = await client.label_sets()
+        assert {"chest-findings@1", "skin-findings@1", "fundus-findings@1"} <= set(names)
+        result = await client.classify(SAMPLES / "chest_left_effusion.png", label_set="chest-findings", top_k=2)
+    assert result.top[0].label == "left pleural effusion" and result.top[0].code.startswith("demo:")
+    assert len(result.top) == 2 and result.top[0].probability > result.top[1].probability
 
 
 async def test_unavailable_after_retries():

@@ -115,8 +115,8 @@ class AsyncClient:
         return _convert.model_info(reply)
 
     async def label_sets(self, *, timeout: float | None = None) -> tuple[str, ...]:
-        """The label sets the gateway serves, as "name@version". Raises NotSupported when this
-        client's contract has none, and a MedvlmError with code UNIMPLEMENTED from a gateway without them."""
+        """The label sets the gateway serves, as "name@version" (a MedvlmError with code
+        UNIMPLEMENTED from a gateway older than label sets)."""
         request = _convert.list_label_sets_request()
         return _convert.label_set_names(await self._call(self._stub.ListLabelSets, request, timeout))
 

@@ -6,15 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medvlm.client._errors import NotSupported
 from medvlm.client._types import (
     AbstainReason, ClassifyResult, Embedding, Embeddings, EngineInfo, LabelScore, ModelInfo, SimilarityResult,
     Trust,
 )
 from medvlm.v1 import gateway_pb2, types_pb2
-
-_CLASSIFY_FIELDS = gateway_pb2.ClassifyRequest.DESCRIPTOR.fields_by_name
-
 
 def classify_request(image: types_pb2.Image | None, labels: Sequence[str] | None, label_set: str | None,
                      template: str, top_k: int, priority: int) -> gateway_pb2.ClassifyRequest:
@@ -25,26 +21,18 @@ def classify_request(image: types_pb2.Image | None, labels: Sequence[str] | None
     if labels:
         request.labels.extend(labels)
     if label_set:
-        if "label_set" not in _CLASSIFY_FIELDS:
-            raise NotSupported("this client's contract (medvlm.v1) has no label sets yet: send --labels")
         request.label_set = label_set
     return request
 
 
 def check_labels(labels: Sequence[str] | None, label_set: str | None) -> None:
-    """Exactly one of labels and label set, and a label set only if the contract has them."""
+    """Exactly one of labels and label set."""
     if bool(labels) == bool(label_set):
         raise ValueError("give labels or a label set, one of them")
-    if label_set:
-        classify_request(None, None, label_set, "", 0, 0)
 
 
-def list_label_sets_request():
-    """A ListLabelSetsRequest, or NotSupported when this client's contract has no label sets."""
-    request_type = getattr(gateway_pb2, "ListLabelSetsRequest", None)
-    if request_type is None:
-        raise NotSupported("this client's contract (medvlm.v1) has no label sets yet")
-    return request_type()
+def list_label_sets_request() -> gateway_pb2.ListLabelSetsRequest:
+    return gateway_pb2.ListLabelSetsRequest()
 
 
 def label_set_names(reply) -> tuple[str, ...]:
@@ -52,9 +40,8 @@ def label_set_names(reply) -> tuple[str, ...]:
 
 
 def label_score(score: gateway_pb2.LabelScore, calibrated: bool) -> LabelScore:
-    code = getattr(score, "code", "")
     return LabelScore(label=score.label, index=score.index, probability=score.probability,
-                      cosine=score.cosine, code=code,
+                      cosine=score.cosine, code=score.code,
                       calibrated_probability=score.calibrated_probability if calibrated else None)
 
 
