@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import ROOT, start_stack
 from medvlm.client import (
-    AsyncClient, Client, ConnectionSettings, InvalidInput, NotSupported, Unavailable, load_image,
+    AsyncClient, Client, ConnectionSettings, InvalidInput, Unavailable, load_image,
     settings_from, sniff,
 )
 from medvlm.client._errors import UnrecognizedFile
