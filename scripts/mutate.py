@@ -65,8 +65,8 @@ MUTATIONS = (
     ),
     Mutation(
         "image-digest-of-first-16-bytes", "services/vision/servicer.py",
-        "        digests = [convert.sha256_hex(data) for data, _ in items]",
-        "        digests = [convert.sha256_hex(data[:16]) for data, _ in items]",
+        "        digests = [convert.sha256_hex(item.data) for item in items]",
+        "        digests = [convert.sha256_hex(item.data[:16]) for item in items]",
         (C + "test_digests_are_the_sha256_of_each_input",),
         "image_sha256 computed over the first 16 bytes only",
     ),
@@ -99,8 +99,9 @@ MUTATIONS = (
     ),
     Mutation(
         "stream-drops-template-and-top-k", "services/gateway/servicer.py",
-        "                        labels=request.labels, template=request.template, top_k=request.top_k",
-        "                        labels=request.labels",
+        "                        labels=request.labels, label_set=request.label_set, template=request.template,\n"
+        "                        top_k=request.top_k,",
+        "                        labels=request.labels, label_set=request.label_set,",
         (C + "test_stream_items_use_the_first_items_template_and_top_k_and_answer_for_their_image",),
         "ClassifyStream no longer carries the template and top_k forward",
     ),
@@ -158,7 +159,7 @@ MUTATIONS = (
     ),
     Mutation(
         "text-cache-bypassed", "services/gateway/cache.py",
-        "            ident = self._ids.get(key)", "            ident = None",
+        "            row = self._rows.get(key)", "            row = None",
         ("tests/test_gateway.py::test_a_repeated_label_is_never_encoded_twice",),
         "every label re-encoded on every call",
     ),
