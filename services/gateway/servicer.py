@@ -334,9 +334,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidInput("a label set brings its own templates: leave template empty")
             found = await core.classify_set(images, request.label_set, request.top_k, timeout,
                                             convert.priority(request.priority))
-            verdict = self.app.trust and self.app.trust.judge(
-                found.every_cosine, found.image_vector, [label.name for label in found.label_set.labels], "",
-                core.model.logit_scale, scope=self.app.trust.calibration.scope_named(found.label_set.ref))
+            trust = self.app.trust
+            # a set is judged by its own calibrated scope, else the bundle's: no per-call label list
+            verdict = trust and trust.judge(
+                found.every_cosine, found.image_vector, [], "", core.model.logit_scale,
+                scope=trust.calibration.scope_named(found.label_set.ref) or trust.calibration.default())
             return _add_trust(_set_response(found, core.model.bundle_id), verdict)
         labels = check_texts(list(request.labels), self.app.settings, what="label", minimum=2)
         if len(set(labels)) != len(labels):
