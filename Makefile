@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test mutate smoke bench bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -76,6 +76,10 @@ BENCH_ARGS ?=
 
 bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 25 min); BENCH_ARGS=--quick: 1 min
 	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
+
+OLD ?= HEAD~1
+bench-compare: protos $(VENV)/.bench-installed  ## the vision encoder and gateway of commit OLD (default HEAD~1) beside this checkout's, alternating, on demo and biomedclip-arch
+	$(PY) -m bench.compare --old $(OLD) $(COMPARE_ARGS)
 
 MINUTES ?= 10
 LEAK ?=

@@ -324,6 +324,8 @@ class OpenVinoInProcess(OrtEngine):
 class GrpcSystem(System):
     """Helpers of the systems that talk to medvlm servers: subprocesses, channels, stubs."""
 
+    root: Path | None = None  # the checkout whose services are started (None: this one)
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.servers: list[Server] = []
@@ -333,8 +335,8 @@ class GrpcSystem(System):
         self.call_metadata: tuple[tuple[str, str], ...] = ()
 
     def launch(self, name: str, args: list[str], port: int, credentials: grpc.ChannelCredentials | None = None) -> str:
-        server = Server(name, [sys.executable, "-m", *args], cwd=self.ctx.root,
-                        env=service_env(self.ctx.root), log_dir=self.ctx.workdir)
+        root = self.root or self.ctx.root
+        server = Server(name, [sys.executable, "-m", *args], cwd=root, env=service_env(root), log_dir=self.ctx.workdir)
         self.servers.append(server)
         target = f"{HOST}:{port}"
         server.wait_serving(target, self.ctx.server_start_timeout_s, credentials)
