@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from engines.runtime.bundle import find_bundle
+
 log = logging.getLogger("bench.bundles")
 
 # "2026-01-01 12:00:00,000 ERROR engines.build: " before a logged message
@@ -30,12 +32,6 @@ class ModelChoice:
     bundle: Path
     built_s: float | None  # seconds the build took; None when an existing bundle was reused
     note: str = ""
-
-
-def find_bundle(bundles: Path, model: str) -> Path | None:
-    """The newest bundles/<model>-<version> directory with a manifest."""
-    found = sorted(bundles.glob(f"{model}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
 
 
 def ensure_bundle(bundles: Path, model: str, root: Path,

@@ -199,8 +199,9 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def ensure_bundle(args: argparse.Namespace, report: Report, budget: Budget) -> Path | None:
-    from bench.bundles import BundleUnavailable, find_bundle
+    from bench.bundles import BundleUnavailable
     from bench.bundles import ensure_bundle as build
+    from engines.runtime.bundle import find_bundle
 
     existing = find_bundle(args.bundles, report.model)
     if existing is not None:

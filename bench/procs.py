@@ -6,11 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.health import wait_for_health
 
 HOST = "127.0.0.1"
 
@@ -65,20 +65,10 @@ class Server:
 
     def wait_serving(self, target: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Poll grpc.health.v1 until SERVING; ServerFailed if the process exits or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
-        with channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise self.failure(f"exited with status {self.proc.returncode} before serving")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.25)
+        if wait_for_health(target, timeout_s, credentials=credentials, keep_waiting=lambda: self.proc.poll() is None):
+            return
+        if self.proc.poll() is not None:
+            raise self.failure(f"exited with status {self.proc.returncode} before serving")
         raise self.failure(f"was not SERVING after {timeout_s:.0f} s")
 
     def stop(self, grace_s: float = 30.0) -> None:

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engines.runtime.bundle import find_bundle
 from engines.runtime.calibration import CALIBRATION_NAME, Calibration, CalibrationError
 from engines.runtime.manifest import Manifest
+from services.common.health import wait_for_health
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
@@ -29,12 +30,6 @@ TLS_DIR = ROOT / ".cache" / "tls"
 GATEWAY_ID = "spiffe://medvlm.local/gateway"
 LOCAL_USER = "local-user"
 TOKEN_ISSUER = "https://medvlm.local/issuer"
-
-
-def find_bundle(bundles: Path, model: str) -> Path | None:
-    """The newest bundles/<model>-<version> directory with a manifest."""
-    found = sorted(bundles.glob(f"{model}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
 
 
 def ensure_bundle(bundles: Path, model: str) -> Path:
@@ -99,23 +94,6 @@ def make_local_tls(folder: Path, hosts: list[str], token_hours: float = 12) -> L
     with os.fdopen(fd, "w") as out:
         out.write(token + "\n")
     return LocalTLS(folder)
-
-
-def wait_serving(target: str, timeout_s: float, keep_waiting, credentials: grpc.ChannelCredentials | None = None) -> bool:
-    """Poll grpc.health.v1 on target until SERVING, timeout, or keep_waiting() turns false."""
-    deadline = time.monotonic() + timeout_s
-    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and keep_waiting():
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    return False
 
 
 def how_it_ended(returncode: int) -> str:
@@ -217,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return not stopping and all(p.poll() is None for p in procs.values())
 
     try:
-        if not wait_serving(gateway, args.timeout_s, all_running, tls.channel_credentials() if tls else None):
+        if not wait_for_health(gateway, args.timeout_s, keep_waiting=all_running, interval_s=0.5,
+                               credentials=tls.channel_credentials() if tls else None):
             if not stopping:
                 print("the stack did not become healthy; see the logs above", file=sys.stderr)
             return 0 if stopping else 1

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc  # noqa: E402
+from services.common.health import wait_for_health  # noqa: E402
 from services.common.server import Server  # noqa: E402
 from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
 from services.gateway.servicer import GatewayApp  # noqa: E402
@@ -213,6 +214,16 @@ async def eventually(predicate, timeout_s: float = 60, what: str = "the conditio
         await asyncio.sleep(0.005)
 
 
+async def wait_health(port: int, want: int, within_s: float = 10.0, service: str = "") -> float:
+    """Seconds until the health of `service` on the local `port` is `want` (bounded polling through
+    services.common.health, off the event loop); fails after within_s."""
+    start = time.monotonic()
+    reached = await asyncio.to_thread(wait_for_health, f"127.0.0.1:{port}", within_s, want=want, service=service,
+                                      interval_s=0.05)
+    assert reached, f"{service or 'readiness'} health did not become {want} within {within_s} s"
+    return time.monotonic() - start
+
+
 async def health_status(port: int, service: str = "", timeout: float = 5) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -223,5 +234,5 @@ async def health_status(port: int, service: str = "", timeout: float = 5) -> int
 
 __all__ = [
     "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings",
-    "health_status", "start_server", "start_stack", "encoders_pb2_grpc",
+    "health_status", "start_server", "start_stack", "wait_health", "encoders_pb2_grpc",
 ]

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from conftest import encoder_settings, eventually, start_server, start_stack
 from engines.runtime.bundle import load_bundle
-from engines.runtime.onnx import open_engine
+from engines.runtime.select import ORT_CPU, open_engine
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, types_pb2
 from services.common import batching
 from services.common.batching import ROUTINE, STAT, URGENT, Batcher
@@ -26,7 +26,7 @@ from test_gateway import png_bytes
 
 @pytest.fixture(scope="module")
 def vision_engine(tiny_bundle):
-    engine = open_engine(load_bundle(tiny_bundle), "vision", max_batch=64)
+    engine = open_engine(load_bundle(tiny_bundle), "vision", ORT_CPU, max_batch=64).engine
     yield engine
     engine.close()
 

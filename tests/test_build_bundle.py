@@ -268,3 +268,39 @@ def test_biomedclip_loads_a_local_snapshot(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.encode_image(images), reference.model.encode_image(images))
         torch.testing.assert_close(loaded.model.encode_text(ids), reference.model.encode_text(ids))
+
+
+# Every way the build command is invoked (Makefile, docs, README, k8s plans Job, launcher, bench)
+# and the step it must run.
+BUILD_COMMAND_LINES = [
+    ("--model demo --out bundles", "_build"),
+    ("--model biomedclip --out bundles --weights w --precision int8,fp16 --calibration c --force", "_build"),
+    ("--model demo --out bundles --sign-key release.key", "_build"),
+    ("quantize --bundle b --precision int8 --calibration c", "_quantize"),
+    ("quantize --bundle b --schemes dynamic", "_quantize"),
+    ("openvino --bundle b --calibration c", "_openvino"),
+    ("calibrate --bundle b --calibration c", "_calibrate"),
+    ("plans --bundle b", "_plans"),
+    ("plans --bundle b --precision fp32,fp16", "_plans"),
+    ("sign --bundle b --key release.key", "_sign"),
+]
+
+
+@pytest.mark.parametrize(("line", "step"), BUILD_COMMAND_LINES)
+def test_build_command_lines_parse_to_their_step(line: str, step: str) -> None:
+    from engines.build.__main__ import _parser
+
+    args = _parser().parse_args(line.split())
+    assert args.run.__name__ == step
+    if step == "_quantize":
+        assert args.precision == ["int8"]  # given, or quantize's default
+    if step == "_build" and "--precision" not in line:
+        assert args.precision == []  # a plain build adds no reduced precision
+
+
+def test_build_without_a_model_or_command_is_refused(capsys) -> None:
+    from engines.build.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", "bundles"])
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err

@@ -178,6 +178,7 @@ def dataclasses_frozen_error():
 
 
 def test_readme_settings_table_is_current():
-    from services.common.settings import markdown_table
+    from scripts.settings_table import markdown_table
 
-    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate: python -m services.common.settings README.md"
+    assert markdown_table() in (ROOT / "README.md").read_text(), (
+        "regenerate: python -m scripts.settings_table README.md")

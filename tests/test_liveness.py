@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 
-from conftest import encoder_settings, health_status, start_server
+from conftest import encoder_settings, health_status, start_server, wait_health
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
 from services.common.server import LIVENESS, NOT_SERVING, SERVING
 from services.common.settings import VISION
 from test_gateway import png_bytes
 from test_lifecycle import GatedVisionApp
 from services.vision.servicer import VisionApp
-
-
-async def _until_status(port: int, service: str, want: int, within_s: float = 10.0) -> None:
-    start = time.monotonic()
-    while await health_status(port, service) != want:
-        assert time.monotonic() - start < within_s, f"{service or 'readiness'} never became {want}"
-        await asyncio.sleep(0.05)
 
 
 async def test_live_while_warming_up_and_while_draining(tiny_bundle):
@@ -36,7 +28,7 @@ async def test_live_while_warming_up_and_while_draining(tiny_bundle):
         await asyncio.wait_for(server.ready.wait(), 30)
         assert await health_status(server.port) == SERVING
         stopping = asyncio.ensure_future(server.stop(1.0))
-        await _until_status(server.port, "", NOT_SERVING)  # draining: no new work, please
+        await wait_health(server.port, NOT_SERVING)  # draining: no new work, please
         assert await health_status(server.port, LIVENESS) == SERVING  # and do not kill it
         assert not stopping.done()
     finally:
@@ -60,12 +52,12 @@ async def test_not_live_when_the_engine_hangs_and_live_again_when_it_returns(tin
 
     engine.infer = infer
     try:
-        await _until_status(server.port, LIVENESS, SERVING)
+        await wait_health(server.port, SERVING, service=LIVENESS)
         hang.set()  # no traffic at all: the periodic probe is what finds the hang
-        await _until_status(server.port, LIVENESS, NOT_SERVING, within_s=10)
+        await wait_health(server.port, NOT_SERVING, service=LIVENESS)
         hang.clear()
         release.set()
-        await _until_status(server.port, LIVENESS, SERVING, within_s=10)
+        await wait_health(server.port, SERVING, service=LIVENESS)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             reply = await encoders_pb2_grpc.VisionEncoderServiceStub(channel).EmbedImages(
                 types_pb2.EmbedImagesRequest(images=[types_pb2.Image(data=png_bytes(4))]), timeout=10)
@@ -88,11 +80,11 @@ async def test_a_failing_engine_is_found_by_the_probe(tiny_bundle):
 
     try:
         engine.infer = broken
-        await _until_status(server.port, LIVENESS, NOT_SERVING)
+        await wait_health(server.port, NOT_SERVING, service=LIVENESS)
         assert await health_status(server.port) == NOT_SERVING  # not ready either
         engine.infer = real_infer
-        await _until_status(server.port, LIVENESS, SERVING)
-        await _until_status(server.port, "", SERVING)
+        await wait_health(server.port, SERVING, service=LIVENESS)
+        await wait_health(server.port, SERVING)
     finally:
         engine.infer = real_infer
         await server.stop(0)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import (
     encoder_settings, gateway_settings, health_status, spawn_service, start_server, start_stack,
-    wait_for_serving,
+    wait_for_serving, wait_health,
 )
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common import metrics
@@ -73,19 +73,6 @@ def stream_item(i: int, labels: list[str] | None = None) -> gateway_pb2.Classify
     if labels:
         request.labels.extend(labels)
     return gateway_pb2.ClassifyStreamRequest(correlation_id=f"item-{i}", request=request)
-
-
-async def wait_health(port: int, want: int, within_s: float) -> float:
-    """Seconds until the server's health is `want` (bounded polling); fails after within_s."""
-    start = time.monotonic()
-    while time.monotonic() - start < within_s:
-        try:
-            if await health_status(port) == want:
-                return time.monotonic() - start
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"health did not become {want} within {within_s} s")
 
 
 @pytest.fixture

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import structlog
-from conftest import encoder_settings, start_server
+from conftest import ROOT, encoder_settings, start_server
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
 
+import engines.build.torch_engine  # noqa: F401 - registers the torch reference engines
 from engines.build.amend import amend_bundle
 from engines.build.quantize import prepare_graph, quantize_dynamic_graph
 from engines.runtime import manifest as mf
@@ -189,6 +193,32 @@ def test_torch_reference_engine_reproduces_the_golden_outputs(tiny_bundle):
     assert (chosen.engine.kind, chosen.engine.precision) == ("torch/cpu", "fp32")
     assert chosen.golden_cosine > 0.99999
     chosen.engine.close()
+
+
+def test_the_runtime_half_offers_torch_only_once_the_build_half_registers_it(tiny_bundle):
+    probe = """
+import sys
+from engines.runtime import select
+from engines.runtime.bundle import load_bundle
+from engines.runtime.engine import EngineError
+assert not [m for m in sys.modules if m.startswith("engines.build")], "the runtime half imported the build half"
+names = select.engine_names()
+assert "torch-cpu" not in names and "onnxruntime-cpu" in names, names
+try:
+    select.open_engine(load_bundle(sys.argv[1]), "text", engine="torch-cpu")
+except EngineError as exc:
+    print("refused:", exc)
+import engines.build.torch_engine
+chosen = select.open_engine(load_bundle(sys.argv[1]), "text", engine="torch-cpu")
+print("registered:", chosen.engine.kind)
+"""
+    done = subprocess.run([sys.executable, "-c", probe, str(tiny_bundle)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = {line.split(":", 1)[0]: line for line in done.stdout.splitlines() if line.startswith(("refused:", "registered:"))}
+    refused, registered = said.get("refused", ""), said.get("registered", "")
+    assert refused.startswith("refused: engine torch-cpu is the torch reference") and "requirements/build.txt" in refused
+    assert registered == "registered: torch/cpu"
 
 
 def test_torch_cuda_without_a_gpu_is_refused_with_its_reason(tiny_bundle):

@@ -21,6 +21,7 @@ from PIL import Image
 from engines.build import export, registry
 from engines.build.localdir import LoadedModel
 from engines.runtime import manifest as mf
+from engines.runtime.bundle import BundleError
 from engines.runtime.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ GOLDEN_TEXTS = (
     "Dermoscopy — melanoma? (asymmetric, 6 mm; café-au-lait macule) ✓ 肺",
     "normal frontal chest radiograph with no pleural effusion and a normal cardiac silhouette. " * 40,
 )
-
-
-class BundleError(RuntimeError):
-    """A bundle could not be built; nothing was written."""
 
 
 class ParityError(BundleError):

@@ -2,7 +2,8 @@
 
 It is the baseline the exported engines are measured against (parity checks, benchmarks) and an
 optional serving backend (`--engine torch-cpu|torch-cuda`). It needs torch and open_clip, so it
-lives in the build half; engines.runtime.select imports it only when asked for.
+lives in the build half, and importing this module registers `torch-cpu` and `torch-cuda` with
+engines.runtime.select; the runtime half never imports it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from engines.build import registry
 from engines.build.localdir import LoadedModel
+from engines.runtime import select
 from engines.runtime.bundle import Bundle
 from engines.runtime.engine import Engine, EngineError
 from engines.runtime.manifest import FP32
@@ -74,3 +76,13 @@ def open_torch_engine(bundle: Bundle, tower: str, *, device: str = "cpu", max_ba
     if threads > 0:
         torch.set_num_threads(threads)
     return TorchEngine(load_source(bundle).model, tower, device=device, max_batch=max_batch)
+
+
+def _open(bundle: Bundle, tower: str, option: select.Option, env: select.Environment, intra_op_threads: int,
+          max_batch: int, *, cache_dir: str = "") -> TorchEngine:
+    device = "cuda" if option.engine == select.TORCH_CUDA else "cpu"
+    return open_torch_engine(bundle, tower, device=device, max_batch=max_batch, threads=intra_op_threads)
+
+
+for _kind in select.TORCH_ENGINES:
+    select.register_engine(_kind, _open)

@@ -26,8 +26,15 @@ TOWER_TENSORS = {"vision": (VISION_INPUT, VISION_OUTPUT), "text": (TEXT_INPUT, T
 
 
 class BundleError(Exception):
-    """The bundle cannot be served: missing, tampered with, or failing its golden check."""
+    """The bundle cannot be built or served: missing, tampered with, or failing a check (golden
+    outputs, parity); a build that raises it has written nothing."""
 
+
+
+def find_bundle(bundles: Path, model: str) -> Path | None:
+    """The newest bundles/<model>-<version> directory with a manifest (by the manifest's mtime)."""
+    found = sorted(bundles.glob(f"{model}-*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:

@@ -1,7 +1,7 @@
 """Calibration of a bundle: temperatures, abstention thresholds and image-embedding statistics.
 
-Written by `python -m engines.build calibrate` beside the bundle's manifest (`calibration.json`),
-read by the gateway. It is not listed in the manifest, so calibrating never changes the bundle id;
+Written by the build half's `calibrate` command (`make calibrate`) beside the bundle's manifest
+(`calibration.json`), read by the gateway. It is not listed in the manifest, so calibrating never changes the bundle id;
 instead the file names the bundle id it was fitted for and carries the sha256 of its own content,
 and a reader refuses it for any other bundle or when the hash does not match.
 

@@ -27,10 +27,6 @@ class Engine(abc.ABC):
         parts = [self.infer(inputs[i : i + self.max_batch]) for i in range(0, len(inputs), self.max_batch)]
         return np.concatenate(parts, axis=0)
 
-    def warmup(self, example: np.ndarray) -> None:
-        """Run once so that lazy allocations happen before the first real call."""
-        self.infer(example[:1])
-
     def close(self) -> None:
         """Release the engine's resources."""
 

@@ -1,5 +1,4 @@
-"""ONNX Runtime engine (CUDA or CPU provider). Choosing an engine is engines.runtime.select's job;
-choose_provider and open_engine here are the former entry points, kept for their callers."""
+"""ONNX Runtime engine (CUDA or CPU provider); engines.runtime.select chooses which to open."""
 
 from __future__ import annotations
 
@@ -7,16 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import structlog
 
-from engines.runtime.bundle import TOWER_TENSORS, Bundle
 from engines.runtime.engine import Engine, EngineError
-
-log = structlog.get_logger("medvlm.engine")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-ENGINE_PROVIDERS = {"onnxruntime-cuda": CUDA, "onnxruntime-cpu": CPU}
 
 
 class OnnxRuntimeEngine(Engine):
@@ -58,41 +52,3 @@ class OnnxRuntimeEngine(Engine):
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]
-
-
-def choose_provider(requested: str, available: list[str] | None = None) -> str:
-    """The ONNX Runtime provider for an engine setting; `auto` prefers CUDA and logs why not.
-
-    Superseded by engines.runtime.select, which also considers TensorRT plans and precisions."""
-    available = ort.get_available_providers() if available is None else available
-    if requested == "auto":
-        if CUDA in available:
-            return CUDA
-        log.info("engine_skipped", engine="onnxruntime-cuda",
-                 reason="CUDAExecutionProvider not in this onnxruntime build")
-        return CPU
-    if requested not in ENGINE_PROVIDERS:
-        raise EngineError(f"unknown engine {requested!r}; expected auto or one of {sorted(ENGINE_PROVIDERS)}")
-    provider = ENGINE_PROVIDERS[requested]
-    if provider not in available:
-        raise EngineError(f"engine {requested} asked for, but {provider} is not available here")
-    return provider
-
-
-def open_engine(bundle: Bundle, tower: str, requested: str = "auto", intra_op_threads: int = 0,
-                max_batch: int = 32) -> Engine:
-    """Open the fp32 ONNX Runtime engine serving `tower` of a verified bundle (no golden check).
-
-    Services use engines.runtime.select.open_engine, which picks among every engine and precision."""
-    input_name, output_name = TOWER_TENSORS[tower]
-    engine = OnnxRuntimeEngine(
-        bundle.engine_file(tower),
-        input_name=input_name,
-        output_name=output_name,
-        precision=bundle.manifest.precision_of(tower),
-        provider=choose_provider(requested),
-        intra_op_threads=intra_op_threads,
-        max_batch=max_batch,
-    )
-    log.info("engine_opened", tower=tower, engine=engine.kind, precision=engine.precision)
-    return engine

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import onnxruntime as ort
 import structlog
@@ -39,7 +38,6 @@ ORT_CPU = "onnxruntime-cpu"
 OPENVINO = "openvino"
 TORCH_CPU = "torch-cpu"
 TORCH_CUDA = "torch-cuda"
-ENGINES = (AUTO, TENSORRT, ORT_CUDA, OPENVINO, ORT_CPU, TORCH_CPU, TORCH_CUDA)
 AUTO_ORDER = (TENSORRT, ORT_CUDA, OPENVINO, ORT_CPU)
 BF16 = ov_engine.BF16
 PRECISIONS = (AUTO, mf.FP32, BF16, mf.FP16, mf.INT8)
@@ -48,9 +46,9 @@ SPEED_ORDER = (mf.INT8, BF16, mf.FP16, mf.FP32)
 # Engines tried as one tier by `auto`: their options in SPEED_ORDER, the earlier family first.
 CPU_TIER = (OPENVINO, ORT_CPU)
 
-# The torch reference needs torch and open_clip, so it lives in the build half and is imported
-# only when asked for: a serving image without them never loads it.
-TORCH_BACKEND = "engines.build.torch_engine"
+# The torch reference needs torch and open_clip, so the build half registers its engines when
+# imported; a serving image without them never has them.
+TORCH_ENGINES = (TORCH_CPU, TORCH_CUDA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +114,30 @@ class Selection:
     skipped: list[Skipped]
 
 
+class Opener(Protocol):
+    """Opens one option of a tower; raises EngineError when it cannot run here."""
+
+    def __call__(self, bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
+                 max_batch: int, *, cache_dir: str = "") -> Engine: ...
+
+
+# Engine name -> opener. TensorRT, ONNX Runtime and OpenVINO run the bundle's files and are
+# registered below; any other registered engine runs the bundle's source model in fp32.
+_OPENERS: dict[str, Opener] = {}
+
+
+def register_engine(kind: str, opener: Opener) -> None:
+    """Make `kind` an engine `open_engine` can select; registering a kind again replaces its opener."""
+    if kind == AUTO:
+        raise EngineError(f"{AUTO!r} is not an engine name")
+    _OPENERS[kind] = opener
+
+
+def engine_names() -> tuple[str, ...]:
+    """The engine settings this process accepts: auto and every registered engine."""
+    return (AUTO, *_OPENERS)
+
+
 def _ordered(files: dict[str, mf.FileEntry]) -> list[tuple[str, mf.FileEntry]]:
     return sorted(files.items(), key=lambda item: SPEED_ORDER.index(item[1].precision)
                   if item[1].precision in SPEED_ORDER else len(SPEED_ORDER))
@@ -139,7 +161,7 @@ def options(bundle: Bundle, tower: str, engine: str, precision: str,
             plans = manifest.plan_files(tower)
             if not plans:
                 skipped.append(Skipped(Option(TENSORRT, precision, None),
-                                       f"the bundle has no TensorRT plan for {tower} (python -m engines.build plans)"))
+                                       f"the bundle has no TensorRT plan for {tower} (the build half's `plans` command builds them)"))
             for name, entry in _ordered(plans):
                 consider(Option(TENSORRT, entry.precision, name), _plan_reason(entry, env))
         elif family in (ORT_CUDA, ORT_CPU):
@@ -159,10 +181,8 @@ def options(bundle: Bundle, tower: str, engine: str, precision: str,
             for name, entry in _ordered(manifest.engine_files(tower)):
                 for option, reason in _openvino_options(name, entry, env):
                     consider(option, reason)
-        elif family in (TORCH_CPU, TORCH_CUDA):
-            consider(Option(family, mf.FP32, None), None)
         else:
-            raise EngineError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+            consider(Option(family, mf.FP32, None), None)
     if engine == AUTO:
         tried.sort(key=_cpu_tier_rank)  # stable: the GPU options keep their place ahead
     return tried, skipped
@@ -192,7 +212,7 @@ def _openvino_options(name: str, entry: mf.FileEntry, env: Environment) -> list[
     if entry.scheme != mf.SCHEME_NNCF:
         return [(Option(OPENVINO, entry.precision, name),
                  f"{entry.scheme or entry.precision} graphs are gated on ONNX Runtime, not on OpenVINO "
-                 "(python -m engines.build openvino adds OpenVINO's own int8)")]
+                 "(make quantize-openvino adds OpenVINO's own int8)")]
     return [(Option(OPENVINO, entry.precision, name), None)]
 
 
@@ -205,28 +225,47 @@ def _plan_reason(entry: mf.FileEntry, env: Environment) -> str | None:
     return trt_engine.plan_mismatch(entry, env.gpu, env.tensorrt)
 
 
-def _open(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
-          max_batch: int, openvino_cache_dir: str = "") -> Engine:
+def _open_openvino(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
+                   max_batch: int, *, cache_dir: str = "") -> Engine:
     input_name, output_name = TOWER_TENSORS[tower]
-    if option.engine == OPENVINO:
-        return ov_engine.OpenVinoEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
-                                        precision=option.precision, threads=intra_op_threads, max_batch=max_batch,
-                                        cache_dir=openvino_cache_dir)
-    if option.engine in (ORT_CPU, ORT_CUDA):
-        return OnnxRuntimeEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
-                                 precision=option.precision, provider=CUDA if option.engine == ORT_CUDA else CPU,
-                                 intra_op_threads=intra_op_threads, max_batch=max_batch)
-    if option.engine == TENSORRT:
-        return trt_engine.TensorRTEngine(bundle.file(option.file), bundle.manifest.files[option.file],
-                                         input_name=input_name, output_name=output_name, max_batch=max_batch,
-                                         gpu=env.gpu)
-    try:
-        backend = importlib.import_module(TORCH_BACKEND)
-    except ImportError as exc:
-        raise EngineError(f"the torch reference engine needs torch, open_clip and engines/build "
-                          f"(requirements/build.txt); this installation lacks them ({exc})") from exc
-    return backend.open_torch_engine(bundle, tower, device="cuda" if option.engine == TORCH_CUDA else "cpu",
-                                     max_batch=max_batch, threads=intra_op_threads)
+    return ov_engine.OpenVinoEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
+                                    precision=option.precision, threads=intra_op_threads, max_batch=max_batch,
+                                    cache_dir=cache_dir)
+
+
+def _open_onnxruntime(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
+                      max_batch: int, *, cache_dir: str = "") -> Engine:
+    input_name, output_name = TOWER_TENSORS[tower]
+    return OnnxRuntimeEngine(bundle.file(option.file), input_name=input_name, output_name=output_name,
+                             precision=option.precision, provider=CUDA if option.engine == ORT_CUDA else CPU,
+                             intra_op_threads=intra_op_threads, max_batch=max_batch)
+
+
+def _open_tensorrt(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
+                   max_batch: int, *, cache_dir: str = "") -> Engine:
+    input_name, output_name = TOWER_TENSORS[tower]
+    return trt_engine.TensorRTEngine(bundle.file(option.file), bundle.manifest.files[option.file],
+                                     input_name=input_name, output_name=output_name, max_batch=max_batch,
+                                     gpu=env.gpu)
+
+
+register_engine(TENSORRT, _open_tensorrt)
+register_engine(ORT_CUDA, _open_onnxruntime)
+register_engine(OPENVINO, _open_openvino)
+register_engine(ORT_CPU, _open_onnxruntime)
+
+
+def _open(bundle: Bundle, tower: str, option: Option, env: Environment, intra_op_threads: int,
+          max_batch: int, *, cache_dir: str = "") -> Engine:
+    """Open `option` with its engine's registered opener."""
+    return _OPENERS[option.engine](bundle, tower, option, env, intra_op_threads, max_batch, cache_dir=cache_dir)
+
+
+def _unknown_engine(engine: str) -> EngineError:
+    if engine in TORCH_ENGINES:
+        return EngineError(f"engine {engine} is the torch reference, which the build half registers when imported; "
+                           "this process has not loaded it (it needs torch and open_clip: requirements/build.txt)")
+    return EngineError(f"unknown engine {engine!r}; expected one of {', '.join(engine_names())}")
 
 
 def open_engine(
@@ -249,8 +288,8 @@ def open_engine(
     unknown engine or precision, or nothing can run what they ask for; BundleError when
     options opened but none reproduced the golden outputs.
     """
-    if engine not in ENGINES:
-        raise EngineError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine not in engine_names():
+        raise _unknown_engine(engine)
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     manifest = bundle.manifest
@@ -263,7 +302,7 @@ def open_engine(
     for s in skipped:
         log.info("engine_skipped", tower=tower, engine=s.option.engine, precision=s.option.precision,
                  file=s.option.file, reason=s.reason)
-    open_one = opener or functools.partial(_open, openvino_cache_dir=openvino_cache_dir)
+    open_one = opener or functools.partial(_open, cache_dir=openvino_cache_dir)
     golden_failures = 0
     for option in tried:
         try:

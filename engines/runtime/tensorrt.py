@@ -3,7 +3,7 @@
 TensorRT and cuda-bindings are imported only when a plan is opened, so this module imports on
 any machine; the `tensorrt` package comes with NVIDIA's TensorRT base image, not from pip.
 Follows the TensorRT 11 Python API: plans are built from strongly typed networks
-(engines/build/plans.py), and inference uses set_input_shape / set_tensor_address /
+(by the build half's `plans` command), and inference uses set_input_shape / set_tensor_address /
 execute_async_v3 on a stream created with cuda-bindings.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engines.runtime.engine import EngineError
 from services.common.auth import Guard
 from services.common.interceptors import Admission, ServerInterceptor
 from services.common.metrics import serve_metrics
@@ -59,6 +61,22 @@ class App(Protocol):
 
 
 MAX_CONCURRENT_STREAMS = 4096
+
+# Engines the build half registers when imported (the torch reference needs torch and open_clip):
+# imported only when asked for, so a serving image without the build half never loads them.
+BUILD_HALF_ENGINES = {"torch-cpu": "engines.build.torch_engine", "torch-cuda": "engines.build.torch_engine"}
+
+
+def load_build_half_engine(engine: str) -> None:
+    """Register `engine` from the build half if it lives there; EngineError if it cannot be imported."""
+    module = BUILD_HALF_ENGINES.get(engine)
+    if module is None:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise EngineError(f"engine {engine} is the torch reference: it needs torch, open_clip and engines/build "
+                          f"(requirements/build.txt); this installation lacks them ({exc})") from exc
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -152,6 +170,7 @@ class Server:
 
     async def _start_app(self) -> None:
         try:
+            await asyncio.to_thread(load_build_half_engine, self.settings.engine)
             await self.app.start()
         except Exception as exc:  # noqa: BLE001 - stay live, report NOT_SERVING, say why
             log.error("start_failed", error_type=type(exc).__name__, error=str(exc))
