@@ -215,7 +215,7 @@ async def test_an_engine_failure_reaches_every_waiting_caller_and_the_server_rec
                 assert "engine failed" in outcome.details()
                 assert "simulated" not in outcome.details()
             assert len((await stub.EmbedImages(request, timeout=10)).embeddings) == 2
-        assert server.app._batcher.queued == 0
+        assert server.app.batcher.admitted == 0
     finally:
         await server.stop(0)
 
