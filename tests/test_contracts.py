@@ -294,7 +294,7 @@ async def test_stream_items_carry_their_own_priority(tiny_stack):
     with Spy(tiny_stack.vision.app) as vision:
         replies = [r async for r in tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=30)]
     assert all(r.HasField("result") for r in replies)
-    assert sorted(vision.priorities) == [STAT, ROUTINE]
+    assert sorted(vision.priorities, reverse=True) == [STAT, ROUTINE]  # one item each
 
 
 # --- limits ------------------------------------------------------------------------------------
