@@ -138,6 +138,10 @@ class Ticket:
     remaining: int = 0  # items without a result yet
     done: bool = False  # settled, or given up: nothing more of it is prepared or computed
 
+    def expired(self, now: float) -> bool:
+        """Its deadline (a time.monotonic() instant) has passed."""
+        return self.deadline is not None and now >= self.deadline
+
     def settle(self, result: np.ndarray | None = None, error: BaseException | None = None) -> None:
         """Complete the caller's future from any thread."""
         def apply() -> None:
@@ -267,7 +271,7 @@ class Batcher:
         deadline passes, so this is where most expired work is seen.
         """
         with self._cond:
-            if self._release(ticket) and self._expired(ticket, time.monotonic()):
+            if self._release(ticket) and ticket.expired(time.monotonic()):
                 metrics.EXPIRED.labels(self._name).inc()
 
     def _release(self, ticket: Ticket) -> bool:
@@ -289,15 +293,15 @@ class Batcher:
         self._cond.notify_all()  # the worker may be waiting for this request's preparation
         return True
 
-    @staticmethod
-    def _expired(ticket: Ticket, now: float) -> bool:
-        return ticket.deadline is not None and now >= ticket.deadline
-
-    def _drop_expired(self, ticket: Ticket) -> None:
-        """Under the lock: the one deadline rule, before any more work is done for the ticket."""
+    def _dropped_expired(self, ticket: Ticket, now: float) -> bool:
+        """Under the lock: the one deadline rule, applied before more work is done for a ticket. True
+        if its deadline has passed: it is then released, counted and told (DeadlineExpired)."""
+        if not ticket.expired(now):
+            return False
         if self._release(ticket):
             metrics.EXPIRED.labels(self._name).inc()
             ticket.settle(error=DeadlineExpired("deadline passed before the work reached the engine"))
+        return True
 
     def close(self) -> None:
         """Stop taking requests; admitted work not yet computing is refused, the running batch finishes."""
@@ -317,9 +321,7 @@ class Batcher:
     def _prepare(self, ticket: Ticket, prepare: Callable[[Any], Sequence[np.ndarray]], payload: Any) -> None:
         """In a pool thread: prepare, queue, and compute here if this is the only work there is."""
         with self._cond:
-            if self._expired(ticket, time.monotonic()):
-                self._drop_expired(ticket)
-            if ticket.done:
+            if self._dropped_expired(ticket, time.monotonic()) or ticket.done:
                 return
         try:
             rows = prepare(payload)
@@ -399,8 +401,7 @@ class Batcher:
         while len(batch) < self.max_batch and (queue := self._next(now)) is not None:
             item = queue.popleft()
             request = item.request
-            if self._expired(request, now):
-                self._drop_expired(request)
+            if self._dropped_expired(request, now):
                 continue
             request.queued -= 1
             self._queued -= 1

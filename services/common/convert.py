@@ -28,7 +28,7 @@ TOWER = {"vision": types_pb2.TOWER_VISION, "text": types_pb2.TOWER_TEXT}
 
 
 def priority(value: int) -> batching.Priority:
-    """A request's Priority as the batcher serves it (the wire value; UNSPECIFIED or unknown: ROUTINE)."""
+    """A request's priority as served: the wire value, UNSPECIFIED or unknown ones as ROUTINE."""
     return batching.Priority.of(value)
 
 

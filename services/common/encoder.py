@@ -1,4 +1,4 @@
-"""What both encoders share: loading and verifying their tower of a bundle, and describing it."""
+"""The encoder app both encoders are built from: a verified tower of a bundle, its batcher, its model info."""
 
 from __future__ import annotations
 

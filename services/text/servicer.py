@@ -35,7 +35,9 @@ def add_servicer(app: EncoderApp, server: grpc.aio.Server) -> None:
     encoders_pb2_grpc.add_TextEncoderServiceServicer_to_server(TextServicer(app), server)
 
 
-TEXT_TOWER = Tower(TEXT, encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name, text_preparer, add_servicer)
+TEXT_TOWER = Tower(
+    TEXT, encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name, text_preparer, add_servicer
+)
 
 
 def TextApp(settings: Settings) -> EncoderApp:  # noqa: N802 - constructs the app, like a class

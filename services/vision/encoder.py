@@ -49,4 +49,5 @@ class ImagePreparer:
 
 def image_preparer(settings: Settings, loaded: LoadedTower) -> ImagePreparer:
     """The vision tower's preparer: the bundle's preprocessing, the settings' decode limits."""
-    return ImagePreparer(loaded.bundle.manifest.image, DecodeLimits(settings.max_image_bytes, settings.max_image_pixels))
+    limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
+    return ImagePreparer(loaded.bundle.manifest.image, limits)
