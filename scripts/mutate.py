@@ -58,8 +58,8 @@ MUTATIONS = (
     ),
     Mutation(
         "engine-error-not-delivered", "services/common/batching.py",
-        '                request.settle(error=MedvlmError("the engine failed on this batch"))',
-        "                pass",
+        '                        item.request.settle(error=MedvlmError("the engine failed on this batch"))',
+        "                        pass",
         (C + "test_an_engine_failure_reaches_every_waiting_caller_and_the_server_recovers",),
         "an engine exception never reaches its callers (they wait until their deadline)",
     ),
@@ -72,14 +72,14 @@ MUTATIONS = (
     ),
     Mutation(
         "priority-dropped-to-vision", "services/gateway/clients.py",
-        "types_pb2.EmbedImagesRequest(images=chunk, priority=wire)",
+        "types_pb2.EmbedImagesRequest(images=chunk, priority=priority)",
         "types_pb2.EmbedImagesRequest(images=chunk)",
         (C + "test_priority_reaches_both_encoders", C + "test_stream_items_carry_their_own_priority"),
         "the request's priority dropped between the gateway and the vision encoder",
     ),
     Mutation(
         "priority-dropped-to-text", "services/gateway/clients.py",
-        "types_pb2.EmbedTextsRequest(texts=texts, priority=convert.priority_enum(priority))",
+        "types_pb2.EmbedTextsRequest(texts=texts, priority=priority)",
         "types_pb2.EmbedTextsRequest(texts=texts)",
         (C + "test_priority_reaches_both_encoders",),
         "the request's priority dropped between the gateway and the text encoder",
@@ -120,8 +120,8 @@ MUTATIONS = (
     ),
     Mutation(
         "embeddings-not-normalised", "services/common/encoder.py",
-        "            lambda batch: l2_normalize(loaded.engine.infer(batch)),",
-        "            lambda batch: loaded.engine.infer(batch),",
+        "        return l2_normalize(self._loaded.engine.infer(batch))",
+        "        return self._loaded.engine.infer(batch)",
         (C + "test_embeddings_are_unit_length_from_the_encoders_and_the_gateway",),
         "embeddings left un-normalised",
     ),
@@ -140,7 +140,7 @@ MUTATIONS = (
     ),
     Mutation(
         "expired-deadline-computed", "services/common/batching.py",
-        "            if request.deadline is not None and now >= request.deadline:", "            if False:",
+        "            if self._dropped_expired(request, now):", "            if False:",
         ("tests/test_batching.py::test_an_expired_deadline_never_reaches_the_engine",),
         "work whose deadline passed still reaches the engine",
     ),
@@ -153,7 +153,7 @@ MUTATIONS = (
     ),
     Mutation(
         "queue-unbounded", "services/common/batching.py",
-        "            if self._queued + len(rows) > self._max_queue:", "            if False:",
+        "            if self._admitted + ticket.count > self._max_admitted:", "            if False:",
         ("tests/test_batching.py::test_full_queue_is_resource_exhausted_in_waves_and_the_server_keeps_serving",),
         "the batcher's queue bound removed",
     ),

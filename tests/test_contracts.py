@@ -215,7 +215,7 @@ async def test_an_engine_failure_reaches_every_waiting_caller_and_the_server_rec
                 assert "engine failed" in outcome.details()
                 assert "simulated" not in outcome.details()
             assert len((await stub.EmbedImages(request, timeout=10)).embeddings) == 2
-        assert server.app._batcher.queued == 0
+        assert server.app.batcher.admitted == 0
     finally:
         await server.stop(0)
 
@@ -294,7 +294,7 @@ async def test_stream_items_carry_their_own_priority(tiny_stack):
     with Spy(tiny_stack.vision.app) as vision:
         replies = [r async for r in tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=30)]
     assert all(r.HasField("result") for r in replies)
-    assert sorted(vision.priorities) == [STAT, ROUTINE]
+    assert sorted(vision.priorities, reverse=True) == [STAT, ROUTINE]  # one item each
 
 
 # --- limits ------------------------------------------------------------------------------------

@@ -20,16 +20,17 @@ from services.vision.servicer import VisionApp
 from test_gateway import png_bytes
 
 
-class GatedVisionApp(VisionApp):
+def GatedVisionApp(settings, gate: asyncio.Event):  # noqa: N802 - stands for an app class
     """The real vision app, whose loading waits for the test to open a gate."""
+    app = VisionApp(settings)
+    start = app.start
 
-    def __init__(self, settings, gate: asyncio.Event) -> None:
-        super().__init__(settings)
-        self.gate = gate
+    async def gated_start() -> None:
+        await gate.wait()
+        await start()
 
-    async def start(self) -> None:
-        await self.gate.wait()
-        await super().start()
+    app.start = gated_start
+    return app
 
 
 async def test_not_serving_until_loaded_and_verified(tiny_bundle):

@@ -277,7 +277,7 @@ async def test_calls_that_expire_while_queued_are_counted_as_deadline_dropped(ti
             stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
             request = types_pb2.EmbedImagesRequest(images=[types_pb2.Image(data=png_bytes(2))])
             busy = asyncio.ensure_future(stub.EmbedImages(request, timeout=30))
-            await _until(lambda: app._batcher._busy)
+            await _until(lambda: app.batcher.busy_for() > 0)
             late = [stub.EmbedImages(request, timeout=0.5) for _ in range(3)]
             codes = []
             for call in late:

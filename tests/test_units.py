@@ -1,19 +1,13 @@
-"""Plain objects of the services: cache, templates, softmax, work pool, error table."""
+"""Plain objects of the services: cache, templates, softmax, error table."""
 
 from __future__ import annotations
-
-import asyncio
-import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import eventually
 from services.common import errors
 from services.common.interceptors import status_of
-from services.common.work import WorkPool
 from services.gateway.cache import TextEmbeddingCache
 from services.gateway.zeroshot import apply_template, check_template, softmax_rows
 
@@ -63,51 +57,6 @@ def test_every_domain_error_has_its_status():
     assert status_of(errors.DeadlineExpired("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_of(errors.Inconsistent("x")) == grpc.StatusCode.FAILED_PRECONDITION
     assert status_of(errors.MedvlmError("x")) == grpc.StatusCode.INTERNAL
-
-
-async def test_work_pool_refuses_beyond_its_bound_and_frees_slots():
-    pool = WorkPool(workers=1, max_inflight=2)
-    release = threading.Event()
-    try:
-        first = asyncio.ensure_future(pool.run(release.wait, 5))
-        second = asyncio.ensure_future(pool.run(release.wait, 5))
-        await eventually(lambda: pool.inflight == 2, what="both jobs admitted")
-        with pytest.raises(errors.Overloaded) as info:
-            await pool.run(time.sleep, 0)
-        assert info.value.retry_after_s
-        second.cancel()  # queued behind `first`: cancelling it frees its slot at once
-        await eventually(lambda: pool.inflight == 1, what="the cancelled job's slot freed")
-        release.set()
-        assert await first is True
-        assert pool.inflight == 0
-    finally:
-        release.set()
-        pool.close()
-
-
-async def test_work_pool_drops_jobs_whose_deadline_passed_while_queued():
-    pool = WorkPool(workers=1, max_inflight=4)
-    ran = []
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(10)
-
-    try:
-        blocker = asyncio.ensure_future(pool.run(hold))
-        await eventually(started.is_set, what="the blocker holding the only worker")
-        deadline = time.monotonic() + 0.05
-        expired = asyncio.ensure_future(pool.run(ran.append, "engine", deadline=deadline))
-        await eventually(lambda: time.monotonic() > deadline, what="the deadline passing")
-        release.set()
-        with pytest.raises(errors.DeadlineExpired):
-            await expired
-        await blocker
-        assert ran == []
-    finally:
-        release.set()
-        pool.close()
 
 
 def test_images_are_split_by_bytes_in_order():

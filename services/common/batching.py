@@ -1,13 +1,16 @@
-"""Dynamic batcher: one worker thread owns the engine and drains a bounded priority queue into batches."""
+"""Admission and dynamic batching of an encoder: one bound on admitted work, one worker thread owning the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
+import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import structlog
@@ -17,9 +20,24 @@ from services.common.errors import DeadlineExpired, MedvlmError, NotReady, Overl
 
 log = structlog.get_logger("medvlm.batcher")
 
-# Domain priorities: a lower number is served first.
-STAT, URGENT, ROUTINE = 0, 1, 2
-PRIORITIES = (STAT, URGENT, ROUTINE)
+
+class Priority(enum.IntEnum):
+    """Priority of a request; the values are those of medvlm.v1.Priority on the wire, and a higher
+    value is served first."""
+
+    UNSPECIFIED = 0
+    ROUTINE = 1
+    URGENT = 2
+    STAT = 3
+
+    @classmethod
+    def of(cls, value: int) -> Priority:
+        """A wire value as served: UNSPECIFIED and values this build does not know are ROUTINE."""
+        return cls(value) if value in (cls.URGENT, cls.STAT) else cls.ROUTINE
+
+
+ROUTINE, URGENT, STAT = Priority.ROUTINE, Priority.URGENT, Priority.STAT
+SERVED = (STAT, URGENT, ROUTINE)  # the priorities work is queued at, first served first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,21 +120,27 @@ def measure_batch_limit(
 
 @dataclasses.dataclass(eq=False)
 class Ticket:
-    """One caller's request, from the moment it is announced until its result is delivered.
+    """One caller's request, from admission until its result is delivered.
 
-    Fields other than `future` are guarded by the batcher's lock; `future` belongs to the loop.
+    `future` belongs to the caller's event loop; every other field is read and written only under
+    the batcher's lock.
     """
 
-    priority: int
+    count: int  # items admitted for this request
+    priority: Priority
     deadline: float | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
     rows: Sequence[np.ndarray] = ()
     results: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    preparing: bool = True  # its inputs are being decoded/tokenized (or wait for a thread to be)
     queued: int = 0  # items of this request still in the queue
     remaining: int = 0  # items without a result yet
-    announced: bool = True  # counted as in preparation until enqueued or abandoned
-    dead: bool = False  # cancelled, expired or failed: its queued items are skipped
+    done: bool = False  # settled, or given up: nothing more of it is prepared or computed
+
+    def expired(self, now: float) -> bool:
+        """Its deadline (a time.monotonic() instant) has passed."""
+        return self.deadline is not None and now >= self.deadline
 
     def settle(self, result: np.ndarray | None = None, error: BaseException | None = None) -> None:
         """Complete the caller's future from any thread."""
@@ -139,19 +163,23 @@ class _Item:
 
 
 class Batcher:
-    """Merges items of concurrent requests into engine calls of at most `max_batch` items.
+    """An encoder's admission and batching: requests are admitted, prepared in a thread pool (decode,
+    tokenize), queued, and merged into engine calls of at most `max_batch` items.
 
-    Policy: higher priority first (STAT, URGENT, ROUTINE), first come first served within a
-    priority; an item that has waited longer than `aging_s` is served before fresher items
-    of any priority, so routine work is delayed but never starved. A batch is sent as soon
-    as it is full, or when no announced request is still being prepared, or after
-    `max_delay_s`. Items whose deadline passed are dropped before compute; items of
-    cancelled calls are skipped. At most `max_queue` items wait; more are refused.
-
-    One batch runs at a time. The worker thread runs batches while requests keep coming;
-    a thread that has just queued a request and finds the engine idle with nothing more
-    coming runs the batch itself (`run_if_idle`), which saves two thread hand-offs per
-    request when the service is not busy.
+    Admission: at most `max_admitted` items are admitted at once, counted from submit() until they
+    are taken for an engine call (being prepared or queued); a request that would pass the bound is
+    refused at once (Overloaded, with a retry hint), before any of its work is done.
+    Deadline: a request whose deadline has passed is dropped (DeadlineExpired, counted as expired)
+    wherever it is seen before compute: when its preparation would start, when it is taken from the
+    queue, or when its caller gives up. A cancelled caller's work is never computed.
+    Order: higher priority first (STAT, URGENT, ROUTINE), first come first served within a priority;
+    an item that has waited longer than `aging_s` is served before fresher items of any priority,
+    so routine work is delayed but never starved.
+    Batching: one batch runs at a time. A batch is sent as soon as it is full, when no admitted
+    request is still being prepared, or after `max_delay_s`. A thread that has just prepared a
+    request and finds the engine idle with nothing else queued or being prepared computes it itself,
+    which saves two thread hand-offs per request when the service is not busy; otherwise the worker
+    thread does.
     """
 
     def __init__(
@@ -161,26 +189,30 @@ class Batcher:
         *,
         max_batch: int,
         max_delay_s: float,
-        max_queue: int,
+        max_admitted: int,
         aging_s: float,
+        workers: int = 2,
         name: str = "engine",
     ) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+        if max_batch < 1 or max_admitted < 1:
+            raise ValueError("max_batch and max_admitted must be at least 1")
         self._infer = infer
         self._collate = collate
         self.max_batch = max_batch
         self._max_delay_s = max_delay_s
-        self._max_queue = max_queue
+        self._max_admitted = max_admitted
         self._aging_s = aging_s
         self._name = name
-        self._queues: dict[int, collections.deque[_Item]] = {p: collections.deque() for p in PRIORITIES}
+        self._queues: dict[Priority, collections.deque[_Item]] = {p: collections.deque() for p in SERVED}
+        self._live: set[Ticket] = set()  # admitted and not yet settled or wholly taken for compute
+        self._admitted = 0  # items being prepared or queued: what the bound counts
         self._queued = 0
-        self._preparing = 0  # announced requests not yet queued: a fuller batch is worth a short wait
-        self._busy = False  # a batch is being computed (by the worker or by run_if_idle)
+        self._preparing = 0  # requests being prepared: a fuller batch is worth a short wait
+        self._busy = False  # a batch is being computed (by the worker or by a preparing thread)
         self._busy_since = 0.0  # time.monotonic() when the running batch was taken
         self._cond = threading.Condition()
         self._closed = False
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"medvlm-prepare-{name}")
         self._thread = threading.Thread(target=self._run, name=f"medvlm-batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -190,114 +222,135 @@ class Batcher:
         with self._cond:
             return self._queued
 
+    @property
+    def admitted(self) -> int:
+        """Items admitted and not yet taken for an engine call (being prepared or queued)."""
+        with self._cond:
+            return self._admitted
+
     def busy_for(self) -> float:
         """Seconds the engine call in progress has been running (0 when the engine is idle)."""
         with self._cond:
             return time.monotonic() - self._busy_since if self._busy else 0.0
 
-    def announce(self, priority: int = ROUTINE, deadline: float | None = None) -> Ticket:
-        """A request is on its way (its inputs are being prepared). On the event loop."""
+    async def submit(self, prepare: Callable[[Any], Sequence[np.ndarray]], payload: Sequence[Any],
+                     priority: Priority = ROUTINE, deadline: float | None = None) -> np.ndarray:
+        """[len(payload), D] engine outputs of one request, in order. `prepare(payload)` runs in the
+        pool and gives one engine row per element of `payload`; its exceptions reach the caller.
+        `deadline` is a time.monotonic() instant. Cancelling the caller gives its admission back."""
         loop = asyncio.get_running_loop()
+        ticket = Ticket(len(payload), Priority.of(priority), deadline, loop, loop.create_future())
         with self._cond:
             if self._closed:
                 raise NotReady("server is shutting down")
-            self._preparing += 1
-        return Ticket(priority, deadline, loop, loop.create_future())
-
-    def enqueue(self, ticket: Ticket, rows: Sequence[np.ndarray]) -> None:
-        """Queue an announced request's rows (from any thread); Overloaded when the queue is full."""
-        now = time.monotonic()
-        with self._cond:
-            self._unannounce(ticket)
-            if ticket.dead:
-                return  # abandoned while it was being prepared
-            if self._closed:
-                raise NotReady("server is shutting down")
-            if self._queued + len(rows) > self._max_queue:
+            if self._admitted + ticket.count > self._max_admitted:
                 metrics.REJECTED.labels(self._name).inc()
                 raise Overloaded(
-                    f"queue full: {self._queued} items waiting (limit {self._max_queue}); retry shortly",
-                    retry_after_s=self._retry_hint(),
+                    f"queue full: {self._admitted} items admitted (limit {self._max_admitted}); retry shortly",
+                    retry_after_s=max(0.05, min(5.0, 0.01 * self._admitted)),
                 )
-            ticket.rows, ticket.results = rows, [None] * len(rows)
-            ticket.queued = ticket.remaining = len(rows)
-            for index in range(len(rows)):
-                self._queues[ticket.priority].append(_Item(ticket, index, now))
-            self._queued += len(rows)
-            metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
-            self._cond.notify()
-
-    async def result(self, ticket: Ticket) -> np.ndarray:
-        """[len(rows), D] outputs of a queued request in row order; cancelling gives its slots back."""
+            self._admitted += ticket.count
+            self._preparing += 1
+            self._live.add(ticket)
+        try:
+            job = self._pool.submit(self._prepare, ticket, prepare, payload)
+        except BaseException:
+            self._give_up(ticket)
+            raise
         try:
             return await ticket.future
         except asyncio.CancelledError:
-            self.abandon(ticket)
+            job.cancel()
+            self._give_up(ticket)
             raise
 
-    async def submit(self, rows: Sequence[np.ndarray], priority: int = ROUTINE,
-                     deadline: float | None = None) -> np.ndarray:
-        """Announce, queue and await one request whose rows are ready (the worker computes it)."""
-        ticket = self.announce(priority, deadline)
-        try:
-            self.enqueue(ticket, rows)
-        except BaseException:
-            self.abandon(ticket)
-            raise
-        return await self.result(ticket)
+    def _give_up(self, ticket: Ticket) -> None:
+        """The caller is gone: the ticket's admitted items are released now and never computed.
 
-    def abandon(self, ticket: Ticket) -> None:
-        """A caller gave up or failed: its queued items free their slots now and are never computed.
-
-        A caller whose deadline has passed is counted as deadline-dropped: gRPC cancels a call
-        when its deadline expires, so this is where most expired work is seen.
+        A caller whose deadline has passed is counted as expired: gRPC cancels a call when its
+        deadline passes, so this is where most expired work is seen.
         """
         with self._cond:
-            self._unannounce(ticket)
-            if not ticket.dead:
-                if ticket.deadline is not None and time.monotonic() >= ticket.deadline:
-                    metrics.EXPIRED.labels(self._name).inc()
-                ticket.dead = True
-                self._queued -= ticket.queued
-                ticket.queued = 0
-                metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+            if self._release(ticket) and ticket.expired(time.monotonic()):
+                metrics.EXPIRED.labels(self._name).inc()
 
-    def _unannounce(self, ticket: Ticket) -> None:
-        """Under the lock: the ticket is no longer in preparation; the worker may stop waiting for it."""
-        if ticket.announced:
-            ticket.announced = False
+    def _release(self, ticket: Ticket) -> bool:
+        """Under the lock: the ticket is done; its admitted items free their slots. False if it
+        already was."""
+        if ticket.done:
+            return False
+        ticket.done = True
+        if ticket.preparing:
+            ticket.preparing = False
             self._preparing -= 1
-            self._cond.notify()
+            self._admitted -= ticket.count
+        else:
+            self._admitted -= ticket.queued
+            self._queued -= ticket.queued
+            ticket.queued = 0
+        self._live.discard(ticket)
+        metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+        self._cond.notify_all()  # the worker may be waiting for this request's preparation
+        return True
 
-    def _retry_hint(self) -> float:
-        return max(0.05, min(5.0, 0.01 * self._queued))
+    def _dropped_expired(self, ticket: Ticket, now: float) -> bool:
+        """Under the lock: the one deadline rule, applied before more work is done for a ticket. True
+        if its deadline has passed: it is then released, counted and told (DeadlineExpired)."""
+        if not ticket.expired(now):
+            return False
+        if self._release(ticket):
+            metrics.EXPIRED.labels(self._name).inc()
+            ticket.settle(error=DeadlineExpired("deadline passed before the work reached the engine"))
+        return True
 
     def close(self) -> None:
-        """Stop taking requests; queued work is refused, the running batch finishes."""
+        """Stop taking requests; admitted work not yet computing is refused, the running batch finishes."""
         with self._cond:
             self._closed = True
+            for ticket in list(self._live):
+                self._release(ticket)
+                ticket.settle(error=NotReady("server is shutting down"))
             for queue in self._queues.values():
-                for item in queue:
-                    if not item.request.dead:
-                        item.request.dead = True
-                        item.request.settle(error=NotReady("server is shutting down"))
                 queue.clear()
-            self._queued = 0
             self._cond.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._thread.join(timeout=30)
 
-    # --- engine side: the worker thread, or a thread that found the engine idle ----------------
+    # --- preparing threads ----------------------------------------------------------------------
 
-    def run_if_idle(self, ticket: Ticket) -> None:
-        """Compute a queued request in the calling thread (never the event loop) when it is the only
-        work there is: the engine idle, nothing else queued or being prepared. Otherwise the worker
-        batches it with the others."""
+    def _prepare(self, ticket: Ticket, prepare: Callable[[Any], Sequence[np.ndarray]], payload: Any) -> None:
+        """In a pool thread: prepare, queue, and compute here if this is the only work there is."""
         with self._cond:
-            if self._busy or self._closed or self._preparing or self._queued != ticket.queued:
+            if self._dropped_expired(ticket, time.monotonic()) or ticket.done:
                 return
-            self._busy, self._busy_since = True, time.monotonic()
-            batch, expired = self._take(self._busy_since)
-        self._finish(batch, expired)
+        try:
+            rows = prepare(payload)
+            if len(rows) != ticket.count:
+                raise ValueError(f"prepare gave {len(rows)} rows for {ticket.count} inputs")
+        except Exception as exc:  # noqa: BLE001 - bad input (or a bug) reaches its caller
+            with self._cond:
+                if self._release(ticket):
+                    ticket.settle(error=exc)
+            return
+        now = time.monotonic()
+        with self._cond:
+            if ticket.done:
+                return  # given up while it was being prepared
+            ticket.preparing = False
+            self._preparing -= 1
+            ticket.rows, ticket.results = rows, [None] * len(rows)
+            ticket.queued = ticket.remaining = len(rows)
+            self._queues[ticket.priority].extend(_Item(ticket, index, now) for index in range(len(rows)))
+            self._queued += len(rows)
+            metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
+            if self._busy or self._closed or self._preparing or self._queued != len(rows):
+                self._cond.notify_all()  # the worker batches it with the others
+                return
+            self._busy, self._busy_since = True, now
+            batch = self._take(now)
+        self._finish(batch)
+
+    # --- engine side: the worker thread, or a preparing thread that found the engine idle ---------
 
     def _run(self) -> None:
         while True:
@@ -314,78 +367,75 @@ class Batcher:
                         break
                     self._cond.wait(left)
                 self._busy_since = time.monotonic()
-                batch, expired = self._take(self._busy_since)
-            self._finish(batch, expired)
+                batch = self._take(self._busy_since)
+            self._finish(batch)
 
-    def _finish(self, batch: list[_Item], expired: list[Ticket]) -> None:
-        """Outside the lock: settle what expired, compute the batch, then let the next one start."""
+    def _finish(self, batch: list[tuple[_Item, np.ndarray]]) -> None:
+        """Outside the lock: compute the batch, then let the next one start."""
         try:
-            for request in expired:
-                metrics.EXPIRED.labels(self._name).inc()
-                request.settle(error=DeadlineExpired("deadline passed while waiting for the engine"))
             if batch:
                 self._compute(batch)
         finally:
             with self._cond:
                 self._busy = False
-                self._cond.notify()
+                self._cond.notify_all()
 
-    def _head(self, priority: int) -> _Item | None:
+    def _head(self, priority: Priority) -> _Item | None:
         queue = self._queues[priority]
-        while queue and queue[0].request.dead:
-            queue.popleft()  # slots of dead requests were released when they died
+        while queue and queue[0].request.done:
+            queue.popleft()  # slots of finished requests were released when they finished
         return queue[0] if queue else None
 
     def _next(self, now: float) -> collections.deque[_Item] | None:
-        heads = {p: h for p in PRIORITIES if (h := self._head(p)) is not None}
+        heads = {p: h for p in SERVED if (h := self._head(p)) is not None}
         if not heads:
             return None
         aged = [p for p, h in heads.items() if now - h.enqueued >= self._aging_s]
         if aged:
             return self._queues[min(aged, key=lambda p: heads[p].enqueued)]
-        return self._queues[min(heads)]
+        return self._queues[max(heads)]
 
-    def _take(self, now: float) -> tuple[list[_Item], list[Ticket]]:
+    def _take(self, now: float) -> list[tuple[_Item, np.ndarray]]:
+        """Under the lock: the next batch's items and rows; expired requests are dropped on the way."""
         batch: list[_Item] = []
-        expired: list[Ticket] = []
         while len(batch) < self.max_batch and (queue := self._next(now)) is not None:
             item = queue.popleft()
             request = item.request
-            self._queued -= 1
-            request.queued -= 1
-            if request.deadline is not None and now >= request.deadline:
-                request.dead = True
-                self._queued -= request.queued
-                request.queued = 0
-                expired.append(request)
+            if self._dropped_expired(request, now):
                 continue
+            request.queued -= 1
+            self._queued -= 1
+            self._admitted -= 1
+            if request.queued == 0:
+                self._live.discard(request)
             metrics.QUEUE_WAIT.labels(self._name).observe(now - item.enqueued)
             batch.append(item)
         metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
-        # items of a request that expired after some of its items were taken are not computed
-        batch = [item for item in batch if not item.request.dead]
-        return batch, expired
+        self._cond.notify_all()
+        return [(item, item.request.rows[item.index]) for item in batch if not item.request.done]
 
-    def _compute(self, batch: list[_Item]) -> None:
-        inputs = self._collate([item.request.rows[item.index] for item in batch])  # [B, ...]
+    def _compute(self, batch: list[tuple[_Item, np.ndarray]]) -> None:
+        inputs = self._collate([row for _, row in batch])  # [B, ...]
         metrics.BATCH_SIZE.labels(self._name).observe(len(batch))
         started = time.perf_counter()
         try:
             outputs = self._infer(inputs)  # [B, D]
         except Exception as exc:  # noqa: BLE001 - every waiting caller must hear about it
             log.error("engine_failed", batcher=self._name, error_type=type(exc).__name__, exc_info=exc)
-            for request in {id(i.request): i.request for i in batch}.values():
-                request.dead = True
-                with self._cond:
-                    self._queued -= request.queued
-                    request.queued = 0
-                request.settle(error=MedvlmError("the engine failed on this batch"))
+            with self._cond:
+                for item, _ in batch:
+                    if self._release(item.request):
+                        item.request.settle(error=MedvlmError("the engine failed on this batch"))
             return
         finally:
             metrics.ENGINE_SECONDS.labels(self._name).observe(time.perf_counter() - started)
-        for item, row in zip(batch, outputs, strict=True):
-            request = item.request
-            request.results[item.index] = row
-            request.remaining -= 1
-            if request.remaining == 0 and not request.dead:
-                request.settle(result=np.stack(request.results))  # type: ignore[arg-type]
+        with self._cond:
+            for (item, _), row in zip(batch, outputs, strict=True):
+                request = item.request
+                if request.done:
+                    continue
+                request.results[item.index] = row
+                request.remaining -= 1
+                if request.remaining == 0:
+                    request.done = True
+                    request.settle(result=np.stack(request.results))  # type: ignore[arg-type]

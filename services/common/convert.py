@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 
@@ -24,29 +25,17 @@ PRECISION = {
     "bf16": types_pb2.PRECISION_BF16,
 }
 TOWER = {"vision": types_pb2.TOWER_VISION, "text": types_pb2.TOWER_TEXT}
-PRIORITY = {
-    types_pb2.PRIORITY_UNSPECIFIED: batching.ROUTINE,
-    types_pb2.PRIORITY_ROUTINE: batching.ROUTINE,
-    types_pb2.PRIORITY_URGENT: batching.URGENT,
-    types_pb2.PRIORITY_STAT: batching.STAT,
-}
 
 
-PRIORITY_ENUM = {
-    batching.ROUTINE: types_pb2.PRIORITY_ROUTINE,
-    batching.URGENT: types_pb2.PRIORITY_URGENT,
-    batching.STAT: types_pb2.PRIORITY_STAT,
-}
+def priority(value: int) -> batching.Priority:
+    """A request's priority as served: the wire value, UNSPECIFIED or unknown ones as ROUTINE."""
+    return batching.Priority.of(value)
 
 
-def priority(value: int) -> int:
-    """Priority enum of a request -> the batcher's priority (unknown values: ROUTINE)."""
-    return PRIORITY.get(value, batching.ROUTINE)
-
-
-def priority_enum(value: int) -> int:
-    """The batcher's priority -> the enum sent to an encoder."""
-    return PRIORITY_ENUM[value]
+def deadline_of(context: object) -> float | None:
+    """A call's deadline as a time.monotonic() instant, or None if the caller set none."""
+    remaining = context.time_remaining()  # type: ignore[attr-defined]
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def engine_info(tower: str, engine: Engine) -> types_pb2.EngineInfo:

@@ -1,9 +1,10 @@
-"""What both encoders share: loading and verifying their tower of a bundle, and describing it."""
+"""The encoder app both encoders are built from: a verified tower of a bundle, its batcher, its model info."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,10 +15,9 @@ from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.select import open_engine
 from services.common import convert, metrics
-from services.common.batching import STAT, Batcher, BatchLimit, Ticket, measure_batch_limit
+from services.common.batching import Batcher, BatchLimit, Priority, measure_batch_limit
 from services.common.errors import MedvlmError, NotReady
 from services.common.settings import Settings
-from services.common.work import WorkPool
 
 log = structlog.get_logger("medvlm.encoder")
 
@@ -63,56 +63,65 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 class Preparer(Protocol):
-    """The service-specific half of an encoder: raw inputs -> engine rows, rows -> a batch."""
+    """The tower-specific half of an encoder: raw inputs -> engine rows, rows -> a batch."""
 
     def prepare(self, payload: Any) -> list[np.ndarray]:
-        """Decode/tokenize one request's inputs into one array per item (blocking)."""
+        """Decode/tokenize one request's inputs into one array per input (blocking)."""
 
     def collate(self, rows: list[np.ndarray]) -> np.ndarray:
         """Rows of possibly many requests -> one engine input [B, ...]."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """What makes an encoder app one tower's: its name in the bundle, its gRPC service, how its
+    inputs are prepared, and how its servicer is added to a server."""
+
+    name: str  # "vision" or "text"
+    service: str  # full name of the gRPC service
+    preparer: Callable[[Settings, LoadedTower], Preparer]
+    add_servicer: Callable[[EncoderApp, Any], None]  # (app, grpc.aio.Server)
+
+
 class EncoderApp:
-    """Base of the two encoder services: a tower loaded at start, a work pool that prepares
-    inputs off the event loop, and a batcher that owns the engine.
+    """An encoder service: a tower loaded at start, and a batcher that admits requests, prepares
+    their inputs with the tower's preparer off the event loop and runs them through the engine."""
 
-    Subclasses set `tower` and `service_names`, implement register() and make_preparer().
-    """
-
-    tower: str
-    service_names: tuple[str, ...]
-    admission_limit = None  # the work pool bounds calls in flight (settings.max_inflight)
-
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tower: Tower) -> None:
         self.settings = settings
-        self.pool = WorkPool(settings.workers, settings.max_inflight, name=f"medvlm-{self.tower}")
+        self.tower = tower.name
+        self._spec = tower
+        self.service_names = (tower.service,)
+        self.admission_limit = settings.max_inflight  # calls at once, refused by the server's interceptor
         self._loaded: LoadedTower | None = None
         self._preparer: Preparer | None = None
-        self._batcher: Batcher | None = None
+        self.batcher: Batcher | None = None
         self._probe_failure: str | None = None
 
-    def register(self, server: Any) -> None:  # pragma: no cover - subclasses
-        raise NotImplementedError
-
-    def make_preparer(self, loaded: LoadedTower) -> Preparer:  # pragma: no cover - subclasses
-        raise NotImplementedError
+    def register(self, server: Any) -> None:
+        self._spec.add_servicer(self, server)
 
     async def start(self) -> None:
         loaded = await asyncio.to_thread(load_tower, self.settings, self.tower)
-        self._preparer = self.make_preparer(loaded)
+        self._preparer = self._spec.preparer(self.settings, loaded)
         max_batch = loaded.engine.max_batch
         if self.settings.measure_batch_limit and max_batch > 1:
             max_batch = (await asyncio.to_thread(self._batch_limit, loaded)).size
-        self._batcher = Batcher(
-            lambda batch: l2_normalize(loaded.engine.infer(batch)),  # in the engine's thread, off the loop
+        self.batcher = Batcher(
+            self.infer,
             self._preparer.collate,
             max_batch=max_batch,
             max_delay_s=self.settings.max_delay_ms / 1000,
-            max_queue=self.settings.max_queue,
+            max_admitted=self.settings.max_queue,
             aging_s=self.settings.priority_aging_ms / 1000,
+            workers=self.settings.workers,
             name=self.tower,
         )
         self._loaded = loaded
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """[B, ...] engine input -> [B, D] unit-length embeddings. In the engine's thread, off the loop."""
+        return l2_normalize(self._loaded.engine.infer(batch))
 
     def _batch_limit(self, loaded: LoadedTower) -> BatchLimit:
         """Time the engine on the golden inputs at growing batch sizes; the batcher never forms a batch
@@ -130,21 +139,10 @@ class EncoderApp:
             raise NotReady("model is still loading; retry shortly")
         return self._loaded
 
-    async def embed(self, payload: Any, priority: int, deadline: float | None) -> np.ndarray:
+    async def embed(self, payload: Any, priority: Priority, deadline: float | None) -> np.ndarray:
         """One request's inputs -> [N, D] unit-length embeddings, batched with other requests."""
         self.loaded  # noqa: B018 - NotReady before start
-        ticket = self._batcher.announce(priority, deadline)
-        try:
-            await self.pool.run(self._prepare_and_queue, payload, ticket, deadline=deadline)
-        except BaseException:
-            self._batcher.abandon(ticket)
-            raise
-        return await self._batcher.result(ticket)
-
-    def _prepare_and_queue(self, payload: Any, ticket: Ticket) -> None:
-        """In a work-pool thread: decode/tokenize, queue, and run the batch here if the engine is idle."""
-        self._batcher.enqueue(ticket, self._preparer.prepare(payload))
-        self._batcher.run_if_idle(ticket)
+        return await self.batcher.submit(self._preparer.prepare, payload, priority, deadline)
 
     async def watch(self, set_serving) -> None:
         """Every probe_interval_s, when idle, run one golden input through the engine. A probe that
@@ -155,10 +153,10 @@ class EncoderApp:
         row = self.loaded.bundle.golden()[TOWER_TENSORS[self.tower][0]][0]  # one input row
         while True:
             await asyncio.sleep(interval)
-            if self._batcher.queued or self._batcher.busy_for():
+            if self.batcher.admitted or self.batcher.busy_for():
                 continue  # traffic exercises the engine; a wedged call is seen by stalled()
             try:
-                await asyncio.wait_for(self._batcher.submit([row], STAT), self.settings.liveness_stall_s)
+                await asyncio.wait_for(self.batcher.submit(list, [row], Priority.STAT), self.settings.liveness_stall_s)
                 failure = None
             except TimeoutError:
                 failure = f"probe inference took longer than {self.settings.liveness_stall_s} s"
@@ -174,9 +172,9 @@ class EncoderApp:
 
     def stalled(self) -> str | None:
         """Stuck: an engine call running longer than liveness_stall_s, or the probe failing."""
-        if self._batcher is None:
+        if self.batcher is None:
             return None
-        running = self._batcher.busy_for()
+        running = self.batcher.busy_for()
         if running > self.settings.liveness_stall_s:
             return f"an engine call has run for {running:.0f} s (limit {self.settings.liveness_stall_s} s)"
         return self._probe_failure
@@ -191,11 +189,10 @@ class EncoderApp:
         return {"bundle_signer": self.loaded.bundle.signing_key_id}
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await asyncio.to_thread(self._batcher.close)
-        self.pool.close()
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
         if self._loaded is not None:
             self._loaded.engine.close()
 
 
-__all__ = ["BundleError", "EncoderApp", "LoadedTower", "l2_normalize", "load_tower"]
+__all__ = ["BundleError", "EncoderApp", "LoadedTower", "Tower", "l2_normalize", "load_tower"]

@@ -63,7 +63,8 @@ class Settings:
     max_inflight: int = _opt(
         64,
         "Calls processed at once; more get RESOURCE_EXHAUSTED at once instead of queueing. "
-        "Higher absorbs bursts, lower bounds memory and latency.",
+        "Higher absorbs bursts, lower bounds memory and latency. On the encoders --max-queue "
+        "bounds the work itself, in images or texts.",
     )
     workers: int = _opt(
         2,
@@ -118,8 +119,9 @@ class Settings:
     )
     max_queue: int = _opt(
         512,
-        "Items waiting for the engine; a request that would exceed it gets RESOURCE_EXHAUSTED "
-        "with a retry hint. Higher absorbs bursts; lower bounds waiting time and memory.",
+        "Items (images or texts) an encoder admits at once: being decoded or tokenized, or waiting "
+        "for the engine; a request that would exceed it gets RESOURCE_EXHAUSTED with a retry hint "
+        "before any of its work is done. Higher absorbs bursts; lower bounds waiting time and memory.",
         ENCODERS,
     )
     priority_aging_ms: float = _opt(

@@ -194,9 +194,8 @@ class VisionClient(EncoderClient):
 
     async def embed(self, images: list[types_pb2.Image], timeout: float, priority: int) -> Embedded:
         """Image messages, passed through untouched -> embeddings, in order."""
-        wire = convert.priority_enum(priority)
         parts = await asyncio.gather(*[
-            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk, priority=wire), timeout)
+            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk, priority=priority), timeout)
             for chunk in byte_chunks(images, self.CHUNK_BYTES)
         ])
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
@@ -213,7 +212,7 @@ class TextClient(EncoderClient):
         super().__init__("text", target, encoders_pb2_grpc.TextEncoderServiceStub, max_message_bytes, certificates)
 
     async def embed(self, texts: list[str], timeout: float, priority: int) -> Embedded:
-        request = types_pb2.EmbedTextsRequest(texts=texts, priority=convert.priority_enum(priority))
+        request = types_pb2.EmbedTextsRequest(texts=texts, priority=priority)
         response = await self.call("EmbedTexts", request, timeout)
         return _embedded(response, len(texts))
 

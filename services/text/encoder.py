@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from engines.runtime.text import TextTokenizer
+from services.common.encoder import LoadedTower
+from services.common.settings import Settings
 
 
 class TextPreparer:
@@ -18,3 +20,8 @@ class TextPreparer:
 
     def collate(self, rows: list[np.ndarray]) -> np.ndarray:
         return self.tokenizer.pad(rows)  # [B, L]
+
+
+def text_preparer(settings: Settings, loaded: LoadedTower) -> TextPreparer:
+    """The text tower's preparer: the bundle's tokenizer."""
+    return TextPreparer(TextTokenizer(loaded.bundle.path, loaded.bundle.manifest.text))

@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 
 from engines.runtime.manifest import ImageSpec
+from services.common.encoder import LoadedTower
+from services.common.settings import Settings
 from services.vision.preprocess import DEFAULT_OPTIONS, DecodeLimits, ImageOptions, decode, preprocess
 from services.vision.dicom import DicomInfo
 
@@ -43,3 +45,9 @@ class ImagePreparer:
 
     def collate(self, rows: list[np.ndarray]) -> np.ndarray:
         return np.stack(rows)  # [B, 3, S, S]
+
+
+def image_preparer(settings: Settings, loaded: LoadedTower) -> ImagePreparer:
+    """The vision tower's preparer: the bundle's preprocessing, the settings' decode limits."""
+    limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
+    return ImagePreparer(loaded.bundle.manifest.image, limits)

@@ -7,11 +7,11 @@ import structlog
 
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
-from services.common.encoder import EncoderApp, LoadedTower
+from services.common.encoder import EncoderApp, Tower
 from services.common.errors import InvalidInput
-from services.common.work import deadline_of
-from services.vision.encoder import ImageInput, ImagePreparer
-from services.vision.preprocess import DICOM, JPEG, PNG, DecodeLimits, ImageOptions, configure_pillow
+from services.common.settings import VISION, Settings
+from services.vision.encoder import ImageInput, image_preparer
+from services.vision.preprocess import DICOM, JPEG, PNG, ImageOptions, configure_pillow
 from services.vision.window import WindowRequest, checked_window
 
 FORMATS = {
@@ -71,34 +71,16 @@ def bind_dicom_audit(items: list[ImageInput]) -> None:
         )
 
 
-class VisionApp(EncoderApp):
-    """The vision encoder service."""
-
-    tower = "vision"
-    service_names = (encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name,)
-
-    def __init__(self, settings) -> None:
-        super().__init__(settings)
-        configure_pillow(settings.max_image_pixels)
-
-    def make_preparer(self, loaded: LoadedTower) -> ImagePreparer:
-        limits = DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
-        return ImagePreparer(loaded.bundle.manifest.image, limits)
-
-    def register(self, server: grpc.aio.Server) -> None:
-        encoders_pb2_grpc.add_VisionEncoderServiceServicer_to_server(VisionServicer(self), server)
-
-
 class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
     """Converts EmbedImages and GetModelInfo messages; the work is the app's."""
 
-    def __init__(self, app: VisionApp) -> None:
+    def __init__(self, app: EncoderApp) -> None:
         self.app = app
 
     async def EmbedImages(self, request, context):
         loaded = self.app.loaded
         items = image_items(request.images, self.app.settings.max_images)
-        vectors = await self.app.embed(items, convert.priority(request.priority), deadline_of(context))
+        vectors = await self.app.embed(items, convert.priority(request.priority), convert.deadline_of(context))
         bind_dicom_audit(items)
         digests = [convert.sha256_hex(item.data) for item in items]
         return types_pb2.EmbedImagesResponse(
@@ -107,3 +89,18 @@ class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return types_pb2.GetModelInfoResponse(model=self.app.model_info())
+
+
+def add_servicer(app: EncoderApp, server: grpc.aio.Server) -> None:
+    encoders_pb2_grpc.add_VisionEncoderServiceServicer_to_server(VisionServicer(app), server)
+
+
+VISION_TOWER = Tower(
+    VISION, encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name, image_preparer, add_servicer
+)
+
+
+def VisionApp(settings: Settings) -> EncoderApp:  # noqa: N802 - constructs the app, like a class
+    """The vision encoder service: decode + preprocess, then the vision tower."""
+    configure_pillow(settings.max_image_pixels)
+    return EncoderApp(settings, VISION_TOWER)
