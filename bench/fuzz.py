@@ -81,7 +81,7 @@ def text_target(bundle_dir: Path):
     from engines.runtime.text import TextTokenizer
     from services.common.errors import InvalidInput
     from services.common.settings import Settings
-    from services.common.texts import check_texts
+    from services.common.limits import check_texts
     from services.gateway.zeroshot import apply_template, check_template
 
     bundle = load_bundle(bundle_dir)
@@ -109,7 +109,7 @@ def request_target():
     from medvlm.v1 import gateway_pb2
     from services.common.errors import InvalidInput
     from services.common.settings import Settings
-    from services.common.texts import check_texts
+    from services.common.limits import check_texts
     from services.gateway.zeroshot import check_template
 
     settings = Settings()

@@ -21,7 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc  # noqa: E402
 from services.common.server import Server  # noqa: E402
 from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
-from services.gateway.servicer import GatewayApp  # noqa: E402
+from services.gateway.app import GatewayApp  # noqa: E402
 from services.text.servicer import TextApp  # noqa: E402
 from services.vision.servicer import VisionApp  # noqa: E402
 

@@ -18,7 +18,7 @@ from conftest import eventually, gateway_settings, health_status, start_server, 
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 
 TEXT_RPC = "/medvlm.v1.TextEncoderService/EmbedTexts"
 

@@ -8,7 +8,7 @@ from engines.runtime.text import TextTokenizer
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.encoder import EncoderApp, LoadedTower
-from services.common.texts import check_texts
+from services.common.limits import check_texts
 from services.common.work import deadline_of
 from services.text.encoder import TextPreparer
 
