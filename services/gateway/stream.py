@@ -1,5 +1,4 @@
-"""Worklist streams: the question carried from item to item, and a bounded, unordered concurrent
-map over an async stream."""
+"""Worklist streams: the question carried from item to item; a bounded, unordered concurrent map."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Zero-shot classification and similarity over the encoders, with cached text embeddings.
 
-Plain objects: they take a time budget, not a gRPC context, check what they are given against
-the limits and raise domain errors.
+Plain objects: they take a time budget, not a gRPC context, check input and raise domain errors.
 """
 
 from __future__ import annotations
@@ -181,8 +180,7 @@ class ZeroShot:
         return await self._texts(check_texts(texts, self.settings), timeout, DEFAULT_TEMPLATE, priority)
 
     async def _texts(self, labels: list[str], timeout: float, template: str, priority: int) -> np.ndarray:
-        """[N, D] unit-length embeddings of the labels with the template applied (a checked
-        template), from the cache where possible."""
+        """[N, D] unit-length embeddings of the labels in a checked template, cached where possible."""
         keys = [(self.model.text_key, template, label) for label in labels]
         found = self.cache.get(keys)
         missing = list(dict.fromkeys(k for k, v in zip(keys, found, strict=True) if v is None))
