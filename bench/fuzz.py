@@ -80,8 +80,8 @@ def text_target(bundle_dir: Path):
     from engines.runtime.bundle import load_bundle
     from engines.runtime.text import TextTokenizer
     from services.common.errors import InvalidInput
+    from services.common.limits import check_texts
     from services.common.settings import Settings
-    from services.common.texts import check_texts
     from services.gateway.zeroshot import apply_template, check_template
 
     bundle = load_bundle(bundle_dir)
@@ -108,8 +108,8 @@ def request_target():
 
     from medvlm.v1 import gateway_pb2
     from services.common.errors import InvalidInput
+    from services.common.limits import check_images, check_texts
     from services.common.settings import Settings
-    from services.common.texts import check_texts
     from services.gateway.zeroshot import check_template
 
     settings = Settings()
@@ -120,8 +120,7 @@ def request_target():
         except DecodeError:
             return
         try:
-            if len(request.image.data) > settings.max_image_bytes:
-                raise InvalidInput("image too large")
+            check_images([request.image], settings)
             labels = check_texts(list(request.labels), settings, what="label", minimum=2)
             check_template(request.template, labels, settings.max_text_chars)
         except InvalidInput:

@@ -22,7 +22,7 @@ from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc  # noqa: E402
 from services.common.health import wait_for_health  # noqa: E402
 from services.common.server import Server  # noqa: E402
 from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
-from services.gateway.servicer import GatewayApp  # noqa: E402
+from services.gateway.app import GatewayApp  # noqa: E402
 from services.text.servicer import TextApp  # noqa: E402
 from services.vision.servicer import VisionApp  # noqa: E402
 

@@ -26,7 +26,7 @@ from services.common.batching import ROUTINE, STAT, URGENT
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
 from services.common.settings import TEXT, VISION
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import classify_request, expect_status, png_bytes

@@ -18,7 +18,7 @@ from conftest import eventually, gateway_settings, health_status, start_server, 
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 
 TEXT_RPC = "/medvlm.v1.TextEncoderService/EmbedTexts"
 
@@ -62,6 +62,28 @@ async def test_classify_probabilities_and_top_k(tiny_stack):
     assert reply.top[0].probability == max(s.probability for s in reply.scores)
     assert reply.bundle_id.startswith("tiny-")
     assert len(reply.image_sha256) == 64
+
+
+async def test_a_stream_item_naming_labels_replaces_the_carried_question(tiny_stack):
+    """A worklist item without labels is asked the latest question named before it, template and
+    top_k included; its own template and top_k count for nothing."""
+    first, second = fresh_labels(2, "first"), fresh_labels(3, "second")
+    asked = [dict(labels=first, top_k=1), {}, dict(labels=second), dict(template="an image of {}", top_k=1)]
+
+    async def requests():
+        for i, kwargs in enumerate(asked):
+            request = gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=png_bytes(i)), **kwargs)
+            yield gateway_pb2.ClassifyStreamRequest(correlation_id=str(i), request=request)
+
+    call = tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=60)
+    streamed = {r.correlation_id: r.result async for r in call}
+    for i, (labels, top_k) in enumerate([(first, 1), (first, 1), (second, 0), (second, 0)]):
+        unary = await tiny_stack.gateway_stub.Classify(
+            classify_request(labels, data=png_bytes(i), top_k=top_k), timeout=10)
+        result = streamed[str(i)]
+        assert [s.label for s in result.scores] == labels
+        assert [t.index for t in result.top] == [t.index for t in unary.top]
+        np.testing.assert_allclose([s.cosine for s in result.scores], [s.cosine for s in unary.scores], atol=1e-6)
 
 
 async def test_similarity_rows_match_classify(tiny_stack):

@@ -21,7 +21,7 @@ from services.common import metrics
 from services.common.settings import TEXT, VISION
 from services.gateway import labelsets
 from services.gateway.cache import TextEmbeddingCache
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.gateway.sets import ensemble
 from services.gateway.store import EmbeddingStore, index_key
 from services.text.servicer import TextApp

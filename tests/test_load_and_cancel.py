@@ -25,7 +25,7 @@ from services.common import metrics
 from services.common.interceptors import RETRY_AFTER_KEY
 from services.common.server import NOT_SERVING, SERVING
 from services.common.settings import TEXT, VISION
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.launch import how_it_ended
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp

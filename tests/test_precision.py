@@ -32,7 +32,7 @@ from engines.runtime import manifest as mf
 from engines.runtime import select
 from engines.runtime.bundle import BundleError, load_bundle
 from services.common.settings import TEXT, VISION
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 

@@ -20,7 +20,7 @@ from conftest import encoder_settings, gateway_settings, health_status, spawn_se
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common.server import SERVING
 from services.common.settings import TEXT
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.text.servicer import TextApp
 from test_gateway import png_bytes
 

@@ -37,7 +37,7 @@ from services.common.localca import LocalCA, signing_key, token_key
 from services.common.settings import GATEWAY, TEXT, VISION, Settings, parse_settings
 from services.common.tls import ClientCertificateFiles, check_listen
 from services.gateway.clients import VisionClient
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes

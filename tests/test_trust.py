@@ -18,7 +18,7 @@ from conftest import CALIBRATION_PER_CLASS, gateway_settings, health_status, sta
 from engines.runtime.calibration import DEFAULT_SCOPE, Calibration, CalibrationError, Scope
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.common.server import NOT_SERVING
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 from services.gateway.trust import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Trust
 
 CHEST = "chest"

@@ -2,7 +2,7 @@
 
 from services.common.server import main
 from services.common.settings import GATEWAY
-from services.gateway.servicer import GatewayApp
+from services.gateway.app import GatewayApp
 
 if __name__ == "__main__":
     main(GATEWAY, GatewayApp)

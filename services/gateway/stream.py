@@ -1,4 +1,4 @@
-"""Bounded, unordered concurrent map over an async stream: the engine of worklist streaming."""
+"""Worklist streams: the question carried from item to item; a bounded, unordered concurrent map."""
 
 from __future__ import annotations
 
@@ -6,8 +6,19 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from services.gateway.zeroshot import Question
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+async def carry_questions(items: AsyncIterable[tuple[T, Question]]) -> AsyncIterator[tuple[T, Question]]:
+    """A worklist states its question once: an item naming neither labels nor a label set is
+    asked the latest question named before it (labels or set, template and top_k together)."""
+    question = Question()
+    async for item, asked in items:
+        question = asked if asked.labels or asked.label_set else question
+        yield item, question
 
 
 async def map_unordered(

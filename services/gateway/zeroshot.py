@@ -1,29 +1,33 @@
 """Zero-shot classification and similarity over the encoders, with cached text embeddings.
 
-Plain objects: they take a time budget, not a gRPC context, and raise domain errors.
+Plain objects: they take a time budget, not a gRPC context, check input and raise domain errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 import structlog
 
 from services.common.batching import ROUTINE
 from services.common.errors import BundleChanged, DeadlineExpired, InvalidInput
+from services.common.limits import check_images, check_texts
 from services.common.logs import text_digest
+from services.common.settings import Settings
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
-from services.gateway.labelsets import LabelSet
 from services.gateway.sets import LabelSets
+from services.gateway.trust import Trust, Verdict
 
 log = structlog.get_logger("medvlm.gateway")
 
 DEFAULT_TEMPLATE = "{}"
 PLACEHOLDER = "{}"
+T = TypeVar("T")
 
 
 def check_template(template: str, labels: list[str], max_chars: int) -> str:
@@ -41,6 +45,11 @@ def check_template(template: str, labels: list[str], max_chars: int) -> str:
 def apply_template(template: str, label: str) -> str:
     """Plain replacement of "{}", never str.format(): labels may contain braces."""
     return template.replace(PLACEHOLDER, label)
+
+
+def top_count(top_k: int, count: int) -> int:
+    """How many labels an answer lists: top_k, or all `count` when top_k is 0 or more than that."""
+    return top_k if 0 < top_k <= count else count
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -78,16 +87,37 @@ class ModelIdentity:
 
 
 @dataclasses.dataclass(frozen=True)
-class SetScores:
-    """The best labels of a label set for one image."""
+class Question:
+    """What a Classify asks of its image: labels (prompted through `template`) or a label set,
+    and how many of the best labels to list (0: all)."""
 
-    label_set: LabelSet
-    indexes: np.ndarray  # [k] positions in the set, best first
-    cosine: np.ndarray  # [k]
-    probabilities: np.ndarray  # [k], softmax over every label of the set
-    image_digest: str
-    every_cosine: np.ndarray  # [N] every label of the set
-    image_vector: np.ndarray  # [D] unit-length image embedding
+    labels: tuple[str, ...] = ()
+    label_set: str = ""
+    template: str = ""
+    top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelScore:
+    """One label's score; the fields of the public LabelScore."""
+
+    label: str
+    index: int  # position in the request's labels or in the label set
+    probability: float  # softmax(logit_scale * cosine) over every label
+    cosine: float
+    calibrated_probability: float  # the calibration's, else `probability` again
+    code: str = ""  # a label set's code for the label
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One image classified."""
+
+    scores: list[LabelScore]  # every label in request order; empty for a label set
+    top: list[LabelScore]  # the best top_k, most probable first
+    image_sha256: str
+    label_set: str  # "name@version" of the set that answered; "" for labels
+    verdict: Verdict | None  # the calibration's judgement; None without a calibration
 
 
 class ZeroShot:
@@ -95,21 +125,21 @@ class ZeroShot:
     template and text, even under concurrent requests for the same label.
 
     Concurrent calls that need the same uncached texts share one fill: a task of its own,
-    bounded by `fill_timeout_s`, that no single caller can cancel. Each caller waits for it
+    bounded by the downstream timeout, that no single caller can cancel. Each caller waits for it
     only as long as its own budget allows.
     """
 
-    def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, max_chars: int,
-                 fill_timeout_s: float, cache_bytes: int = 64 << 20,
+    def __init__(self, model: ModelIdentity, vision: VisionClient, text: TextClient, settings: Settings,
+                 sets: LabelSets | None = None, trust: Trust | None = None,
                  on_bundle_changed: Callable[[], None] = lambda: None) -> None:
         self.model = model
         self.on_bundle_changed = on_bundle_changed
         self.vision = vision
         self.text = text
-        self.max_chars = max_chars
-        self.fill_timeout_s = fill_timeout_s
-        self.cache = TextEmbeddingCache(model.embed_dim, cache_bytes)
-        self.sets: LabelSets | None = None
+        self.settings = settings
+        self.sets = sets
+        self.trust = trust  # the bundle's calibration, when --calibration names one
+        self.cache = TextEmbeddingCache(model.embed_dim, settings.label_cache_mb << 20)
         self._pending: dict[CacheKey, asyncio.Task[dict[CacheKey, np.ndarray]]] = {}
 
     def _check(self, result: Embedded, what: str) -> Embedded:
@@ -123,6 +153,10 @@ class ZeroShot:
         return result
 
     async def embed_images(self, images: list, timeout: float, priority: int = ROUTINE) -> Embedded:
+        """Unit-length embeddings of image messages, checked against the limits."""
+        return await self._embed_images(check_images(images, self.settings), timeout, priority)
+
+    async def _embed_images(self, images: list, timeout: float, priority: int) -> Embedded:
         try:
             embedded = await self.vision.embed(images, timeout, priority)
         except BundleChanged:
@@ -130,10 +164,23 @@ class ZeroShot:
             raise
         return self._check(embedded, "vision")
 
-    async def embed_texts(self, labels: list[str], timeout: float, template: str = DEFAULT_TEMPLATE,
-                          priority: int = ROUTINE) -> np.ndarray:
-        """[N, D] unit-length embeddings of the labels with the template applied (a checked
-        template), from the cache where possible."""
+    async def _alongside_images(self, images: list, work: Awaitable[T], timeout: float,
+                                priority: int) -> tuple[Embedded, T]:
+        """Embed the images while `work` runs; the image call is cancelled when `work` fails."""
+        image_task = asyncio.ensure_future(self._embed_images(images, timeout, priority))
+        try:
+            done = await work
+        except BaseException:
+            image_task.cancel()
+            raise
+        return await image_task, done
+
+    async def embed_texts(self, texts: list[str], timeout: float, priority: int = ROUTINE) -> np.ndarray:
+        """[N, D] unit-length embeddings of texts as they are, checked against the limits; cached."""
+        return await self._texts(check_texts(texts, self.settings), timeout, DEFAULT_TEMPLATE, priority)
+
+    async def _texts(self, labels: list[str], timeout: float, template: str, priority: int) -> np.ndarray:
+        """[N, D] unit-length embeddings of the labels in a checked template, cached where possible."""
         keys = [(self.model.text_key, template, label) for label in labels]
         found = self.cache.get(keys)
         missing = list(dict.fromkeys(k for k, v in zip(keys, found, strict=True) if v is None))
@@ -163,7 +210,7 @@ class ZeroShot:
 
     async def _encode(self, keys: list[CacheKey], priority: int) -> dict[CacheKey, np.ndarray]:
         texts = [apply_template(k[1], k[2]) for k in keys]
-        result = self._check(await self.text.embed(texts, self.fill_timeout_s, priority), "text")
+        result = self._check(await self.text.embed(texts, self.settings.downstream_timeout_s, priority), "text")
         self.cache.put(keys, result.vectors)
         log.debug("texts_encoded", count=len(keys), digests=[text_digest(k[2]) for k in keys])
         return dict(zip(keys, result.vectors, strict=True))
@@ -178,39 +225,64 @@ class ZeroShot:
     async def encode_prompts(self, texts: list[str]) -> np.ndarray:
         """[N, D] embeddings of prompts, straight from the text encoder (routine priority), for
         label sets, whose embeddings are kept apart from the ad hoc cache."""
-        result = self._check(await self.text.embed(texts, self.fill_timeout_s, ROUTINE), "text")
+        result = self._check(await self.text.embed(texts, self.settings.downstream_timeout_s, ROUTINE), "text")
         return result.vectors
 
-    async def classify_set(self, images: list, ref: str, top_k: int, timeout: float,
-                           priority: int = ROUTINE) -> SetScores:
-        """The top_k labels (0: all) of a served label set for one image, by exact FAISS search."""
+    async def classify(self, image, question: Question, timeout: float, priority: int = ROUTINE) -> Answer:
+        """One image message (None: none sent) against labels or a label set: checked (limits, question
+        rules), scored, the best top_k listed and, with a calibration, judged."""
+        if image is None:
+            raise InvalidInput("no image in the request")
+        images = check_images([image], self.settings)
+        if question.label_set:
+            return await self._classify_set(images, question, timeout, priority)
+        labels = check_texts(list(question.labels), self.settings, what="label", minimum=2)
+        if len(set(labels)) != len(labels):
+            raise InvalidInput("labels must be distinct")
+        scores = await self.scores(images, labels, question.template, timeout, priority)
+        probabilities, cosine = scores.probabilities[0], scores.cosine[0]  # [N_labels]
+        verdict = self.trust and self.trust.judge(cosine, scores.image_vectors[0], labels,
+                                                  question.template or DEFAULT_TEMPLATE, self.model.logit_scale)
+        calibrated = probabilities if verdict is None else verdict.calibrated
+        every = [LabelScore(label, i, float(probabilities[i]), float(cosine[i]), float(calibrated[i]))
+                 for i, label in enumerate(labels)]
+        order = np.argsort(-probabilities, kind="stable")[:top_count(question.top_k, len(labels))]
+        return Answer(every, [every[i] for i in order], scores.image_digests[0], "", verdict)
+
+    async def _classify_set(self, images: list, question: Question, timeout: float, priority: int) -> Answer:
+        """The best top_k labels of a served label set for one image, by exact FAISS search; judged
+        by the set's own calibrated scope, else the bundle's (no per-call label list)."""
+        if question.labels:
+            raise InvalidInput("send labels or a label_set, not both")
+        if question.template:
+            raise InvalidInput("a label set brings its own templates: leave template empty")
         if self.sets is None:
             raise InvalidInput("unknown label set (see ListLabelSets)")
-        self.sets.catalogue.resolve(ref)  # an unknown set is refused before any encoder call
-        image_task = asyncio.ensure_future(self.embed_images(images, timeout, priority))
-        try:
-            found = await self.sets.embeddings(ref, timeout)
-        except BaseException:
-            image_task.cancel()
-            raise
-        embedded = await image_task
-        count = len(found.label_set.labels)
-        k = top_k if 0 < top_k <= count else count
-        indexes, cosine, probabilities, every = found.top(embedded.vectors[0], k, self.model.logit_scale)
-        return SetScores(found.label_set, indexes, cosine, probabilities, embedded.digests[0], every,
-                         embedded.vectors[0])
+        self.sets.catalogue.resolve(question.label_set)  # an unknown set is refused before any encoder call
+        embedded, found = await self._alongside_images(images, self.sets.embeddings(question.label_set, timeout),
+                                                       timeout, priority)
+        labels, vector = found.label_set.labels, embedded.vectors[0]  # vector: [D]
+        indexes, cosine, probabilities, every = found.top(vector, top_count(question.top_k, len(labels)),
+                                                          self.model.logit_scale)
+        verdict = self.trust and self.trust.judge(every, vector, [], "", self.model.logit_scale, scope=(
+            self.trust.calibration.scope_named(found.label_set.ref) or self.trust.calibration.default()))
+        top = [LabelScore(labels[i].name, int(i), float(p), float(c),
+                          float(p if verdict is None else verdict.calibrated[i]), labels[i].code)
+               for i, c, p in zip(indexes, cosine, probabilities, strict=True)]
+        return Answer([], top, embedded.digests[0], found.label_set.ref, verdict)
+
+    async def similarity(self, images: list, texts: list[str], template: str, timeout: float,
+                         priority: int = ROUTINE) -> Scores:
+        """Every image against every prompted text, both checked against the limits."""
+        return await self.scores(check_images(images, self.settings), check_texts(texts, self.settings), template,
+                                 timeout, priority)
 
     async def scores(self, images: list, texts: list[str], template: str, timeout: float,
                      priority: int = ROUTINE) -> Scores:
-        """Cosine and softmax(logit_scale * cosine) of every image against every prompted text."""
-        template = check_template(template, texts, self.max_chars)
-        image_task = asyncio.ensure_future(self.embed_images(images, timeout, priority))
-        try:
-            text_vectors = await self.embed_texts(texts, timeout, template, priority)
-        except BaseException:
-            image_task.cancel()
-            raise
-        embedded = await image_task
+        """Cosine and softmax(logit_scale * cosine) of every (checked) image against every prompted text."""
+        template = check_template(template, texts, self.settings.max_text_chars)
+        embedded, text_vectors = await self._alongside_images(
+            images, self._texts(texts, timeout, template, priority), timeout, priority)
         cosine = embedded.vectors @ text_vectors.T  # [N_images, N_texts]
         probabilities = softmax_rows(self.model.logit_scale * cosine)
         return Scores(cosine=cosine, probabilities=probabilities, image_digests=embedded.digests,

@@ -7,8 +7,8 @@ import grpc
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.encoder import EncoderApp, Tower
+from services.common.limits import check_texts
 from services.common.settings import TEXT, Settings
-from services.common.texts import check_texts
 from services.text.encoder import text_preparer
 
 

@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engines.runtime.manifest import ImageSpec
 from services.common.errors import InvalidInput
+from services.common.limits import check_image_bytes
 from services.vision.dicom import DicomInfo, configure_pydicom, decode_dicom, looks_like_raw_dataset
 from services.vision.window import NO_WINDOW, WindowRequest, bit_depth_range, to_eight_bit
 
@@ -71,8 +72,7 @@ def _detect(data: bytes, stated: str | None, limits: DecodeLimits, label: str) -
     a known signature that agrees with the declared format."""
     if not data:
         raise InvalidInput(f"{label}: empty image data")
-    if len(data) > limits.max_bytes:
-        raise InvalidInput(f"{label}: {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    check_image_bytes(data, limits.max_bytes, label)
     detected = sniff_format(data)
     if detected is None and looks_like_raw_dataset(data):
         raise InvalidInput(

@@ -9,6 +9,7 @@ from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.encoder import EncoderApp, Tower
 from services.common.errors import InvalidInput
+from services.common.limits import check_image_count
 from services.common.settings import VISION, Settings
 from services.vision.encoder import ImageInput, image_preparer
 from services.vision.preprocess import DICOM, JPEG, PNG, ImageOptions, configure_pillow
@@ -46,10 +47,7 @@ def image_options(image, label: str) -> ImageOptions:
 
 def image_items(images, max_images: int) -> list[ImageInput]:
     """Image messages -> ImageInputs, checking count, format enum, window and frame."""
-    if not images:
-        raise InvalidInput("no images in the request")
-    if len(images) > max_images:
-        raise InvalidInput(f"{len(images)} images exceeds the limit of {max_images} per request")
+    check_image_count(images, max_images)
     items = []
     for i, image in enumerate(images):
         if image.format not in FORMATS:
