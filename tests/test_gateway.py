@@ -16,9 +16,12 @@ from PIL import Image
 
 from conftest import eventually, gateway_settings, health_status, start_server, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
+from services.common import errors
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.server import NOT_SERVING, SERVING
 from services.gateway.app import GatewayApp
+from services.gateway.cache import TextEmbeddingCache
+from services.gateway.zeroshot import apply_template, check_template, softmax_rows
 
 TEXT_RPC = "/medvlm.v1.TextEncoderService/EmbedTexts"
 
@@ -62,28 +65,6 @@ async def test_classify_probabilities_and_top_k(tiny_stack):
     assert reply.top[0].probability == max(s.probability for s in reply.scores)
     assert reply.bundle_id.startswith("tiny-")
     assert len(reply.image_sha256) == 64
-
-
-async def test_a_stream_item_naming_labels_replaces_the_carried_question(tiny_stack):
-    """A worklist item without labels is asked the latest question named before it, template and
-    top_k included; its own template and top_k count for nothing."""
-    first, second = fresh_labels(2, "first"), fresh_labels(3, "second")
-    asked = [dict(labels=first, top_k=1), {}, dict(labels=second), dict(template="an image of {}", top_k=1)]
-
-    async def requests():
-        for i, kwargs in enumerate(asked):
-            request = gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=png_bytes(i)), **kwargs)
-            yield gateway_pb2.ClassifyStreamRequest(correlation_id=str(i), request=request)
-
-    call = tiny_stack.gateway_stub.ClassifyStream(requests(), timeout=60)
-    streamed = {r.correlation_id: r.result async for r in call}
-    for i, (labels, top_k) in enumerate([(first, 1), (first, 1), (second, 0), (second, 0)]):
-        unary = await tiny_stack.gateway_stub.Classify(
-            classify_request(labels, data=png_bytes(i), top_k=top_k), timeout=10)
-        result = streamed[str(i)]
-        assert [s.label for s in result.scores] == labels
-        assert [t.index for t in result.top] == [t.index for t in unary.top]
-        np.testing.assert_allclose([s.cosine for s in result.scores], [s.cosine for s in unary.scores], atol=1e-6)
 
 
 async def test_similarity_rows_match_classify(tiny_stack):
@@ -307,3 +288,50 @@ async def test_metrics_endpoint_reports_requests_batches_and_cache(tiny_stack):
     assert after['medvlm_queue_depth{tower="vision"}'] == 0
     assert any(k.startswith("medvlm_engine_info{") and 'tower="vision"' in k for k in after)
     assert not any(label in body for label in labels)  # no clinical text in metric labels
+
+
+def unit(rows: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_cache_round_trip_and_bundle_isolation():
+    cache = TextEmbeddingCache(16)
+    vectors = unit(3, 16, 0)
+    keys = [("bundle-a", "{}", t) for t in ("x", "y", "z")]
+    cache.put(keys, vectors)
+    got = cache.get(keys + [("bundle-b", "{}", "x"), ("bundle-a", "a {}", "x")])
+    np.testing.assert_array_equal(np.stack(got[:3]), vectors)
+    assert got[3] is None and got[4] is None  # another bundle or template never matches
+    assert (cache.hits, cache.misses) == (3, 2)
+    cache.put(keys[:1], unit(1, 16, 9))  # existing keys keep their first vector
+    np.testing.assert_array_equal(cache.get(keys[:1], count=False)[0], vectors[0])
+    assert len(cache) == 3
+
+
+def test_templates_are_replaced_not_formatted():
+    assert check_template("", ["a"], 100) == "{}"
+    assert apply_template("a photo of {}", "{0.__class__}") == "a photo of {0.__class__}"
+    for bad in ("none", "{} {}", "{0}"):
+        with pytest.raises(errors.InvalidInput):
+            check_template(bad, ["a"], 100)
+    with pytest.raises(errors.InvalidInput, match="prompt 1"):
+        check_template("x" * 50 + "{}", ["a", "b" * 60], 100)
+
+
+def test_softmax_rows_is_stable_and_normalized():
+    logits = np.array([[1000.0, 1000.0, 0.0], [-5.0, 0.0, 5.0]])
+    p = softmax_rows(logits)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    np.testing.assert_allclose(p[0], [0.5, 0.5, 0.0], atol=1e-12)
+    assert np.all(np.diff(p[1]) > 0)
+
+
+def test_images_are_split_by_bytes_in_order():
+    from medvlm.v1 import types_pb2
+    from services.gateway.clients import byte_chunks
+
+    images = [types_pb2.Image(data=bytes([i]) * n) for i, n in enumerate([4, 4, 3, 10, 1, 1])]
+    chunks = byte_chunks(images, limit=8)
+    assert [[len(im.data) for im in c] for c in chunks] == [[4, 4], [3], [10], [1, 1]]
+    assert [im for c in chunks for im in c] == images

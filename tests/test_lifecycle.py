@@ -1,4 +1,4 @@
-"""Server lifecycle: NOT_SERVING before warm-up and for a corrupt bundle, graceful SIGTERM, settings."""
+"""Server lifecycle: NOT_SERVING before warm-up and for a corrupt bundle, graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import grpc
 import pytest
 import structlog
 
-from conftest import ROOT, encoder_settings, eventually, health_status, spawn_service, start_server, wait_for_serving
+from conftest import encoder_settings, eventually, health_status, spawn_service, start_server, wait_for_serving
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
 from services.common.server import NOT_SERVING, SERVING
-from services.common.settings import TEXT, VISION, parse_settings
+from services.common.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes
@@ -155,31 +155,3 @@ async def test_sigterm_goes_not_serving_drains_and_exits(tiny_bundle):
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
-
-
-def test_settings_flags_beat_variables_and_defaults():
-    env = {"MEDVLM_MAX_TEXTS": "7", "MEDVLM_BUNDLE": "/b", "MEDVLM_ALLOW_BENCHMARK": "yes", "MEDVLM_PORT": "9"}
-    settings = parse_settings(TEXT, ["--port", "1234"], env)
-    assert (settings.port, settings.max_texts, settings.bundle, settings.allow_benchmark) == (1234, 7, "/b", True)
-    assert parse_settings("gateway", [], {}).port == 50050
-    assert parse_settings("gateway", [], {}).max_message_bytes == 64 << 20
-    assert parse_settings(VISION, [], {"MEDVLM_BUNDLE": "/b"}).max_message_bytes == 32 << 20
-    with pytest.raises(SystemExit):
-        parse_settings(VISION, [], {})  # no bundle
-    with pytest.raises(SystemExit):
-        parse_settings(TEXT, [], {"MEDVLM_BUNDLE": "/b", "MEDVLM_MAX_TEXTS": "many"})
-    with pytest.raises(dataclasses_frozen_error()):
-        settings.port = 1  # type: ignore[misc]
-
-
-def dataclasses_frozen_error():
-    import dataclasses
-
-    return dataclasses.FrozenInstanceError
-
-
-def test_readme_settings_table_is_current():
-    from scripts.settings_table import markdown_table
-
-    assert markdown_table() in (ROOT / "README.md").read_text(), (
-        "regenerate: python -m scripts.settings_table README.md")
