@@ -42,12 +42,11 @@ from bench.load import Point, Request, run_points
 from bench.procs import HOST, Server, ServerFailed, free_port, service_env
 from engines.runtime import manifest as mf
 from engines.runtime.bundle import Bundle, load_bundle, row_cosines
-from engines.runtime.engine import Engine
+from engines.runtime.engine import Engine, l2_normalize
 from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.select import ORT_CPU, open_engine
 from engines.runtime.text import TextTokenizer
-from services.common.encoder import l2_normalize
 from services.common.settings import Settings
 from services.vision.encoder import ImagePreparer
 from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, decode_image, preprocess
@@ -268,7 +267,7 @@ class OrtWithDecode(OrtEngine):
     def _embed(self, n: int) -> np.ndarray:
         pngs = self.ctx.images.pngs
         rows = self.preparer.prepare([(pngs[n % len(pngs)], PNG)])  # [[3, S, S]]
-        return l2_normalize(self.engine.infer(self.preparer.collate(rows)))  # [1, D]
+        return self.engine.embed(self.preparer.collate(rows))  # [1, D]
 
     def check(self) -> dict[str, Any]:
         return check_cosine(self._embed(0)[0], self.ctx.reference[0])

@@ -118,9 +118,9 @@ MUTATIONS = (
         "headers sent before the work, so no failed call can be retried",
     ),
     Mutation(
-        "embeddings-not-normalised", "services/common/encoder.py",
-        "        return l2_normalize(self._loaded.engine.infer(batch))",
-        "        return self._loaded.engine.infer(batch)",
+        "embeddings-not-normalised", "engines/runtime/engine.py",
+        "        return l2_normalize(self.infer(batch))",
+        "        return self.infer(batch)",
         (C + "test_embeddings_are_unit_length_from_the_encoders_and_the_gateway",),
         "embeddings left un-normalised",
     ),

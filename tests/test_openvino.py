@@ -29,7 +29,7 @@ from engines.runtime import select
 from engines.runtime.bundle import load_bundle
 from engines.runtime.engine import EngineError
 from engines.runtime.onnx import OnnxRuntimeEngine
-from services.common.encoder import l2_normalize
+from engines.runtime.engine import l2_normalize
 from services.common.settings import VISION
 from services.vision.preprocess import preprocess
 from services.vision.servicer import VisionApp

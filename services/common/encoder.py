@@ -56,12 +56,6 @@ def load_tower(settings: Settings, tower: str) -> LoadedTower:
     return LoadedTower(bundle, engine, cosine)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of [N, D] scaled to unit length (float32)."""
-    x = x.astype(np.float32, copy=False)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class Preparer(Protocol):
     """The tower-specific half of an encoder: raw inputs -> engine rows, rows -> a batch."""
 
@@ -108,7 +102,7 @@ class EncoderApp:
         if self.settings.measure_batch_limit and max_batch > 1:
             max_batch = (await asyncio.to_thread(self._batch_limit, loaded)).size
         self.batcher = Batcher(
-            self.infer,
+            loaded.engine.embed,  # the engine call, in the batcher's threads, off the loop
             self._preparer.collate,
             max_batch=max_batch,
             max_delay_s=self.settings.max_delay_ms / 1000,
@@ -118,10 +112,6 @@ class EncoderApp:
             name=self.tower,
         )
         self._loaded = loaded
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """[B, ...] engine input -> [B, D] unit-length embeddings. In the engine's thread, off the loop."""
-        return l2_normalize(self._loaded.engine.infer(batch))
 
     def _batch_limit(self, loaded: LoadedTower) -> BatchLimit:
         """Time the engine on the golden inputs at growing batch sizes; the batcher never forms a batch
@@ -195,4 +185,4 @@ class EncoderApp:
             self._loaded.engine.close()
 
 
-__all__ = ["BundleError", "EncoderApp", "LoadedTower", "Tower", "l2_normalize", "load_tower"]
+__all__ = ["BundleError", "EncoderApp", "LoadedTower", "Tower", "load_tower"]
