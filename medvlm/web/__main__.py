@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # access_log off: our own middleware logs method, path, status and latency, nothing else.
     config = uvicorn.Config(create_app(connection, settings), log_config=None, access_log=False, ws="none",
                             lifespan="on", timeout_graceful_shutdown=5, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: uvicorn has shut down by now
+        pass
     return 0
 
 
