@@ -112,8 +112,8 @@ MUTATIONS = (
     ),
     Mutation(
         "headers-before-work", "services/common/interceptors.py",
-        "                response = await behavior(_checked(request, call), context)\n                await call.send_headers()\n",
-        "                await call.send_headers()\n                response = await behavior(_checked(request, call), context)\n",
+        "                call.admit()\n                response = await behavior(",
+        "                call.admit()\n                await call.send_headers()\n                response = await behavior(",
         (C + "test_a_replica_answering_unavailable_costs_no_failed_call",),
         "headers sent before the work, so no failed call can be retried",
     ),

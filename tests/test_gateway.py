@@ -88,8 +88,9 @@ async def test_request_id_is_returned_and_propagated_to_encoders(tiny_stack):
             metadata=((REQUEST_ID_KEY, "rid-12345"),), timeout=10,
         )
         await call
-        initial = dict(await call.initial_metadata())
-    assert initial[REQUEST_ID_KEY] == "rid-12345"
+        # a unary answer carries it in the trailers, sent with the response in one operation
+        assert dict(await call.trailing_metadata())[REQUEST_ID_KEY] == "rid-12345"
+        assert REQUEST_ID_KEY not in dict(await call.initial_metadata())
     rpcs = {e["rpc"] for e in logs if e.get("event") == "audit" and e.get("request_id") == "rid-12345"}
     assert rpcs == {
         "/medvlm.v1.GatewayService/Classify",

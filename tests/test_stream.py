@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 from prometheus_client import REGISTRY
 
 from conftest import eventually, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
+from services.common.interceptors import REQUEST_ID_KEY
 from test_gateway import classify_request, fresh_labels, png_bytes
 
 
@@ -103,3 +105,19 @@ async def test_a_stream_item_naming_labels_replaces_the_carried_question(tiny_st
         assert [s.label for s in result.scores] == labels
         assert [t.index for t in result.top] == [t.index for t in unary.top]
         np.testing.assert_allclose([s.cosine for s in result.scores], [s.cosine for s in unary.scores], atol=1e-6)
+
+
+async def test_a_stream_carries_its_request_id_in_the_headers_of_its_first_result(tiny_stack):
+    """A worklist can run for minutes: its caller has the request id from the first result on."""
+    async def requests():
+        for i in range(2):
+            request = classify_request(fresh_labels(2, "stream id"), data=png_bytes(i))
+            yield gateway_pb2.ClassifyStreamRequest(correlation_id=str(i), request=request)
+
+    call = tiny_stack.gateway_stub.ClassifyStream(requests(), metadata=((REQUEST_ID_KEY, "rid-stream-1"),),
+                                                  timeout=60)
+    first = await call.read()
+    assert first.correlation_id == "0"
+    assert dict(await call.initial_metadata())[REQUEST_ID_KEY] == "rid-stream-1"
+    assert (await call.read()).correlation_id == "1"
+    assert await call.read() is grpc.aio.EOF

@@ -129,7 +129,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 call.admit()
                 response = await behavior(_checked(request, call), context)
-                await call.send_headers()
+                call.set_trailers()
                 return response
             except BaseException as exc:  # noqa: BLE001 - every outcome is audited
                 await call.fail(exc)
@@ -256,11 +256,19 @@ class _Call:
             self.admitted = True
 
     async def send_headers(self) -> None:
-        """Send the request id in the headers, with the first response: a call that fails before
-        answering gets a trailers-only reply, which a client's retry policy may still retry
-        (gRPC never retries a call once headers have arrived)."""
+        """A stream's first response: send the request id in the headers with it, so that the
+        caller has it while the stream runs. Never before: a call that fails before answering gets
+        a trailers-only reply, which a client's retry policy may still retry (gRPC never retries a
+        call once headers have arrived)."""
         self.began = True
         await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def set_trailers(self) -> None:
+        """A unary call's answer: the request id goes in the trailers, sent with the response and
+        its status in one operation (sending headers first would cost a round of the event loop
+        and of gRPC core per call)."""
+        if not self.ended:
+            self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     def charge(self, request: Any) -> None:
         """Charge the images of one request message to the caller's images-per-second quota."""
