@@ -71,6 +71,24 @@ class Server:
             raise self.failure(f"exited with status {self.proc.returncode} before serving")
         raise self.failure(f"was not SERVING after {timeout_s:.0f} s")
 
+    def memory(self) -> dict[str, float]:
+        """Resident memory of the process group it leads (tritonserver and its stubs included), in
+        MiB: `rss_mib` now, `peak_mib` the sum of each process's own peak (VmHWM)."""
+        rss = peak = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) != self.proc.pid:
+                    continue
+                fields = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines()
+                              if ":" in line)
+            except (OSError, ProcessLookupError):
+                continue  # ended meanwhile
+            rss += int(fields.get("VmRSS", "0 kB").split()[0])
+            peak += int(fields.get("VmHWM", "0 kB").split()[0])
+        return {"rss_mib": round(rss / 1024, 1), "peak_mib": round(peak / 1024, 1)}
+
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM, wait up to `grace_s`, then SIGKILL the process group it leads."""
         if self.proc.poll() is None:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import goals
+
 log = logging.getLogger("bench.report")
 
 RATIO_LOW = 1  # served overhead is compared at this concurrency
@@ -289,6 +291,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         if incomplete:
             out += ["", "\\* warm-up incomplete: not every worker had an answer before the window opened."]
         out += ["", "```", *ratio_lines(model, r["ratios"]), "```", ""]
+        out += goals.markdown(model, r, m)
         missing = [f"* `{k}` {s['status']}: {s['reason']}" for k, s in r["systems"].items()
                    if s["status"] != "ok"]
         if missing or skipped_points:
@@ -362,6 +365,8 @@ def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
         results["plots_missing"] = why_not
     results["plots"] = plots
     written = [out_dir / "results.json", out_dir / "README.md", *(out_dir / f for f in plots.values())]
+    for model, r in results["models"].items():
+        r["goals"] = goals.evaluate(model, r, results["machine"])
     (out_dir / "results.json").write_text(json.dumps(clean_nans(results), indent=2, allow_nan=False) + "\n")
     (out_dir / "README.md").write_text(markdown(results, plots))
     return written

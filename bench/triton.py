@@ -186,6 +186,7 @@ class TritonSystem(System):
 
     def stop(self) -> None:
         if self.server is not None:
+            self.details["memory_mib"] = {"triton": self.server.memory()}
             self.server.stop(grace_s=45.0)
             self.server = None
 

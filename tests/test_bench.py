@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from bench import goals
 from bench.__main__ import main
 
 SYSTEMS = ("ort", "ort-decode", "vision-batch", "openvino", "vision-openvino")
@@ -53,6 +54,52 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
     readme = (out / "README.md").read_text()
     assert "## Machine" in readme and "| vision-batch | 4 |" in readme
     assert "in alternating pairs" in readme
+
+    for key in ("vision-batch", "vision-openvino"):  # each server's memory, read after its measurements
+        memory = tiny["systems"][key]["details"]["memory_mib"]["vision"]
+        assert 20 < memory["rss_mib"] <= memory["peak_mib"] < 8192, memory
+    assert "Resident memory of each server" in readme
+    mid = tiny["ratios"]["mid_concurrency"]
+    served = {g["goal"]: g for g in tiny["goals"]}
+    row = served[f"`vision-batch` at {mid} vs `ort` in process one at a time, throughput"]
+    throughput = {k: next(p["throughput"] for p in tiny["systems"][k]["points"] if p["concurrency"] == c)
+                  for k, c in (("vision-batch", mid), ("ort", 1))}
+    assert row["ratio"] == pytest.approx(throughput["vision-batch"] / throughput["ort"], abs=1e-3)
+    assert row["verdict"] == ("met" if row["ratio"] >= 1.0 else "not met")
+    assert "CPU serving goals" in readme
+
+
+def _judged(points: dict[str, dict[int, tuple[float, float]]], **extra) -> dict[str, dict]:
+    """Goal rows of a hand-made result: system -> concurrency -> (img/s, p50 ms)."""
+    systems = {k: {"status": "ok", "details": {}, "points": [
+        {"concurrency": c, "requests": 10, "throughput": t, "p50_ms": p50} for c, (t, p50) in v.items()]}
+        for k, v in points.items()}
+    r = {"systems": systems, "ratios": {"low_concurrency": 1, "mid_concurrency": 16}, **extra}
+    machine = {"cpu_flags": ["avx2"], "gemm": {"int8": {"gmac_per_s": 140.0, "vit_b16_floor_ms": 125}}}
+    return {g["goal"].split(",")[0]: g for g in goals.evaluate("biomedclip-arch", r, machine)}
+
+
+def test_goals_are_judged_from_the_run_and_say_what_was_not_measured():
+    rows = _judged({"gateway": {1: (4.0, 250.0), 16: (3.5, 4000.0)},
+                    "gateway-int8": {1: (6.2, 160.0), 16: (6.9, 2300.0)},
+                    "ort": {1: (4.1, 240.0)}, "triton": {16: (3.3, 4800.0)}},
+                   paired_overhead={"gateway": {"overhead_p50_ms": 4.1, "overhead_p25_ms": 3.5,
+                                                "overhead_p75_ms": 4.6, "pairs": 300}})
+    bound = rows["Classify p50 at 1"]
+    assert bound["ratio"] == pytest.approx(160 / 125, abs=1e-3) and bound["verdict"] == "met"
+    assert "`gateway-int8`" in bound["measured"]  # the best engine, not the first row
+    triton = rows["Classify throughput at 16"]
+    assert triton["ratio"] == pytest.approx(6.9 / 3.3, abs=1e-3) and triton["verdict"] == "not met"
+    assert rows["`gateway` at 16 vs `ort` in process one at a time"]["verdict"] == "not met"
+    assert rows["`gateway` served overhead at 1"]["verdict"] == "not met"
+    assert "`gateway-int8` at 16 vs `ort-int8` in process one at a time" not in rows  # ort-int8 not run
+    bf16 = rows["OpenVINO bf16 p50 at 1 vs ONNX Runtime fp32"]
+    assert bf16["verdict"] == "not measured: the openvino row did not run in this run"
+
+    slow = _judged({"gateway-int8": {1: (5.0, 170.0)}, "ort": {1: (4.1, 240.0)},
+                    "openvino": {1: (4.5, 220.0)}})
+    assert slow["Classify p50 at 1"]["verdict"] == "not met"
+    assert slow["Classify throughput vs Triton + ONNX Runtime fp32"]["verdict"].startswith("not measured")
 
 
 def test_int8_for_random_weights_is_made_on_a_copy_for_speed_only(tiny_bundle, tmp_path):

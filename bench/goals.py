@@ -1,0 +1,147 @@
+"""The CPU serving goals, judged from the systems measured in one run (ratios within the run only).
+
+Each goal is a row: what it asks, what was measured, the ratio, and a verdict ("met", "not met", or
+"not measured" with the reason). Computed when the report is written, so `--from-json` re-judges an
+old run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Classify end to end, one row per engine the vision encoder can serve
+CLASSIFY_ROWS = ("gateway", "gateway-int8", "gateway-openvino")
+# served system -> the in-process engine doing the same inference one request at a time
+SERVED_VS_ENGINE = (
+    ("vision-batch", "ort"), ("gateway", "ort"), ("gateway-int8", "ort-int8"),
+    ("vision-openvino", "openvino"), ("gateway-openvino", "openvino"), ("gateway-torch", "torch"),
+)
+VIT_B16_MODELS = ("biomedclip-arch", "biomedclip")  # the GEMM-rate bound is a ViT-B/16 image tower's
+
+
+def _point(r: dict[str, Any], key: str, concurrency: int | None) -> dict[str, Any] | None:
+    system = r["systems"].get(key)
+    if concurrency is None or not system or system["status"] != "ok":
+        return None
+    return next((p for p in system["points"] if p["concurrency"] == concurrency and p["requests"] > 0), None)
+
+
+def _value(r: dict[str, Any], key: str, concurrency: int | None, field: str) -> float | None:
+    point = _point(r, key, concurrency)
+    return None if point is None else point[field]
+
+
+def _row(goal: str, target: str, measured: str, ratio: float | None, met: bool | None, why: str = "") -> dict:
+    verdict = f"not measured: {why}" if met is None else ("met" if met else "not met")
+    return {"goal": goal, "target": target, "measured": measured,
+            "ratio": None if ratio is None else round(ratio, 3), "verdict": verdict}
+
+
+def _gated_note(r: dict[str, Any], key: str) -> str:
+    details = r["systems"].get(key, {}).get("details", {})
+    if key == "gateway-int8" and "gated" in details:
+        return " (int8 kept by the precision gate)" if details["gated"] else " (int8 ungated: no gate can judge it)"
+    return ""
+
+
+def evaluate(model: str, r: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goal rows of one model's results."""
+    low, mid = r["ratios"]["low_concurrency"], r["ratios"]["mid_concurrency"]
+    rows = []
+    classify = {k: v for k in CLASSIFY_ROWS if (v := _value(r, k, low, "p50_ms")) is not None}
+    gemm = (machine.get("gemm") or {}).get("int8", {})
+    if model in VIT_B16_MODELS and classify and gemm.get("vit_b16_floor_ms"):
+        best = min(classify, key=classify.get)
+        bound = gemm["vit_b16_floor_ms"]
+        ratio = classify[best] / bound
+        rows.append(_row("Classify p50 at 1, best engine, within 1.3x the int8 GEMM-rate bound", "<= 1.3x",
+                         f"`{best}`{_gated_note(r, best)} {classify[best]:.1f} ms vs bound {bound} ms "
+                         f"(int8 {gemm['gmac_per_s']} G MAC/s)", ratio, ratio <= 1.3))
+    elif model in VIT_B16_MODELS:
+        rows.append(_row("Classify p50 at 1 within 1.3x the int8 GEMM-rate bound", "<= 1.3x", "-", None, None,
+                         "no Classify row or no GEMM rate in this run"))
+
+    triton = _value(r, "triton", mid, "throughput")
+    served = {k: v for k in CLASSIFY_ROWS if (v := _value(r, k, mid, "throughput")) is not None}
+    if triton and served:
+        best = max(served, key=served.get)
+        ratio = served[best] / triton
+        rows.append(_row(f"Classify throughput at {mid}, best engine, vs Triton + ONNX Runtime fp32", ">= 3x",
+                         f"`{best}`{_gated_note(r, best)} {served[best]:.2f} vs {triton:.2f} img/s", ratio,
+                         ratio >= 3.0))
+    else:
+        rows.append(_row("Classify throughput vs Triton + ONNX Runtime fp32", ">= 3x", "-", None, None,
+                         "Triton or every Classify row missing from this run"))
+
+    ov = r["systems"].get("openvino", {})
+    precision = ov.get("details", {}).get("precision")
+    ov_p50, ort_p50 = _value(r, "openvino", low, "p50_ms"), _value(r, "ort", low, "p50_ms")
+    if precision == "bf16" and ov_p50 and ort_p50:
+        ratio = ov_p50 / ort_p50
+        rows.append(_row("OpenVINO bf16 p50 at 1 vs ONNX Runtime fp32 (top-1 agreement: not measured here)",
+                         "<= 0.6x", f"{ov_p50:.1f} vs {ort_p50:.1f} ms", ratio, ratio <= 0.6))
+    else:
+        flags = ", ".join(machine.get("cpu_flags", [])) or "-"
+        why = (f"OpenVINO ran {precision}: this CPU has no native bf16 (flags: {flags})" if precision
+               else "the openvino row did not run in this run")
+        rows.append(_row("OpenVINO bf16 p50 at 1 vs ONNX Runtime fp32", "<= 0.6x", "-", None, None, why))
+
+    t_ov = _value(r, "triton-openvino", mid, "throughput")
+    v_ov = _value(r, "vision-openvino", mid, "throughput")
+    if t_ov and v_ov:
+        ratio = v_ov / t_ov
+        rows.append(_row(f"vision encoder on OpenVINO vs Triton serving the same OpenVINO model, throughput at "
+                         f"{mid} (Triton gets tensors, ours decodes PNGs)", ">= 1.0x",
+                         f"{v_ov:.2f} vs {t_ov:.2f} img/s", ratio, ratio >= 1.0))
+    t_p50, v_p50 = _value(r, "triton-openvino", low, "p50_ms"), _value(r, "vision-openvino", low, "p50_ms")
+    if t_p50 and v_p50:
+        ratio = v_p50 / t_p50
+        rows.append(_row(f"vision encoder on OpenVINO vs Triton + OpenVINO, p50 at {low}", "<= 1.05x",
+                         f"{v_p50:.1f} vs {t_p50:.1f} ms", ratio, ratio <= 1.05))
+    if not (t_ov and v_ov) and not (t_p50 and v_p50):
+        rows.append(_row("vision encoder on OpenVINO vs Triton + OpenVINO", ">= 1.0x, <= 1.05x", "-", None, None,
+                         "triton-openvino or vision-openvino missing from this run"))
+
+    for served_key, engine_key in SERVED_VS_ENGINE:
+        at_mid = _value(r, served_key, mid, "throughput")
+        alone = _value(r, engine_key, 1, "throughput")
+        if at_mid is None or alone is None:
+            continue
+        ratio = at_mid / alone
+        rows.append(_row(f"`{served_key}` at {mid} vs `{engine_key}` in process one at a time, throughput",
+                         ">= 1.0x", f"{at_mid:.2f} vs {alone:.2f} img/s", ratio, ratio >= 1.0))
+
+    for key, o in (r.get("paired_overhead") or {}).items():
+        if "error" in o:
+            rows.append(_row(f"`{key}` served overhead at 1, paired", "< 3 ms", "-", None, None, o["error"]))
+            continue
+        rows.append(_row(f"`{key}` served overhead at 1, paired with `ort-decode`", "< 3 ms",
+                         f"+{o['overhead_p50_ms']:.2f} ms (p25-p75 {o['overhead_p25_ms']:+.2f} to "
+                         f"{o['overhead_p75_ms']:+.2f}) over {o['pairs']} pairs", None, o["overhead_p50_ms"] < 3.0))
+    return rows
+
+
+def memory_rows(r: dict[str, Any]) -> list[str]:
+    """Resident memory of every server process a system started, after its measurements."""
+    lines = []
+    for key, s in r["systems"].items():
+        details = s.get("details", {})
+        for server, mem in (details.get("memory_mib") or {}).items():
+            engine = next((e for e in details.get("served_engines", []) if e.startswith(f"{server}:")), "")
+            lines.append(f"| `{key}` | {server} | {engine.partition(': ')[2] or '-'} | {mem['rss_mib']:.0f} | "
+                         f"{mem['peak_mib']:.0f} |")
+    return lines
+
+
+def markdown(model: str, r: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    """The goals table and the memory table of one model, for the run's README."""
+    out = [f"CPU serving goals, judged from this run ({model}):", "",
+           "| goal | target | measured | ratio | verdict |", "|---|---|---|---:|---|"]
+    for g in evaluate(model, r, machine):
+        ratio = "-" if g["ratio"] is None else f"{g['ratio']:.2f}x"
+        out.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {ratio} | {g['verdict']} |")
+    memory = memory_rows(r)
+    if memory:
+        out += ["", "Resident memory of each server after its measurements (MiB; peak = VmHWM):", "",
+                "| system | server | engine | RSS | peak |", "|---|---|---|---:|---:|", *memory]
+    return out + [""]
