@@ -122,7 +122,7 @@ def evaluate(model: str, r: dict[str, Any], machine: dict[str, Any]) -> list[dic
             rows.append(_row(f"`{key}` served overhead at 1, paired", "< 3 ms", "-", None, None, o["error"]))
             continue
         rows.append(_row(f"`{key}` served overhead at 1, paired with `ort-decode`", "< 3 ms",
-                         f"+{o['overhead_p50_ms']:.2f} ms (p25-p75 {o['overhead_p25_ms']:+.2f} to "
+                         f"{o['overhead_p50_ms']:+.2f} ms (p25-p75 {o['overhead_p25_ms']:+.2f} to "
                          f"{o['overhead_p75_ms']:+.2f}) over {o['pairs']} pairs", None, o["overhead_p50_ms"] < 3.0))
     return rows
 
@@ -146,7 +146,7 @@ def markdown(model: str, r: dict[str, Any], machine: dict[str, Any]) -> list[str
     out = [f"CPU serving goals, judged from this run ({model}):", "",
            "| goal | target | measured | ratio | verdict |", "|---|---|---|---:|---|"]
     for g in evaluate(model, r, machine):
-        ratio = "-" if g["ratio"] is None else f"{g['ratio']:.2f}x"
+        ratio = "-" if g["ratio"] is None else f"{g['ratio']:.3f}x"
         out.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {ratio} | {g['verdict']} |")
     memory = memory_rows(r)
     if memory:

@@ -119,7 +119,7 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         if "error" in o:
             lines.append(f"  {key:15} failed: {o['error']}")
             continue
-        lines.append(f"  {key:15} +{o['overhead_p50_ms']:.2f} ms ({o['overhead_p25_ms']:+.2f} to "
+        lines.append(f"  {key:15} {o['overhead_p50_ms']:+.2f} ms ({o['overhead_p25_ms']:+.2f} to "
                      f"{o['overhead_p75_ms']:+.2f}) over {o['pairs']} pairs; p50 {o['served_p50_ms']} ms "
                      f"served vs {o['in_process_p50_ms']} ms in process")
     tls = r.get("tls_overhead") or {}
@@ -127,7 +127,7 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
         lines.append(f"[{model}] TLS + auth overhead at concurrency 1: failed: {tls['error']}")
     elif tls:
         lines.append(f"[{model}] TLS + mTLS + bearer token, Classify at concurrency 1, in alternating pairs with "
-                     f"the plaintext stack: +{tls['overhead_p50_ms']:.2f} ms ({tls['overhead_p25_ms']:+.2f} to "
+                     f"the plaintext stack: {tls['overhead_p50_ms']:+.2f} ms ({tls['overhead_p25_ms']:+.2f} to "
                      f"{tls['overhead_p75_ms']:+.2f}) over {tls['pairs']} pairs; p50 {tls['served_p50_ms']} ms "
                      f"secured vs {tls['in_process_p50_ms']} ms plaintext")
     lines.append(f"[{model}] throughput at concurrency {mid} (img/s; x Triton fed tensors; x Triton decoding "
