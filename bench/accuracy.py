@@ -4,7 +4,7 @@
 
 Generates the held-out synthetic set (a seed never used for training), sends every image as a
 PNG to GatewayService/Classify with the class labels, and prints the markdown table the README
-shows. Add --stack to start a local stack on the demo bundle for the measurement.
+shows. Start the stack first (`make run` serves the demo bundle on 127.0.0.1:50050).
 """
 
 from __future__ import annotations

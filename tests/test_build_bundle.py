@@ -86,6 +86,19 @@ def test_graph_signatures(tiny_bundle: Path) -> None:
         assert o.shape == ["batch", 64]
 
 
+def test_engine_files_name_no_path_of_the_build(tiny_bundle: Path) -> None:
+    """The exporter's stack traces named the checkout's and the environment's files: the same
+    weights built in another folder gave other bytes (another bundle id) and the files carried
+    the build machine's paths."""
+    root = str(Path(__file__).resolve().parent.parent)
+    for name in ("vision.onnx", "text.onnx"):
+        data = (tiny_bundle / name).read_bytes()
+        assert root.encode() not in data and b"site-packages" not in data
+        model = onnx.load(str(tiny_bundle / name))
+        keys = {p.key for node in model.graph.node for p in node.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
+
+
 def test_golden_contents(golden: dict[str, np.ndarray]) -> None:
     assert set(golden) == set(mf.GOLDEN_KEYS)
     images, ids = golden[mf.VISION_INPUT], golden[mf.TEXT_INPUT]

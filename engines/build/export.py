@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
@@ -13,6 +14,7 @@ from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISI
 log = logging.getLogger(__name__)
 
 OPSET = 18
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 EXPORTER = "torch.onnx dynamo"
 
 
@@ -68,8 +70,31 @@ def _export(
             verbose=False,
         )
     program.save(str(path), external_data=False)
+    _drop_stack_traces(path)
     seconds, megabytes = time.perf_counter() - start, path.stat().st_size / 1e6
     log.info("exported %s in %.1f s (%.1f MB)", path.name, seconds, megabytes)
+
+
+def _drop_stack_traces(path: Path) -> None:
+    """Remove the Python stack trace the exporter records on every node: it names files of the
+    build's checkout and environment, so the same weights built in another folder would give
+    other bytes, hence another bundle id, and the engine file would carry the build machine's
+    paths. The other node metadata (module names and scopes) stays."""
+    model = onnx.load(str(path))
+    for node in _nodes([model.graph.node, *(f.node for f in model.functions)]):
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
+
+
+def _nodes(node_lists):
+    """Every node of these node lists and of the subgraphs inside them (If, Loop, Scan)."""
+    for nodes in node_lists:
+        for node in nodes:
+            yield node
+            for attribute in node.attribute:
+                yield from _nodes([g.node for g in (attribute.g, *attribute.graphs) if g.node])
 
 
 def export_vision(model: torch.nn.Module, path: Path, *, image_size: int) -> None:
