@@ -19,7 +19,9 @@ SERVED_VS_ENGINE = (
 VIT_B16_MODELS = ("biomedclip-arch", "biomedclip")  # the GEMM-rate bound is a ViT-B/16 image tower's
 
 
-def _point(r: dict[str, Any], key: str, concurrency: int | None) -> dict[str, Any] | None:
+def point(r: dict[str, Any], key: str, concurrency: int | None) -> dict[str, Any] | None:
+    """The measured point of system `key` at `concurrency`, if it ran and answered there (the
+    report's tables and ratios read points through this too)."""
     system = r["systems"].get(key)
     if concurrency is None or not system or system["status"] != "ok":
         return None
@@ -27,8 +29,8 @@ def _point(r: dict[str, Any], key: str, concurrency: int | None) -> dict[str, An
 
 
 def _value(r: dict[str, Any], key: str, concurrency: int | None, field: str) -> float | None:
-    point = _point(r, key, concurrency)
-    return None if point is None else point[field]
+    found = point(r, key, concurrency)
+    return None if found is None else found[field]
 
 
 def _row(goal: str, target: str, measured: str, ratio: float | None, met: bool | None, why: str = "") -> dict:

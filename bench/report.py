@@ -19,18 +19,11 @@ OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway", "gateway-tls", "gate
 PRECISION_ROWS = ("gateway-int8", "gateway", "gateway-torch", "ort-int8", "ort", "torch")
 
 
-def _point(result: dict[str, Any], key: str, concurrency: int) -> dict[str, Any] | None:
-    system = result["systems"].get(key)
-    if not system or system["status"] != "ok":
-        return None
-    return next((p for p in system["points"] if p["concurrency"] == concurrency and p["requests"] > 0), None)
-
-
 def _pick(result: dict[str, Any], concurrency: list[int], wanted: int) -> int | None:
     """The concurrency to compare systems at: `wanted`, or if fewer systems were measured there (a point
     skipped as too slow), the highest one below it at which the most systems were measured."""
     candidates = sorted((c for c in concurrency if c <= wanted), reverse=True) or sorted(concurrency)
-    coverage = {c: sum(1 for key in result["systems"] if _point(result, key, c)) for c in candidates}
+    coverage = {c: sum(1 for key in result["systems"] if goals.point(result, key, c)) for c in candidates}
     best = max(coverage.values(), default=0)
     return next((c for c in candidates if coverage[c] == best), None) if best else None
 
@@ -45,11 +38,11 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"low_concurrency": low, "mid_concurrency": mid}
 
     def p50(key: str, c: int | None) -> float | None:
-        point = _point(result, key, c) if c is not None else None
+        point = goals.point(result, key, c)
         return point["p50_ms"] if point else None
 
     def thr(key: str, c: int | None) -> float | None:
-        point = _point(result, key, c) if c is not None else None
+        point = goals.point(result, key, c)
         return point["throughput"] if point else None
 
     def diff(a: float | None, b: float | None) -> float | None:
