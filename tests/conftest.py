@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -59,6 +60,12 @@ def build(model: str, out: Path) -> Path:
     from engines.build.bundle import build_bundle
 
     return build_bundle(model, out)
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """The loop the services run on by default (--event-loop uvloop), for the stacks served in process."""
+    return uvloop.EventLoopPolicy()
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +190,8 @@ def spawn_service(service: str, *args: str, **env: str) -> subprocess.Popen:
 
 
 def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
-    """Read a spawned service's log until it reports serving; returns the ports it logged."""
+    """Read a spawned service's log until it reports serving; returns the ports it logged and its
+    event loop."""
     ports: dict = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -200,6 +208,7 @@ def wait_for_serving(proc: subprocess.Popen, timeout_s: float = 60) -> dict:
             ports["metrics_port"] = record.get("metrics_port")
         if record.get("event") == "serving":
             ports["port"] = int(record["port"])
+            ports["event_loop"] = record.get("event_loop")
             return ports
     raise AssertionError("service did not report serving")
 

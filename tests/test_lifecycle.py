@@ -155,3 +155,22 @@ async def test_sigterm_goes_not_serving_drains_and_exits(tiny_bundle):
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("flags, loop", [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")])
+async def test_a_service_runs_on_the_event_loop_its_settings_name(tiny_bundle, flags, loop):
+    """uvloop by default, asyncio's own loop when asked; either serves calls and stops on SIGTERM."""
+    proc = spawn_service("text", "--bundle", str(tiny_bundle), "--no-metrics", *flags)
+    try:
+        ports = await asyncio.to_thread(wait_for_serving, proc)
+        assert ports["event_loop"] == loop
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
+            reply = await encoders_pb2_grpc.TextEncoderServiceStub(channel).EmbedTexts(
+                types_pb2.EmbedTextsRequest(texts=["a chest x-ray"]), timeout=30)
+        assert len(reply.embeddings) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()

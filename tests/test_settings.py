@@ -20,6 +20,10 @@ def test_settings_flags_beat_variables_and_defaults():
         parse_settings(VISION, [], {})  # no bundle
     with pytest.raises(SystemExit):
         parse_settings(TEXT, [], {"MEDVLM_BUNDLE": "/b", "MEDVLM_MAX_TEXTS": "many"})
+    assert parse_settings("gateway", [], {}).event_loop == "uvloop"
+    assert parse_settings("gateway", [], {"MEDVLM_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(SystemExit, match="--event-loop"):
+        parse_settings("gateway", ["--event-loop", "trio"], {})
     with pytest.raises(dataclasses_frozen_error()):
         settings.port = 1  # type: ignore[misc]
 

@@ -178,7 +178,7 @@ class Server:
         self.interceptor.audit_fields.update(self.app.audit_fields())
         await self._set_all(SERVING)
         self.ready.set()
-        log.info("serving", port=self.port)
+        log.info("serving", port=self.port, event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
         self._watch_task = asyncio.create_task(self.app.watch(self._report))
 
     async def _report(self, serving: bool) -> None:
@@ -223,4 +223,14 @@ def main(service: str, app_factory: Callable[[Settings], App], argv: Sequence[st
     """Entry point of a service: parse settings once, configure logs, serve."""
     settings = parse_settings(service, argv)
     configure_logging(service, settings.log_level)
-    asyncio.run(serve(settings, app_factory))
+    run_loop(serve(settings, app_factory), settings.event_loop)
+
+
+def run_loop(main: Awaitable[None], event_loop: str) -> None:
+    """Run a service to its end on the event loop its settings name."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)

@@ -15,6 +15,7 @@ ALL = (GATEWAY, VISION, TEXT)
 DEFAULT_PORTS = {GATEWAY: 50050, VISION: 50051, TEXT: 50052}
 DEFAULT_METRICS_PORTS = {GATEWAY: 9100, VISION: 9101, TEXT: 9102}
 MiB = 1 << 20
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _opt(default: Any, help: str, services: Sequence[str] = ALL) -> Any:
@@ -38,6 +39,12 @@ class Settings:
         -1,
         "Port of the Prometheus metrics endpoint; 0 picks a free one. Default: gateway 9100, "
         "vision 9101, text 9102.",
+    )
+    event_loop: str = _opt(
+        "uvloop",
+        "uvloop or asyncio: the event loop every call is handled on. uvloop (libuv) costs less per "
+        "call (see the README's benchmark); asyncio is Python's own, for comparison or if uvloop "
+        "misbehaves.",
     )
     grace_s: float = _opt(
         20.0,
@@ -409,6 +416,8 @@ def parse_settings(
         except ValueError as exc:
             raise SystemExit(f"{_env_name(f.name)}: {exc}") from exc
     settings = Settings(**values)
+    if settings.event_loop not in EVENT_LOOPS:
+        raise SystemExit(f"--event-loop: {settings.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
     _check_security(settings)

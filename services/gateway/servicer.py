@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
@@ -23,8 +22,8 @@ def _question(request: gateway_pb2.ClassifyRequest) -> Question:
 def _classify_response(answer: Answer, bundle_id: str) -> gateway_pb2.ClassifyResponse:
     """The answer with its trust fields; without a calibration `trust` stays unset."""
     response = gateway_pb2.ClassifyResponse(
-        scores=[gateway_pb2.LabelScore(**dataclasses.asdict(s)) for s in answer.scores],
-        top=[gateway_pb2.LabelScore(**dataclasses.asdict(s)) for s in answer.top],
+        scores=[gateway_pb2.LabelScore(**vars(s)) for s in answer.scores],
+        top=[gateway_pb2.LabelScore(**vars(s)) for s in answer.top],
         bundle_id=bundle_id, image_sha256=answer.image_sha256, label_set=answer.label_set)
     verdict = answer.verdict
     if verdict is not None:
