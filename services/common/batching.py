@@ -213,6 +213,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"medvlm-prepare-{name}")
+        metrics.QUEUE_CAPACITY.labels(name).set(max_admitted)
         self._thread = threading.Thread(target=self._run, name=f"medvlm-batcher-{name}", daemon=True)
         self._thread.start()
 

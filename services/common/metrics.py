@@ -13,6 +13,9 @@ REQUEST_SECONDS = Histogram(
 INFLIGHT = Gauge("medvlm_inflight_requests", "RPCs being served now", ["method"])
 
 QUEUE_DEPTH = Gauge("medvlm_queue_depth", "Items waiting for the engine", ["tower"])
+QUEUE_CAPACITY = Gauge(
+    "medvlm_queue_capacity", "Most items admitted at once (--max-queue); medvlm_queue_depth stays below it", ["tower"]
+)
 QUEUE_WAIT = Histogram(
     "medvlm_queue_wait_seconds", "Time an item waited for its batch", ["tower"], buckets=LATENCY_BUCKETS
 )
