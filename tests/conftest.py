@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import hypothesis  # noqa: F401 - see below
 import pytest
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +28,9 @@ from services.gateway.app import GatewayApp  # noqa: E402
 from services.text.servicer import TextApp  # noqa: E402
 from services.vision.servicer import VisionApp  # noqa: E402
 
+# hypothesis is imported here, before any server runs, rather than by its pytest plugin at the end of
+# the run: there CPython 3.11.7 failed, at random, to assertion-rewrite it ("SystemError: AST constructor
+# recursion depth mismatch"), which made a run of tests/test_gateway.py alone end in an error.
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # Under CI every tool a test needs is installed (.ci/run), so a missing one fails the run
@@ -62,10 +66,9 @@ def build(model: str, out: Path) -> Path:
     return build_bundle(model, out)
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """The loop the services run on by default (--event-loop uvloop), for the stacks served in process."""
-    return uvloop.EventLoopPolicy()
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

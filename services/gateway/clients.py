@@ -194,10 +194,10 @@ class VisionClient(EncoderClient):
 
     async def embed(self, images: list[types_pb2.Image], timeout: float, priority: int) -> Embedded:
         """Image messages, passed through untouched -> embeddings, in order."""
-        parts = await asyncio.gather(*[
-            self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk, priority=priority), timeout)
-            for chunk in byte_chunks(images, self.CHUNK_BYTES)
-        ])
+        calls = [self.call("EmbedImages", types_pb2.EmbedImagesRequest(images=chunk, priority=priority), timeout)
+                 for chunk in byte_chunks(images, self.CHUNK_BYTES)]
+        # one chunk (the usual case) is awaited as it is: gather would wrap it in a task of its own
+        parts = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
         if len({d.bundle_id for d in done}) != 1:
             raise errors.BundleChanged("vision encoder replicas serve different bundles; retry shortly")
