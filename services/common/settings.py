@@ -42,9 +42,9 @@ class Settings:
     )
     event_loop: str = _opt(
         "uvloop",
-        "uvloop or asyncio: the event loop every call is handled on. uvloop (libuv) costs less per "
-        "call (see the README's benchmark); asyncio is Python's own, for comparison or if uvloop "
-        "misbehaves.",
+        "uvloop or asyncio: the event loop every call is handled on. uvloop (libuv) spends less time "
+        "per call than asyncio, Python's own loop (docs/bench-compare.md); asyncio is there for "
+        "comparison or if uvloop misbehaves.",
     )
     grace_s: float = _opt(
         20.0,
