@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -226,7 +226,7 @@ def main(service: str, app_factory: Callable[[Settings], App], argv: Sequence[st
     run_loop(serve(settings, app_factory), settings.event_loop)
 
 
-def run_loop(main: Awaitable[None], event_loop: str) -> None:
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
     """Run a service to its end on the event loop its settings name."""
     if event_loop == "uvloop":
         import uvloop
