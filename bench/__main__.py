@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "demo,biomedclip-arch"
 DEFAULT_CONCURRENCY = "1,4,16,64"
 QUICK = {"models": "tiny", "concurrency": "1,4", "seconds": 1.0, "warmup_s": 0.3, "max_round_s": 15.0,
-         "min_rounds": 1}
+         "min_rounds": 1, "interleaved_rounds": 1}
 
 log = logging.getLogger("bench")
 
@@ -56,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rounds", type=int, default=None,
                    help="a window lasts at least this many rounds (every worker's first answer): a slow "
                         "model answers in bursts of one batch (default 3; --quick: 1)")
+    p.add_argument("--interleaved-rounds", type=int, default=None,
+                   help="rounds of alternating windows (in-process engine one at a time, then the served "
+                        "system at the middle concurrency) that judge the served-vs-engine goal; 0: none "
+                        "(default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine threads of every system (default: the core count)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -89,6 +93,7 @@ class Plan:
     warmup_s: float
     max_round_s: float
     min_rounds: int
+    interleaved_rounds: int
 
 
 def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
@@ -113,6 +118,7 @@ def make_plan(args: argparse.Namespace, known_systems: list[str]) -> Plan:
         warmup_s=float(pick("warmup_s", 2.0)),
         max_round_s=float(pick("max_round_s", 15.0)),
         min_rounds=max(1, int(pick("min_rounds", 3))),
+        interleaved_rounds=max(0, int(pick("interleaved_rounds", 3))),
     )
 
 
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     results["config"] = {
         "models": plan.models, "systems": plan.systems, "concurrency": plan.concurrency,
         "seconds": plan.seconds, "warmup_s": plan.warmup_s, "max_round_s": plan.max_round_s,
-        "min_rounds": plan.min_rounds,
+        "min_rounds": plan.min_rounds, "interleaved_rounds": plan.interleaved_rounds,
         "threads": args.threads, "quick": args.quick,
         "max_batch": max_batch, "max_delay_ms": max_delay_ms, "batch_flags": batch_flags,
         "images": images.describe(),
@@ -320,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 model_result["tls_overhead"] = tls_overhead(ctx, pairs=60 if args.quick else 300)
             model_result["ratios"] = report.ratios(model_result, plan.concurrency)
+            mid = model_result["ratios"]["mid_concurrency"]
+            if plan.interleaved_rounds and 1 in plan.concurrency and mid is not None:
+                from bench.paired import served_vs_engine
+
+                measured = {k for k, s in model_result["systems"].items() if s["status"] == "ok"}
+                model_result["served_vs_engine"] = served_vs_engine(
+                    ctx, classes, measured, mid, plan.interleaved_rounds, plan.seconds, plan.warmup_s)
             results["models"][choice.model] = model_result
     finally:
         if args.keep_workdir:

@@ -57,6 +57,10 @@ class Point:
     # CPU used during the window by processes outside the benchmark (other users' work), in cores;
     # None where /proc cannot tell. On a shared machine this says how much the numbers can be trusted.
     background_cores: float | None = None
+    # CPU the benchmark's own processes (the system under test and this load generator) used during
+    # the window per answer completed in it, in ms; None where /proc cannot tell. Steadier than a
+    # rate between runs, and it bounds what the system can serve: cores * 1000 / cpu_ms_per_image.
+    cpu_ms_per_image: float | None = None
     warmed_up: bool = True  # every worker had an answer before the window opened
     skipped: str = ""  # why the point was not measured (then every number is NaN)
 
@@ -202,10 +206,11 @@ def run_point(
     good = sorted((r.end - r.start) * 1000.0 for r in measured if r.ok)
     completed = sum(1 for own in records for r in list(own) if r.ok and window_start <= r.end <= window_end)
     window = window_end - window_start
-    background = None
+    background = own_cpu_ms = None
     if cpu_start is not None and cpu_end is not None and window > 0:
-        others = (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])
-        background = round(max(0.0, others) / window, 2)
+        own = cpu_end[1] - cpu_start[1]
+        background = round(max(0.0, (cpu_end[0] - cpu_start[0]) - own) / window, 2)
+        own_cpu_ms = round(1000.0 * own / completed, 3) if completed else None
     return Point(
         concurrency=concurrency,
         window_s=round(window, 3),
@@ -223,6 +228,7 @@ def run_point(
         round_s=round(round_s, 3),
         error_sample=errors[0] if errors else "",
         background_cores=background,
+        cpu_ms_per_image=own_cpu_ms,
         warmed_up=warmed_up,
     )
 

@@ -1,9 +1,12 @@
-"""Served overhead at concurrency 1, measured in pairs.
+"""Measurements that compare two systems side by side, so that a shared machine's drift cancels out.
 
 Separate runs of two systems drift apart on a shared machine by more than the few milliseconds a server
 adds. Here each pair sends the same PNG through the in-process engine with the encoder's decode work
 (`ort-decode`) and through a served system, back to back, alternating which goes first; the median of the
 per-pair differences is the overhead, and the machine's drift cancels out of it.
+
+The same holds for throughput: whether a served system under load keeps up with its engine in process
+one request at a time is judged from windows of the two that alternate (served_vs_engine).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import statistics
 import time
 from typing import Any
 
-from bench.load import percentile
-from bench.systems import Context, GatewayClassify, GatewayTLS, OrtWithDecode, System, VisionGrpc
+from bench.goals import SERVED_VS_ENGINE
+from bench.load import Point, percentile, run_points
+from bench.systems import Context, GatewayClassify, GatewayTLS, OrtWithDecode, System, VisionGrpc, log_point
 
 log = logging.getLogger("bench.paired")
 
@@ -98,3 +102,59 @@ def tls_overhead(ctx: Context, pairs: int = 300, budget_s: float = 60.0) -> dict
     finally:
         secured.stop()
         plain.stop()
+
+
+def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -> Point:
+    ctx = system.ctx
+    point = run_points(system.make_request, [concurrency], seconds, warmup_s, min_rounds=ctx.min_rounds,
+                       drain_timeout_s=ctx.request_timeout_s + 10)[0]
+    log_point(system.key, point)
+    return point
+
+
+def served_vs_engine(ctx: Context, classes: dict[str, type[System]], measured: set[str], concurrency: int,
+                     rounds: int, seconds: float, warmup_s: float) -> dict[str, Any]:
+    """For each served system and the in-process engine doing the same inference (goals.SERVED_VS_ENGINE),
+    both in `measured`: the served system at `concurrency` against the engine one request at a time,
+    in `rounds` rounds of one window each, the order alternating (E S, S E, ...). The ratio of each
+    round's two windows is taken, and their median judged."""
+    out: dict[str, Any] = {}
+    for served_key, engine_key in SERVED_VS_ENGINE:
+        if served_key not in measured or engine_key not in measured:
+            continue
+        engine, served = classes[engine_key](ctx), classes[served_key](ctx)
+        try:
+            for system in (engine, served):
+                system.start()
+                system.check()
+            sides: dict[str, list[Point]] = {"engine": [], "served": []}
+            for r in range(rounds):
+                order = [("engine", engine, 1), ("served", served, concurrency)]
+                for side, system, c in order[::-1] if r % 2 else order:
+                    sides[side].append(_window(system, c, seconds, warmup_s))
+            failed = [p for points in sides.values() for p in points if p.errors or not p.throughput > 0]
+            if failed:
+                raise RuntimeError(f"a window had errors: {failed[0].error_sample or 'no answer'}")
+            ratios = sorted(s.throughput / e.throughput for e, s in zip(sides["engine"], sides["served"],
+                                                                         strict=True))
+            out[served_key] = {
+                "engine": engine_key, "concurrency": concurrency, "rounds": rounds,
+                "ratio_median": round(statistics.median(ratios), 3),
+                "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3),
+                **{f"{side}_img_s": [round(p.throughput, 2) for p in points] for side, points in sides.items()},
+                **{f"{side}_cpu_ms_per_image": _median_of(p.cpu_ms_per_image for p in points)
+                   for side, points in sides.items()},
+            }
+            log.info("served vs engine %s / %s: %s", served_key, engine_key, out[served_key])
+        except Exception as exc:  # recorded, like a failed system
+            log.exception("served vs engine of %s failed", served_key)
+            out[served_key] = {"engine": engine_key, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            served.stop()
+            engine.stop()
+    return out
+
+
+def _median_of(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None

@@ -242,6 +242,14 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
          "adds, so the overhead at concurrency 1 is also measured in alternating pairs: the same PNG through "
          "`ort-decode` and through the served system back to back, first one then the other, and the median "
          "of the per-pair differences is reported (bench/paired.py)."),
+        ("* *Served vs in process, interleaved*: the goal that a served system at concurrency 16 keeps up "
+         "with its in-process engine one request at a time is judged from windows of the two systems, "
+         "both started, alternating (engine, served, engine, ...), and the median of the per-round ratios: "
+         "the tables' points are measured minutes apart, and a shared machine drifts by more than the "
+         "difference in between."),
+        (f"* *CPU ms/img* is the CPU that the benchmark's own processes (the system under test and the load "
+         f"generator) used during the window per answer: a system cannot serve more than "
+         f"{m['cores']} x 1000 / (CPU ms/img) images per second on this machine, whatever it overlaps."),
         (f"* *other load* is the CPU that processes outside the benchmark used during each window, in "
          f"cores (of {m['cores']}): where it is high, that point was measured on a busy machine."),
         ("* Every system's answer for image 0 is checked against the in-process ONNX Runtime answer "
@@ -269,7 +277,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                 f"{name.replace('_', ' ')} {_fmt(c['p50_ms'], 2)} ms ({_fmt(c['p95_ms'], 2)} ms)"
                 for name, c in cost.items()) + ".")
         out += ["", ("| system | concurrency | img/s | p50 ms | p95 ms | p99 ms | requests | errors "
-                     "| other load (cores) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     "| CPU ms/img | other load (cores) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         skipped_points, incomplete = [], False
         for key, s in r["systems"].items():
             for p in s["points"] if s["status"] == "ok" else []:
@@ -280,7 +288,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                 incomplete = incomplete or not warm
                 out.append(f"| {key} | {p['concurrency']}{'' if warm else '*'} | {_fmt(p['throughput'])} | "
                            f"{_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | "
-                           f"{p['requests']} | {p['errors']} | {_fmt(p.get('background_cores'), 2)} |")
+                           f"{p['requests']} | {p['errors']} | {_fmt(p.get('cpu_ms_per_image'), 2)} | "
+                           f"{_fmt(p.get('background_cores'), 2)} |")
         if incomplete:
             out += ["", "\\* warm-up incomplete: not every worker had an answer before the window opened."]
         out += ["", "```", *ratio_lines(model, r["ratios"]), "```", ""]

@@ -148,9 +148,10 @@ def log_point(key: str, point: Point) -> None:
     if point.skipped:
         log.info("%-15s c=%-3d skipped: %s", key, point.concurrency, point.skipped)
         return
-    log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d other load %s cores%s",
-             key, point.concurrency, point.throughput, point.p50_ms, point.p99_ms, point.requests,
-             point.errors, point.background_cores, "" if point.warmed_up else " (warm-up incomplete)")
+    log.info("%-15s c=%-3d %8.1f img/s  p50 %8.1f ms  p99 %8.1f ms  n=%d errors=%d cpu %s ms/img other load %s "
+             "cores%s", key, point.concurrency, point.throughput, point.p50_ms, point.p99_ms, point.requests,
+             point.errors, point.cpu_ms_per_image, point.background_cores,
+             "" if point.warmed_up else " (warm-up incomplete)")
 
 
 def check_cosine(got: np.ndarray, expected: np.ndarray, bound: float = MIN_CHECK_COSINE) -> dict[str, float]:

@@ -42,6 +42,7 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
             assert point["requests"] > 0
             assert point["throughput"] > 0 and math.isfinite(point["throughput"])
             assert 0 < point["p50_ms"] <= point["p95_ms"] <= point["p99_ms"] <= point["max_ms"]
+            assert point["cpu_ms_per_image"] > 0  # the system and the load generator used CPU per answer
 
     overhead = tiny["ratios"]["served_overhead_at_low"]["vision-batch"]
     assert overhead["minus_ort_ms"] is not None
@@ -61,11 +62,15 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
     assert "Resident memory of each server" in readme
     mid = tiny["ratios"]["mid_concurrency"]
     served = {g["goal"]: g for g in tiny["goals"]}
-    row = served[f"`vision-batch` at {mid} vs `ort` in process one at a time, throughput"]
-    throughput = {k: next(p["throughput"] for p in tiny["systems"][k]["points"] if p["concurrency"] == c)
-                  for k, c in (("vision-batch", mid), ("ort", 1))}
-    assert row["ratio"] == pytest.approx(throughput["vision-batch"] / throughput["ort"], abs=1e-3)
-    assert row["verdict"] == ("met" if row["ratio"] >= 1.0 else "not met")
+    for key, engine in (("vision-batch", "ort"), ("vision-openvino", "openvino")):  # judged interleaved
+        both = tiny["served_vs_engine"][key]
+        assert both["engine"] == engine and both["rounds"] == 1 and both["concurrency"] == mid
+        assert both["ratio_median"] == pytest.approx(both["served_img_s"][0] / both["engine_img_s"][0], rel=0.01)
+        assert both["served_cpu_ms_per_image"] > 0 and both["engine_cpu_ms_per_image"] > 0
+        row = served[f"`{key}` at {mid} vs `{engine}` in process one at a time, throughput"]
+        assert row["ratio"] == both["ratio_median"] and "1 alternating rounds" in row["measured"]
+        assert row["verdict"] == ("met" if row["ratio"] >= 1.0 else "not met")
+    assert "| CPU ms/img |" in readme
     assert "CPU serving goals" in readme
 
 
@@ -95,6 +100,18 @@ def test_goals_are_judged_from_the_run_and_say_what_was_not_measured():
     assert "`gateway-int8` at 16 vs `ort-int8` in process one at a time" not in rows  # ort-int8 not run
     bf16 = rows["OpenVINO bf16 p50 at 1 vs ONNX Runtime fp32"]
     assert bf16["verdict"] == "not measured: the openvino row did not run in this run"
+
+    interleaved = {"engine": "ort", "concurrency": 16, "rounds": 3, "ratio_median": 1.04, "ratio_min": 0.98,
+                   "ratio_max": 1.1, "served_img_s": [4.2, 4.4, 4.1], "engine_img_s": [4.0, 4.3, 3.9],
+                   "served_cpu_ms_per_image": 480.0, "engine_cpu_ms_per_image": 470.0}
+    both = _judged({"gateway": {16: (3.5, 4000.0)}, "vision-batch": {16: (3.0, 5000.0)}, "ort": {1: (4.1, 240.0)}},
+                   served_vs_engine={"gateway": interleaved, "vision-batch": {"engine": "ort", "error": "boom"}})
+    row = both["`gateway` at 16 vs `ort` in process one at a time"]  # the windows side by side, not the points
+    assert row["ratio"] == 1.04 and row["verdict"] == "met" and "3 alternating rounds" in row["measured"]
+    assert "4.20 vs 4.00 img/s" in row["measured"] and "480.00 vs 470.00 ms" in row["measured"]
+    fallback = both["`vision-batch` at 16 vs `ort` in process one at a time"]
+    assert fallback["ratio"] == pytest.approx(3.0 / 4.1, abs=1e-3) and fallback["verdict"] == "not met"
+    assert "interleaved windows failed: boom" in fallback["measured"]
 
     slow = _judged({"gateway-int8": {1: (5.0, 170.0)}, "ort": {1: (4.1, 240.0)},
                     "openvino": {1: (4.5, 220.0)}})
