@@ -57,9 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a window lasts at least this many rounds (every worker's first answer): a slow "
                         "model answers in bursts of one batch (default 3; --quick: 1)")
     p.add_argument("--interleaved-rounds", type=int, default=None,
-                   help="rounds of alternating windows (in-process engine one at a time, then the served "
-                        "system at the middle concurrency) that judge the served-vs-engine goal; 0: none "
-                        "(default 3; --quick: 1)")
+                   help="rounds of alternating windows that judge served vs in-process engine and "
+                        "batching on vs off side by side (bench/paired.py); 0: none (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine threads of every system (default: the core count)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -325,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.paired import tls_overhead
 
                 model_result["tls_overhead"] = tls_overhead(ctx, pairs=60 if args.quick else 300)
-            model_result["ratios"] = report.ratios(model_result, plan.concurrency)
-            mid = model_result["ratios"]["mid_concurrency"]
+            mid = report.ratios(model_result, plan.concurrency)["mid_concurrency"]
             if plan.interleaved_rounds and 1 in plan.concurrency and mid is not None:
-                from bench.paired import served_vs_engine
+                from bench.paired import interleaved
 
                 measured = {k for k, s in model_result["systems"].items() if s["status"] == "ok"}
-                model_result["served_vs_engine"] = served_vs_engine(
+                model_result["interleaved"] = interleaved(
                     ctx, classes, measured, mid, plan.interleaved_rounds, plan.seconds, plan.warmup_s)
+            model_result["ratios"] = report.ratios(model_result, plan.concurrency)
             results["models"][choice.model] = model_result
     finally:
         if args.keep_workdir:

@@ -127,28 +127,30 @@ def evaluate(model: str, r: dict[str, Any], machine: dict[str, Any]) -> list[dic
 
 
 def _served_vs_engine(r: dict[str, Any], served_key: str, engine_key: str, mid: int | None) -> dict | None:
-    """Judged from the interleaved windows where the run has them (bench.paired.served_vs_engine),
-    else from the two systems' separate points, which says so."""
+    """Judged from the two side by side where the run has them (bench.paired.interleaved), else from
+    the two systems' separate points, which says so."""
     goal = f"`{served_key}` at {mid} vs `{engine_key}` in process one at a time, throughput"
-    both = (r.get("served_vs_engine") or {}).get(served_key)
+    both = (r.get("interleaved") or {}).get(served_key)
     if both and "error" not in both:
-        served, engine = statistics.median(both["served_img_s"]), statistics.median(both["engine_img_s"])
-        cpu = ""
-        if both.get("served_cpu_ms_per_image") and both.get("engine_cpu_ms_per_image"):
-            cpu = (f"; CPU per image {both['served_cpu_ms_per_image']:.2f} vs "
-                   f"{both['engine_cpu_ms_per_image']:.2f} ms")
-        return _row(goal, ">= 1.0x",
-                    f"{served:.2f} vs {engine:.2f} img/s (medians), {both['rounds']} alternating rounds, "
-                    f"per-round ratios {both['ratio_min']:.3f} to {both['ratio_max']:.3f}{cpu}",
-                    both["ratio_median"], both["ratio_median"] >= 1.0)
+        return _row(goal, ">= 1.0x", side_by_side_text(both), both["ratio_median"], both["ratio_median"] >= 1.0)
     at_mid = _value(r, served_key, mid, "throughput")
     alone = _value(r, engine_key, 1, "throughput")
     if at_mid is None or alone is None:
         return None
-    why = f"; interleaved windows failed: {both['error']}" if both else ""
+    why = f"; side by side failed: {both['error']}" if both else ""
     ratio = at_mid / alone
     return _row(goal, ">= 1.0x", f"{at_mid:.2f} vs {alone:.2f} img/s, separate points minutes apart{why}",
                 ratio, ratio >= 1.0)
+
+
+def side_by_side_text(both: dict[str, Any]) -> str:
+    """What one side-by-side comparison measured (bench.paired.side_by_side), in a phrase."""
+    other, base = statistics.median(both["other_img_s"]), statistics.median(both["base_img_s"])
+    cpu = ""
+    if both.get("other_cpu_ms_per_image") and both.get("base_cpu_ms_per_image"):
+        cpu = f"; CPU per image {both['other_cpu_ms_per_image']:.2f} vs {both['base_cpu_ms_per_image']:.2f} ms"
+    return (f"{other:.2f} vs {base:.2f} img/s (medians), {both['rounds']} alternating rounds, "
+            f"per-round ratios {both['ratio_min']:.3f} to {both['ratio_max']:.3f}{cpu}")
 
 
 def memory_rows(r: dict[str, Any]) -> list[str]:

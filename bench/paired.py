@@ -6,7 +6,8 @@ adds. Here each pair sends the same PNG through the in-process engine with the e
 per-pair differences is the overhead, and the machine's drift cancels out of it.
 
 The same holds for throughput: whether a served system under load keeps up with its engine in process
-one request at a time is judged from windows of the two that alternate (served_vs_engine).
+one request at a time, or batching on against off, is judged from windows of the two that
+alternate (interleaved).
 """
 
 from __future__ import annotations
@@ -109,49 +110,59 @@ def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -
     point = run_points(system.make_request, [concurrency], seconds, warmup_s, min_rounds=ctx.min_rounds,
                        drain_timeout_s=ctx.request_timeout_s + 10)[0]
     log_point(system.key, point)
+    if point.errors or not point.throughput > 0:
+        raise RuntimeError(f"{system.key} at {concurrency}: {point.error_sample or 'no answer'}")
     return point
 
 
-def served_vs_engine(ctx: Context, classes: dict[str, type[System]], measured: set[str], concurrency: int,
-                     rounds: int, seconds: float, warmup_s: float) -> dict[str, Any]:
-    """For each served system and the in-process engine doing the same inference (goals.SERVED_VS_ENGINE),
-    both in `measured`: the served system at `concurrency` against the engine one request at a time,
-    in `rounds` rounds of one window each, the order alternating (E S, S E, ...). The ratio of each
-    round's two windows is taken, and their median judged."""
+def side_by_side(base: System, base_c: int, other: System, other_c: int, rounds: int, seconds: float,
+                 warmup_s: float) -> dict[str, Any]:
+    """Throughput of two started, checked systems in `rounds` rounds of one window each, the order
+    alternating (B O, O B, ...): the ratio other / base of each round's two windows, and their median."""
+    sides: dict[str, list[Point]] = {"base": [], "other": []}
+    for r in range(rounds):
+        order = [("base", base, base_c), ("other", other, other_c)]
+        for side, system, c in order[::-1] if r % 2 else order:
+            sides[side].append(_window(system, c, seconds, warmup_s))
+    ratios = sorted(o.throughput / b.throughput for b, o in zip(sides["base"], sides["other"], strict=True))
+    return {
+        "base": base.key, "base_concurrency": base_c, "other": other.key, "other_concurrency": other_c,
+        "rounds": rounds, "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3),
+        **{f"{side}_img_s": [round(p.throughput, 2) for p in points] for side, points in sides.items()},
+        **{f"{side}_cpu_ms_per_image": _median_of(p.cpu_ms_per_image for p in points)
+           for side, points in sides.items()},
+    }
+
+
+def interleaved(ctx: Context, classes: dict[str, type[System]], measured: set[str], mid: int, rounds: int,
+                seconds: float, warmup_s: float) -> dict[str, Any]:
+    """The comparisons that separate points, minutes apart, cannot judge on a drifting machine, each
+    run side by side (both systems in `measured`):
+
+    * per served system (goals.SERVED_VS_ENGINE): the served system at `mid` against the in-process
+      engine doing the same inference one request at a time;
+    * "batching": the vision encoder at `mid` with batching on against batching off.
+    """
+    pairs = [(served, engine, 1, served, mid) for served, engine in SERVED_VS_ENGINE]
+    pairs.append(("batching", "vision-nobatch", mid, "vision-batch", mid))
     out: dict[str, Any] = {}
-    for served_key, engine_key in SERVED_VS_ENGINE:
-        if served_key not in measured or engine_key not in measured:
+    for name, base_key, base_c, other_key, other_c in pairs:
+        if base_key not in measured or other_key not in measured:
             continue
-        engine, served = classes[engine_key](ctx), classes[served_key](ctx)
+        base, other = classes[base_key](ctx), classes[other_key](ctx)
         try:
-            for system in (engine, served):
+            for system in (base, other):
                 system.start()
                 system.check()
-            sides: dict[str, list[Point]] = {"engine": [], "served": []}
-            for r in range(rounds):
-                order = [("engine", engine, 1), ("served", served, concurrency)]
-                for side, system, c in order[::-1] if r % 2 else order:
-                    sides[side].append(_window(system, c, seconds, warmup_s))
-            failed = [p for points in sides.values() for p in points if p.errors or not p.throughput > 0]
-            if failed:
-                raise RuntimeError(f"a window had errors: {failed[0].error_sample or 'no answer'}")
-            ratios = sorted(s.throughput / e.throughput for e, s in zip(sides["engine"], sides["served"],
-                                                                         strict=True))
-            out[served_key] = {
-                "engine": engine_key, "concurrency": concurrency, "rounds": rounds,
-                "ratio_median": round(statistics.median(ratios), 3),
-                "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3),
-                **{f"{side}_img_s": [round(p.throughput, 2) for p in points] for side, points in sides.items()},
-                **{f"{side}_cpu_ms_per_image": _median_of(p.cpu_ms_per_image for p in points)
-                   for side, points in sides.items()},
-            }
-            log.info("served vs engine %s / %s: %s", served_key, engine_key, out[served_key])
+            out[name] = side_by_side(base, base_c, other, other_c, rounds, seconds, warmup_s)
+            log.info("side by side, %s: %s", name, out[name])
         except Exception as exc:  # recorded, like a failed system
-            log.exception("served vs engine of %s failed", served_key)
-            out[served_key] = {"engine": engine_key, "error": f"{type(exc).__name__}: {exc}"}
+            log.exception("side by side %s failed", name)
+            out[name] = {"base": base_key, "other": other_key, "error": f"{type(exc).__name__}: {exc}"}
         finally:
-            served.stop()
-            engine.stop()
+            other.stop()
+            base.stop()
     return out
 
 

@@ -87,6 +87,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     out["batching_at_mid"] = {
         "throughput_on_over_off": _round(div(thr("vision-batch", mid), thr("vision-nobatch", mid)), 3),
         "p50_on_over_off": _round(div(p50("vision-batch", mid), p50("vision-nobatch", mid)), 3),
+        "side_by_side": (result.get("interleaved") or {}).get("batching"),
     }
     return out
 
@@ -142,10 +143,16 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
                          + ", ".join(f"{k.replace('_', ' ')} x{v:.2f}" for k, v in speedup.items()))
     b = r["batching_at_mid"]
     if b["throughput_on_over_off"] is not None:
-        lines.append(f"[{model}] batching on vs off at concurrency {mid}: "
+        lines.append(f"[{model}] batching on vs off at concurrency {mid}, separate points: "
                      f"throughput x{b['throughput_on_over_off']:.2f}, p50 x{b['p50_on_over_off']:.2f}")
     else:
         lines.append(f"[{model}] batching on vs off: not both measured")
+    both = b.get("side_by_side")
+    if both and "error" in both:
+        lines.append(f"[{model}] batching on vs off side by side: failed: {both['error']}")
+    elif both:
+        lines.append(f"[{model}] batching on vs off at concurrency {mid}, side by side: throughput "
+                     f"x{both['ratio_median']:.2f}: {goals.side_by_side_text(both)}")
     return lines
 
 
@@ -242,11 +249,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
          "adds, so the overhead at concurrency 1 is also measured in alternating pairs: the same PNG through "
          "`ort-decode` and through the served system back to back, first one then the other, and the median "
          "of the per-pair differences is reported (bench/paired.py)."),
-        ("* *Served vs in process, interleaved*: the goal that a served system at concurrency 16 keeps up "
-         "with its in-process engine one request at a time is judged from windows of the two systems, "
-         "both started, alternating (engine, served, engine, ...), and the median of the per-round ratios: "
-         "the tables' points are measured minutes apart, and a shared machine drifts by more than the "
-         "difference in between."),
+        ("* *Side by side*: whether a served system at the middle concurrency keeps up with its "
+         "in-process engine one request at a time, and batching on against off, are judged from windows "
+         "of the two systems, both started, alternating (A B, B A, ...), and the median of the per-round "
+         "ratios (bench/paired.py): the tables' points are measured minutes apart, and a shared machine "
+         "drifts by more than the difference in between."),
         (f"* *CPU ms/img* is the CPU that the benchmark's own processes (the system under test and the load "
          f"generator) used during the window per answer: a system cannot serve more than "
          f"{m['cores']} x 1000 / (CPU ms/img) images per second on this machine, whatever it overlaps."),

@@ -62,14 +62,17 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
     assert "Resident memory of each server" in readme
     mid = tiny["ratios"]["mid_concurrency"]
     served = {g["goal"]: g for g in tiny["goals"]}
-    for key, engine in (("vision-batch", "ort"), ("vision-openvino", "openvino")):  # judged interleaved
-        both = tiny["served_vs_engine"][key]
-        assert both["engine"] == engine and both["rounds"] == 1 and both["concurrency"] == mid
-        assert both["ratio_median"] == pytest.approx(both["served_img_s"][0] / both["engine_img_s"][0], rel=0.01)
-        assert both["served_cpu_ms_per_image"] > 0 and both["engine_cpu_ms_per_image"] > 0
+    for key, engine in (("vision-batch", "ort"), ("vision-openvino", "openvino")):  # judged side by side
+        both = tiny["interleaved"][key]
+        assert (both["base"], both["base_concurrency"], both["other"], both["other_concurrency"]) == (
+            engine, 1, key, mid)
+        assert both["rounds"] == 1 and len(both["base_img_s"]) == len(both["other_img_s"]) == 1
+        assert both["ratio_median"] == pytest.approx(both["other_img_s"][0] / both["base_img_s"][0], rel=0.01)
+        assert both["other_cpu_ms_per_image"] > 0 and both["base_cpu_ms_per_image"] > 0
         row = served[f"`{key}` at {mid} vs `{engine}` in process one at a time, throughput"]
         assert row["ratio"] == both["ratio_median"] and "1 alternating rounds" in row["measured"]
         assert row["verdict"] == ("met" if row["ratio"] >= 1.0 else "not met")
+    assert "batching" not in tiny["interleaved"]  # vision-nobatch was not among the systems
     assert "| CPU ms/img |" in readme
     assert "CPU serving goals" in readme
 
@@ -101,17 +104,18 @@ def test_goals_are_judged_from_the_run_and_say_what_was_not_measured():
     bf16 = rows["OpenVINO bf16 p50 at 1 vs ONNX Runtime fp32"]
     assert bf16["verdict"] == "not measured: the openvino row did not run in this run"
 
-    interleaved = {"engine": "ort", "concurrency": 16, "rounds": 3, "ratio_median": 1.04, "ratio_min": 0.98,
-                   "ratio_max": 1.1, "served_img_s": [4.2, 4.4, 4.1], "engine_img_s": [4.0, 4.3, 3.9],
-                   "served_cpu_ms_per_image": 480.0, "engine_cpu_ms_per_image": 470.0}
+    side = {"base": "ort", "base_concurrency": 1, "other": "gateway", "other_concurrency": 16, "rounds": 3,
+            "ratio_median": 1.04, "ratio_min": 0.98, "ratio_max": 1.1, "other_img_s": [4.2, 4.4, 4.1],
+            "base_img_s": [4.0, 4.3, 3.9], "other_cpu_ms_per_image": 480.0, "base_cpu_ms_per_image": 470.0}
     both = _judged({"gateway": {16: (3.5, 4000.0)}, "vision-batch": {16: (3.0, 5000.0)}, "ort": {1: (4.1, 240.0)}},
-                   served_vs_engine={"gateway": interleaved, "vision-batch": {"engine": "ort", "error": "boom"}})
+                   interleaved={"gateway": side, "vision-batch": {"base": "ort", "other": "vision-batch",
+                                                                   "error": "boom"}})
     row = both["`gateway` at 16 vs `ort` in process one at a time"]  # the windows side by side, not the points
     assert row["ratio"] == 1.04 and row["verdict"] == "met" and "3 alternating rounds" in row["measured"]
     assert "4.20 vs 4.00 img/s" in row["measured"] and "480.00 vs 470.00 ms" in row["measured"]
     fallback = both["`vision-batch` at 16 vs `ort` in process one at a time"]
     assert fallback["ratio"] == pytest.approx(3.0 / 4.1, abs=1e-3) and fallback["verdict"] == "not met"
-    assert "interleaved windows failed: boom" in fallback["measured"]
+    assert "side by side failed: boom" in fallback["measured"]
 
     slow = _judged({"gateway-int8": {1: (5.0, 170.0)}, "ort": {1: (4.1, 240.0)},
                     "openvino": {1: (4.5, 220.0)}})
@@ -168,3 +172,21 @@ def test_tls_row_pairs_the_secured_stack_with_the_plaintext_one(tiny_bundle, tmp
     assert paired["pairs"] >= 20, paired
     assert paired["overhead_p25_ms"] <= paired["overhead_p50_ms"] <= paired["overhead_p75_ms"]
     assert "TLS + mTLS + bearer token" in (out / "README.md").read_text()
+
+
+def test_batching_on_vs_off_is_reported_side_by_side_beside_the_separate_points():
+    from bench import report
+
+    points = {"vision-batch": (180.0, 80.0), "vision-nobatch": (200.0, 72.0)}  # the points: batching loses
+    result = {"systems": {k: {"status": "ok", "details": {}, "points": [
+        {"concurrency": c, "requests": 10, "throughput": t, "p50_ms": p50} for c in (1, 16)]}
+        for k, (t, p50) in points.items()},
+        "interleaved": {"batching": {"base": "vision-nobatch", "other": "vision-batch", "rounds": 3,
+                                     "ratio_median": 1.18, "ratio_min": 1.05, "ratio_max": 1.3,
+                                     "base_img_s": [150.0, 146.0, 140.0], "other_img_s": [189.0, 173.0, 166.0],
+                                     "base_cpu_ms_per_image": 11.0, "other_cpu_ms_per_image": 9.5}}}
+    lines = report.ratio_lines("demo", report.ratios(result, [1, 16]))
+    assert "[demo] batching on vs off at concurrency 16, separate points: throughput x0.90, p50 x1.11" in lines
+    side = next(line for line in lines if "side by side" in line)
+    assert "throughput x1.18" in side and "173.00 vs 146.00 img/s (medians), 3 alternating rounds" in side
+    assert "CPU per image 9.50 vs 11.00 ms" in side
