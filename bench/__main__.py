@@ -38,8 +38,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated registry models (default {DEFAULT_MODELS}; demo falls back to tiny "
                         f"when it cannot be built; --quick: tiny)")
     p.add_argument("--systems", default=None,
-                   help="comma-separated subset of: torch, ort, ort-decode, vision-nobatch, vision-batch, "
-                        "gateway, gateway-tls, triton (default: all)")
+                   help="comma-separated subset of the systems bench/systems.py lists (default: all)")
     p.add_argument("--concurrency", default=None,
                    help=f"comma-separated concurrencies (default {DEFAULT_CONCURRENCY}; --quick: 1,4)")
     p.add_argument("--seconds", type=float, default=None,

@@ -14,7 +14,7 @@ from typing import Any
 CLASSIFY_ROWS = ("gateway", "gateway-int8", "gateway-openvino")
 # served system -> the in-process engine doing the same inference one request at a time
 SERVED_VS_ENGINE = (
-    ("vision-batch", "ort"), ("gateway", "ort"), ("gateway-int8", "ort-int8"),
+    ("vision-batch", "ort"), ("vision-calls", "ort"), ("gateway", "ort"), ("gateway-int8", "ort-int8"),
     ("vision-openvino", "openvino"), ("gateway-openvino", "openvino"), ("gateway-torch", "torch"),
 )
 VIT_B16_MODELS = ("biomedclip-arch", "biomedclip")  # the GEMM-rate bound is a ViT-B/16 image tower's

@@ -14,7 +14,8 @@ log = logging.getLogger("bench.report")
 
 RATIO_LOW = 1  # served overhead is compared at this concurrency
 RATIO_MID = 16  # throughput ratios are compared at this concurrency
-OURS_SERVED = ("vision-nobatch", "vision-batch", "gateway", "gateway-tls", "gateway-int8", "gateway-torch")
+OURS_SERVED = ("vision-nobatch", "vision-batch", "vision-calls", "gateway", "gateway-tls", "gateway-int8",
+               "gateway-torch")
 # Classify end to end and the in-process engines, compared at low concurrency across precisions
 PRECISION_ROWS = ("gateway-int8", "gateway", "gateway-torch", "ort-int8", "ort", "torch")
 

@@ -7,6 +7,7 @@
 | ort-decode | the encoder's work in process, unbatched: PNG decode + preprocess (ImagePreparer) + engine |
 | vision-nobatch | EmbedImages on `python -m services.vision --max-batch 1` over gRPC, PNG bytes |
 | vision-batch | the same with the service's default batching settings |
+| vision-calls | vision-batch with one single-threaded engine call per core (--intra-op-threads 1 --engine-calls N) |
 | gateway | Classify on the gateway (vision + text + gateway processes), PNG bytes, labels cached |
 | ort-int8 | ort with the bundle's int8 vision engine |
 | gateway-int8 | gateway with the vision encoder serving int8 (--precision int8) |
@@ -344,8 +345,7 @@ class GrpcSystem(System):
 
     def encoder_args(self, service: str, port: int, bundle: Path | None = None) -> list[str]:
         return [f"services.{service}", "--host", HOST, "--port", str(port),
-                "--bundle", str(bundle or self.ctx.bundle.path), "--allow-benchmark",
-                "--intra-op-threads", str(self.ctx.threads), "--no-metrics"]
+                "--bundle", str(bundle or self.ctx.bundle.path), "--allow-benchmark", "--no-metrics"]
 
     def channel(self, worker: int, target: str) -> grpc.Channel:
         """One channel per load-generator worker, reused across points (grpc shares the connection)."""
@@ -389,9 +389,13 @@ class VisionGrpc(GrpcSystem):
         self.pb = types_pb2
         self.stub_class = encoders_pb2_grpc.VisionEncoderServiceStub
         port = free_port()
-        flags = [*self.engine_flags, *(self.ctx.batch_flags if self.batching else ["--max-batch", "1"])]
+        flags = [*self.thread_flags(), *self.engine_flags,
+                 *(self.ctx.batch_flags if self.batching else ["--max-batch", "1"])]
         self.target = self.launch("vision", [*self.encoder_args("vision", port), *flags], port)
-        self.details = {"flags": ["--intra-op-threads", str(self.ctx.threads), *flags]}
+        self.details = {"flags": flags}
+
+    def thread_flags(self) -> list[str]:
+        return ["--intra-op-threads", str(self.ctx.threads)]
 
     def _call(self, worker: int, n: int):
         pngs = self.ctx.images.pngs
@@ -423,6 +427,15 @@ class VisionOpenVino(VisionGrpc):
                             MIN_CHECK_COSINE if openvino_precision() == mf.FP32 else MIN_INT8_CHECK_COSINE)
 
 
+class VisionPerCoreCalls(VisionGrpc):
+    key = "vision-calls"
+    title = ("medvlm vision encoder over gRPC, one single-threaded engine call per core "
+             "(--intra-op-threads 1 --engine-calls N), batching on")
+
+    def thread_flags(self) -> list[str]:
+        return ["--intra-op-threads", "1", "--engine-calls", str(self.ctx.threads)]
+
+
 class VisionGrpcNoBatch(VisionGrpc):
     key = "vision-nobatch"
     title = "medvlm vision encoder over gRPC, batching off (--max-batch 1)"
@@ -451,10 +464,13 @@ class GatewayClassify(GrpcSystem):
         bundle = self.bundle_path()
         vision_port, text_port, gateway_port = free_port(), free_port(), free_port()
         encoder_security, gateway_security, encoder_credentials = self.security()
-        vision = self.launch("vision", [*self.encoder_args("vision", vision_port, bundle), *self.vision_flags,
-                                        *self.ctx.batch_flags, *encoder_security], vision_port, encoder_credentials)
-        text = self.launch("text", [*self.encoder_args("text", text_port, bundle), *self.text_flags,
-                                    *self.ctx.batch_flags, *encoder_security], text_port, encoder_credentials)
+        threads = ["--intra-op-threads", str(self.ctx.threads)]
+        vision_flags = [*threads, *self.vision_flags, *self.ctx.batch_flags]
+        text_flags = [*threads, *self.text_flags, *self.ctx.batch_flags]
+        vision = self.launch("vision", [*self.encoder_args("vision", vision_port, bundle), *vision_flags,
+                                        *encoder_security], vision_port, encoder_credentials)
+        text = self.launch("text", [*self.encoder_args("text", text_port, bundle), *text_flags,
+                                    *encoder_security], text_port, encoder_credentials)
         # Callers here wait up to request_timeout_s; the gateway's default cap on an encoder call
         # (--downstream-timeout-s 10) would fail requests queued longer at high concurrency.
         self.target = self.launch("gateway", [
@@ -462,8 +478,7 @@ class GatewayClassify(GrpcSystem):
             "--downstream-timeout-s", str(self.ctx.request_timeout_s),
             "--vision-target", vision, "--text-target", text, *gateway_security], gateway_port, self.credentials)
         self.details.update({
-            "vision_flags": ["--intra-op-threads", str(self.ctx.threads), *self.vision_flags, *self.ctx.batch_flags],
-            "text_flags": ["--intra-op-threads", str(self.ctx.threads), *self.text_flags, *self.ctx.batch_flags],
+            "vision_flags": vision_flags, "text_flags": text_flags,
             "labels": list(LABELS), "template": TEMPLATE})
 
     def security(self) -> tuple[list[str], list[str], grpc.ChannelCredentials | None]:
@@ -573,7 +588,8 @@ def all_systems() -> dict[str, type[System]]:
     """Every system, in the order they run."""
     from bench.triton import TritonDecode, TritonOpenVino, TritonSystem
 
-    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, GatewayClassify, GatewayTLS,
+    order = (TorchEager, OrtEngine, OrtWithDecode, VisionGrpcNoBatch, VisionGrpc, VisionPerCoreCalls,
+             GatewayClassify, GatewayTLS,
              OrtInt8, GatewayInt8, GatewayTorch, OpenVinoInProcess, VisionOpenVino, GatewayOpenVino,
              TritonSystem, TritonDecode, TritonOpenVino)
     return {cls.key: cls for cls in order}

@@ -207,7 +207,27 @@ async def test_a_lone_request_runs_in_its_own_thread_and_concurrent_ones_are_bat
         gate.set()
         assert (await first).shape[0] == 3 and (await second).shape[0] == 4
         assert [len(c) for c in recorder.calls] == [2, 7]
-        assert recorder.threads[-1] == "medvlm-batcher-engine"
+        assert recorder.threads[-1].startswith("medvlm-batcher-engine")
+    finally:
+        batcher.close()
+
+
+async def test_up_to_engine_calls_batches_are_computed_at_once(vision_engine):
+    recorder = Recorder(vision_engine)
+    batcher = make_batcher(recorder, max_batch=2, engine_calls=2)
+    try:
+        recorder.gate.clear()  # every engine call waits here once it has started
+        calls = [asyncio.ensure_future(batcher.submit(list, rows(i, 2))) for i in range(3)]
+        await eventually(lambda: recorder.entered == 4 and batcher.queued == 2,
+                         what="two engine calls started, the third batch queued")
+        await asyncio.sleep(0.2)
+        assert recorder.entered == 4 and batcher.busy_for() > 0  # no third call while two run
+        recorder.gate.set()
+        for i, call in enumerate(calls):
+            np.testing.assert_allclose(await call, vision_engine.infer(np.stack(rows(i, 2))), rtol=1e-4,
+                                       atol=1e-5)
+        assert sorted(len(c) for c in recorder.calls) == [2, 2, 2]
+        assert batcher.admitted == batcher.queued == 0
     finally:
         batcher.close()
 

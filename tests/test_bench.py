@@ -11,7 +11,7 @@ import pytest
 from bench import goals
 from bench.__main__ import main
 
-SYSTEMS = ("ort", "ort-decode", "vision-batch", "openvino", "vision-openvino")
+SYSTEMS = ("ort", "ort-decode", "vision-batch", "vision-calls", "openvino", "vision-openvino")
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_quick_run_writes_sane_results(tiny_bundle, tmp_path):
     assert "Resident memory of each server" in readme
     mid = tiny["ratios"]["mid_concurrency"]
     served = {g["goal"]: g for g in tiny["goals"]}
-    for key, engine in (("vision-batch", "ort"), ("vision-openvino", "openvino")):  # judged side by side
+    for key, engine in (("vision-batch", "ort"), ("vision-calls", "ort"), ("vision-openvino", "openvino")):
         both = tiny["interleaved"][key]
         assert (both["base"], both["base_concurrency"], both["other"], both["other_concurrency"]) == (
             engine, 1, key, mid)

@@ -24,6 +24,10 @@ def test_settings_flags_beat_variables_and_defaults():
     assert parse_settings("gateway", [], {"MEDVLM_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
     with pytest.raises(SystemExit, match="--event-loop"):
         parse_settings("gateway", ["--event-loop", "trio"], {})
+    assert parse_settings(VISION, ["--bundle", "/b"], {}).engine_calls == 1
+    assert parse_settings(VISION, ["--bundle", "/b"], {"MEDVLM_ENGINE_CALLS": "2"}).engine_calls == 2
+    with pytest.raises(SystemExit, match="--engine-calls"):
+        parse_settings(TEXT, ["--bundle", "/b", "--engine-calls", "0"], {})
     with pytest.raises(dataclasses_frozen_error()):
         settings.port = 1  # type: ignore[misc]
 

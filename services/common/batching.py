@@ -175,11 +175,11 @@ class Batcher:
     Order: higher priority first (STAT, URGENT, ROUTINE), first come first served within a priority;
     an item that has waited longer than `aging_s` is served before fresher items of any priority,
     so routine work is delayed but never starved.
-    Batching: one batch runs at a time. A batch is sent as soon as it is full, when no admitted
-    request is still being prepared, or after `max_delay_s`. A thread that has just prepared a
-    request and finds the engine idle with nothing else queued or being prepared computes it itself,
-    which saves two thread hand-offs per request when the service is not busy; otherwise the worker
-    thread does.
+    Batching: at most `engine_calls` batches are computed at once, each by its own worker thread.
+    A batch is sent as soon as it is full, when no admitted request is still being prepared, or
+    after `max_delay_s`. A thread that has just prepared a request and finds the engine idle with
+    nothing else queued or being prepared computes it itself, which saves two thread hand-offs per
+    request when the service is not busy; otherwise a worker thread does.
     """
 
     def __init__(
@@ -192,10 +192,11 @@ class Batcher:
         max_admitted: int,
         aging_s: float,
         workers: int = 2,
+        engine_calls: int = 1,
         name: str = "engine",
     ) -> None:
-        if max_batch < 1 or max_admitted < 1:
-            raise ValueError("max_batch and max_admitted must be at least 1")
+        if max_batch < 1 or max_admitted < 1 or engine_calls < 1:
+            raise ValueError("max_batch, max_admitted and engine_calls must be at least 1")
         self._infer = infer
         self._collate = collate
         self.max_batch = max_batch
@@ -208,14 +209,17 @@ class Batcher:
         self._admitted = 0  # items being prepared or queued: what the bound counts
         self._queued = 0
         self._preparing = 0  # requests being prepared: a fuller batch is worth a short wait
-        self._busy = False  # a batch is being computed (by the worker or by a preparing thread)
-        self._busy_since = 0.0  # time.monotonic() when the running batch was taken
+        self.engine_calls = engine_calls  # batches that may be computed at once
+        self._running: list[float] = []  # time.monotonic() when each batch being computed was taken
+        self._forming = False  # a worker is waiting for a fuller batch
         self._cond = threading.Condition()
         self._closed = False
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"medvlm-prepare-{name}")
         metrics.QUEUE_CAPACITY.labels(name).set(max_admitted)
-        self._thread = threading.Thread(target=self._run, name=f"medvlm-batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"medvlm-batcher-{name}-{i}", daemon=True)
+                         for i in range(engine_calls)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued(self) -> int:
@@ -230,9 +234,9 @@ class Batcher:
             return self._admitted
 
     def busy_for(self) -> float:
-        """Seconds the engine call in progress has been running (0 when the engine is idle)."""
+        """Seconds the oldest engine call in progress has been running (0 when the engine is idle)."""
         with self._cond:
-            return time.monotonic() - self._busy_since if self._busy else 0.0
+            return time.monotonic() - min(self._running) if self._running else 0.0
 
     async def submit(self, prepare: Callable[[Any], Sequence[np.ndarray]], payload: Sequence[Any],
                      priority: Priority = ROUTINE, deadline: float | None = None) -> np.ndarray:
@@ -315,7 +319,8 @@ class Batcher:
                 queue.clear()
             self._cond.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     # --- preparing threads ----------------------------------------------------------------------
 
@@ -344,41 +349,50 @@ class Batcher:
             self._queues[ticket.priority].extend(_Item(ticket, index, now) for index in range(len(rows)))
             self._queued += len(rows)
             metrics.QUEUE_DEPTH.labels(self._name).set(self._queued)
-            if self._busy or self._closed or self._preparing or self._queued != len(rows):
+            # Only on an idle engine: a preparing thread busy computing prepares nothing meanwhile.
+            if self._running or self._closed or self._preparing or self._queued != len(rows):
                 self._cond.notify_all()  # the worker batches it with the others
                 return
-            self._busy, self._busy_since = True, now
+            self._running.append(now)
             batch = self._take(now)
-        self._finish(batch)
+        self._finish(batch, now)
 
     # --- engine side: the worker thread, or a preparing thread that found the engine idle ---------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (self._queued == 0 or self._busy):
+                # one worker forms a batch at a time: two forming at once would split it
+                while not self._closed and (self._queued == 0 or self._engine_full() or self._forming):
                     self._cond.wait()
                 if self._closed:
                     return
-                self._busy = True
                 started = time.monotonic()
+                self._running.append(started)
+                self._forming = True
                 while self._queued < self.max_batch and self._preparing > 0 and not self._closed:
                     left = self._max_delay_s - (time.monotonic() - started)
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                self._busy_since = time.monotonic()
-                batch = self._take(self._busy_since)
-            self._finish(batch)
+                self._forming = False
+                taken = time.monotonic()
+                self._running[self._running.index(started)] = taken
+                batch = self._take(taken)  # wakes the other workers
+            self._finish(batch, taken)
 
-    def _finish(self, batch: list[tuple[_Item, np.ndarray]]) -> None:
+    def _engine_full(self) -> bool:
+        """Under the lock: as many batches are being computed (or formed) as may be at once."""
+        return len(self._running) >= self.engine_calls
+
+    def _finish(self, batch: list[tuple[_Item, np.ndarray]], taken: float) -> None:
         """Outside the lock: compute the batch, then let the next one start."""
         try:
             if batch:
                 self._compute(batch)
         finally:
             with self._cond:
-                self._busy = False
+                self._running.remove(taken)
                 self._cond.notify_all()
 
     def _head(self, priority: Priority) -> _Item | None:

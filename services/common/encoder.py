@@ -109,8 +109,11 @@ class EncoderApp:
             max_admitted=self.settings.max_queue,
             aging_s=self.settings.priority_aging_ms / 1000,
             workers=self.settings.workers,
+            engine_calls=self.settings.engine_calls,
             name=self.tower,
         )
+        log.info("batching", tower=self.tower, max_batch=max_batch, engine_calls=self.settings.engine_calls,
+                 max_delay_ms=self.settings.max_delay_ms)
         self._loaded = loaded
 
     def _batch_limit(self, loaded: LoadedTower) -> BatchLimit:

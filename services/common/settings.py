@@ -118,6 +118,15 @@ class Settings:
         "lowers throughput. Costs up to 20 s of engine calls at start; off trusts --max-batch as given.",
         ENCODERS,
     )
+    engine_calls: int = _opt(
+        1,
+        "Batches the engine computes at once, each in its own thread. On a CPU node, "
+        "--intra-op-threads 1 with one call per core serves the most images per second under "
+        "load (one call's threads wait for each other between operators) but a lone request "
+        "takes about as long as one core needs; the default, one call on every core, answers a "
+        "lone request fastest. A GPU engine runs one call at a time anyway.",
+        ENCODERS,
+    )
     max_delay_ms: float = _opt(
         5.0,
         "How long a batch may wait for more items, and only while other requests are being "
@@ -418,6 +427,8 @@ def parse_settings(
     settings = Settings(**values)
     if settings.event_loop not in EVENT_LOOPS:
         raise SystemExit(f"--event-loop: {settings.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
+    if settings.engine_calls < 1:
+        raise SystemExit(f"--engine-calls: {settings.engine_calls} is less than 1")
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
     _check_security(settings)
