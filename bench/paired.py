@@ -142,10 +142,13 @@ def interleaved(ctx: Context, classes: dict[str, type[System]], measured: set[st
 
     * per served system (goals.SERVED_VS_ENGINE): the served system at `mid` against the in-process
       engine doing the same inference one request at a time;
-    * "batching": the vision encoder at `mid` with batching on against batching off.
+    * "batching": the vision encoder at `mid` with batching on against batching off;
+    * "engine-calls": the vision encoder at `mid` with one single-threaded engine call per core
+      against the default (one call on every core).
     """
     pairs = [(served, engine, 1, served, mid) for served, engine in SERVED_VS_ENGINE]
     pairs.append(("batching", "vision-nobatch", mid, "vision-batch", mid))
+    pairs.append(("engine-calls", "vision-batch", mid, "vision-calls", mid))
     out: dict[str, Any] = {}
     for name, base_key, base_c, other_key, other_c in pairs:
         if base_key not in measured or other_key not in measured:

@@ -90,6 +90,7 @@ def ratios(result: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
         "p50_on_over_off": _round(div(p50("vision-batch", mid), p50("vision-nobatch", mid)), 3),
         "side_by_side": (result.get("interleaved") or {}).get("batching"),
     }
+    out["engine_calls_at_mid"] = (result.get("interleaved") or {}).get("engine-calls")
     return out
 
 
@@ -154,6 +155,13 @@ def ratio_lines(model: str, r: dict[str, Any]) -> list[str]:
     elif both:
         lines.append(f"[{model}] batching on vs off at concurrency {mid}, side by side: throughput "
                      f"x{both['ratio_median']:.2f}: {goals.side_by_side_text(both)}")
+    calls = r.get("engine_calls_at_mid")
+    if calls and "error" in calls:
+        lines.append(f"[{model}] one engine call per core vs the default, side by side: failed: {calls['error']}")
+    elif calls:
+        lines.append(f"[{model}] one single-threaded engine call per core (vision-calls) vs one call on every "
+                     f"core (vision-batch) at concurrency {mid}, side by side: throughput "
+                     f"x{calls['ratio_median']:.2f}: {goals.side_by_side_text(calls)}")
     return lines
 
 

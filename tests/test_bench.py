@@ -190,3 +190,8 @@ def test_batching_on_vs_off_is_reported_side_by_side_beside_the_separate_points(
     side = next(line for line in lines if "side by side" in line)
     assert "throughput x1.18" in side and "173.00 vs 146.00 img/s (medians), 3 alternating rounds" in side
     assert "CPU per image 9.50 vs 11.00 ms" in side
+    assert not any("engine call per core" in line for line in lines)  # not measured in this result
+
+    result["interleaved"]["engine-calls"] = {"base": "vision-batch", "other": "vision-calls", "error": "boom"}
+    lines = report.ratio_lines("demo", report.ratios(result, [1, 16]))
+    assert "[demo] one engine call per core vs the default, side by side: failed: boom" in lines

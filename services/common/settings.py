@@ -124,7 +124,8 @@ class Settings:
         "--intra-op-threads 1 with one call per core serves the most images per second under "
         "load (one call's threads wait for each other between operators) but a lone request "
         "takes about as long as one core needs; the default, one call on every core, answers a "
-        "lone request fastest. A GPU engine runs one call at a time anyway.",
+        "lone request fastest. Keep 1 on a GPU: one full batch at a time uses it best (TensorRT runs "
+        "one call at a time anyway).",
         ENCODERS,
     )
     max_delay_ms: float = _opt(
