@@ -68,8 +68,7 @@ def spread(values: list[float]) -> float:
 
 
 def compare_system(cls, ctx, old_root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from bench.load import run_points
-    from bench.paired import measure_pair
+    from bench.paired import measure_pair, side_by_side
 
     old_ctx = copy.copy(ctx)  # the same bundle, images and reference; its server logs apart
     old_ctx.workdir = ctx.workdir / "old"
@@ -85,16 +84,11 @@ def compare_system(cls, ctx, old_root: Path, args: argparse.Namespace) -> dict[s
         out["concurrency_1"] = {"old_p50_ms": pair["in_process_p50_ms"], "new_p50_ms": pair["served_p50_ms"],
                                 "change_p50_ms": pair["overhead_p50_ms"], "change_p25_ms": pair["overhead_p25_ms"],
                                 "change_p75_ms": pair["overhead_p75_ms"], "pairs": pair["pairs"]}
-        windows: dict[str, list[float]] = {"old": [], "new": []}
-        for r in range(args.rounds):
-            for name, system in ((("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old))):
-                point = run_points(system.make_request, [args.concurrency], args.seconds, 1.0,
-                                   drain_timeout_s=ctx.request_timeout_s + 10)[0]
-                windows[name].append(point.throughput)
-                log.info("%s %s round %d: %.2f img/s at %d", cls.key, name, r, point.throughput, args.concurrency)
+        both = side_by_side(old, args.concurrency, new, args.concurrency, args.rounds, args.seconds, 1.0)
+        windows = {"old": both["base_img_s"], "new": both["other_img_s"]}
         old_median, new_median = statistics.median(windows["old"]), statistics.median(windows["new"])
         out[f"concurrency_{args.concurrency}"] = {
-            "old_img_s": [round(v, 2) for v in windows["old"]], "new_img_s": [round(v, 2) for v in windows["new"]],
+            "old_img_s": windows["old"], "new_img_s": windows["new"],
             "old_median": round(old_median, 2), "new_median": round(new_median, 2),
             "ratio_new_to_old": round(new_median / old_median, 3),
             "noise": round(max(spread(windows["old"]), spread(windows["new"])), 3),
