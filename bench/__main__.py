@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a window lasts at least this many rounds (every worker's first answer): a slow "
                         "model answers in bursts of one batch (default 3; --quick: 1)")
     p.add_argument("--interleaved-rounds", type=int, default=None,
-                   help="rounds of alternating windows that judge served vs in-process engine and "
-                        "batching on vs off side by side (bench/paired.py); 0: none (default 3; --quick: 1)")
+                   help="rounds of alternating windows that judge side by side what separate points cannot "
+                        "(bench/paired.py interleaved); 0: none (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine threads of every system (default: the core count)")
     p.add_argument("--max-batch", type=int, default=None,
