@@ -74,7 +74,7 @@ mutate: protos  ## break the serving path on purpose, one named mutation at a ti
 BENCH_TRITON ?= .cache/bench-triton
 BENCH_ARGS ?=
 
-bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 45 min); BENCH_ARGS=--quick: 1 min
+bench: protos $(VENV)/.bench-installed $(BENCH_TRITON)/.installed  ## benchmark vs torch, ONNX Runtime and Triton into bench/results (about 70 min); BENCH_ARGS=--quick: 1 min
 	$(PY) -m bench --triton-python $(BENCH_TRITON)/bin/python $(BENCH_ARGS)
 
 OLD ?= HEAD~1
