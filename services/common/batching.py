@@ -209,8 +209,8 @@ class Batcher:
         self._admitted = 0  # items being prepared or queued: what the bound counts
         self._queued = 0
         self._preparing = 0  # requests being prepared: a fuller batch is worth a short wait
-        self.engine_calls = engine_calls  # batches that may be computed at once
-        self._running: list[float] = []  # time.monotonic() when each batch being computed was taken
+        self._engine_calls = engine_calls  # batches that may be formed or computed at once
+        self._running: list[float] = []  # time.monotonic() when each of them was started
         self._forming = False  # a worker is waiting for a fuller batch
         self._cond = threading.Condition()
         self._closed = False
@@ -363,7 +363,8 @@ class Batcher:
         while True:
             with self._cond:
                 # one worker forms a batch at a time: two forming at once would split it
-                while not self._closed and (self._queued == 0 or self._engine_full() or self._forming):
+                while not self._closed and (self._queued == 0 or self._forming
+                                            or len(self._running) >= self._engine_calls):
                     self._cond.wait()
                 if self._closed:
                     return
@@ -376,23 +377,17 @@ class Batcher:
                         break
                     self._cond.wait(left)
                 self._forming = False
-                taken = time.monotonic()
-                self._running[self._running.index(started)] = taken
-                batch = self._take(taken)  # wakes the other workers
-            self._finish(batch, taken)
+                batch = self._take(time.monotonic())  # wakes the other workers
+            self._finish(batch, started)
 
-    def _engine_full(self) -> bool:
-        """Under the lock: as many batches are being computed (or formed) as may be at once."""
-        return len(self._running) >= self.engine_calls
-
-    def _finish(self, batch: list[tuple[_Item, np.ndarray]], taken: float) -> None:
+    def _finish(self, batch: list[tuple[_Item, np.ndarray]], started: float) -> None:
         """Outside the lock: compute the batch, then let the next one start."""
         try:
             if batch:
                 self._compute(batch)
         finally:
             with self._cond:
-                self._running.remove(taken)
+                self._running.remove(started)
                 self._cond.notify_all()
 
     def _head(self, priority: Priority) -> _Item | None:
