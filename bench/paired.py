@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from bench.goals import SERVED_VS_ENGINE
-from bench.load import Point, percentile, run_points
-from bench.systems import Context, GatewayClassify, GatewayTLS, OrtWithDecode, System, VisionGrpc, log_point
+from bench.load import Point, percentile
+from bench.systems import Context, GatewayClassify, GatewayTLS, OrtWithDecode, System, VisionGrpc
 
 log = logging.getLogger("bench.paired")
 
@@ -106,10 +106,9 @@ def tls_overhead(ctx: Context, pairs: int = 300, budget_s: float = 60.0) -> dict
 
 
 def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -> Point:
-    ctx = system.ctx
-    point = run_points(system.make_request, [concurrency], seconds, warmup_s, min_rounds=ctx.min_rounds,
-                       drain_timeout_s=ctx.request_timeout_s + 10)[0]
-    log_point(system.key, point)
+    """One measured window of a started system, through its own run(), which checks an answer first
+    (Triton's load runs in its own environment, so it has no request function to call from here)."""
+    point = system.run([concurrency], seconds, warmup_s)[1][0]
     if point.errors or not point.throughput > 0:
         raise RuntimeError(f"{system.key} at {concurrency}: {point.error_sample or 'no answer'}")
     return point
@@ -117,19 +116,22 @@ def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -
 
 def side_by_side(base: System, base_c: int, other: System, other_c: int, rounds: int, seconds: float,
                  warmup_s: float) -> dict[str, Any]:
-    """Throughput of two started, checked systems in `rounds` rounds of one window each, the order
+    """Throughput and p50 of two started systems in `rounds` rounds of one window each, the order
     alternating (B O, O B, ...): the ratio other / base of each round's two windows, and their median."""
     sides: dict[str, list[Point]] = {"base": [], "other": []}
     for r in range(rounds):
         order = [("base", base, base_c), ("other", other, other_c)]
         for side, system, c in order[::-1] if r % 2 else order:
             sides[side].append(_window(system, c, seconds, warmup_s))
-    ratios = sorted(o.throughput / b.throughput for b, o in zip(sides["base"], sides["other"], strict=True))
+    rounds_of = list(zip(sides["base"], sides["other"], strict=True))
+    ratios = sorted(o.throughput / b.throughput for b, o in rounds_of)
     return {
         "base": base.key, "base_concurrency": base_c, "other": other.key, "other_concurrency": other_c,
         "rounds": rounds, "ratio_median": round(statistics.median(ratios), 3),
         "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3),
+        "p50_ratio_median": round(statistics.median(o.p50_ms / b.p50_ms for b, o in rounds_of), 3),
         **{f"{side}_img_s": [round(p.throughput, 2) for p in points] for side, points in sides.items()},
+        **{f"{side}_p50_ms": [round(p.p50_ms, 2) for p in points] for side, points in sides.items()},
         **{f"{side}_cpu_ms_per_image": _median_of(p.cpu_ms_per_image for p in points)
            for side, points in sides.items()},
     }
@@ -144,11 +146,15 @@ def interleaved(ctx: Context, classes: dict[str, type[System]], measured: set[st
       engine doing the same inference one request at a time;
     * "batching": the vision encoder at `mid` with batching on against batching off;
     * "engine-calls": the vision encoder at `mid` with one single-threaded engine call per core
-      against the default (one call on every core).
+      against the default (one call on every core);
+    * "openvino-vs-triton" at `mid` and "openvino-vs-triton-at-1" at 1: the vision encoder on OpenVINO
+      against Triton serving the same OpenVINO model.
     """
     pairs = [(served, engine, 1, served, mid) for served, engine in SERVED_VS_ENGINE]
     pairs.append(("batching", "vision-nobatch", mid, "vision-batch", mid))
     pairs.append(("engine-calls", "vision-batch", mid, "vision-calls", mid))
+    pairs.append(("openvino-vs-triton", "triton-openvino", mid, "vision-openvino", mid))
+    pairs.append(("openvino-vs-triton-at-1", "triton-openvino", 1, "vision-openvino", 1))
     out: dict[str, Any] = {}
     for name, base_key, base_c, other_key, other_c in pairs:
         if base_key not in measured or other_key not in measured:
@@ -157,7 +163,6 @@ def interleaved(ctx: Context, classes: dict[str, type[System]], measured: set[st
         try:
             for system in (base, other):
                 system.start()
-                system.check()
             out[name] = side_by_side(base, base_c, other, other_c, rounds, seconds, warmup_s)
             log.info("side by side, %s: %s", name, out[name])
         except Exception as exc:  # recorded, like a failed system

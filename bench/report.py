@@ -259,8 +259,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
          "`ort-decode` and through the served system back to back, first one then the other, and the median "
          "of the per-pair differences is reported (bench/paired.py)."),
         ("* *Side by side*: whether a served system at the middle concurrency keeps up with its "
-         "in-process engine one request at a time, batching on against off, and one engine call per core "
-         "against the default are judged from windows "
+         "in-process engine one request at a time, batching on against off, one engine call per core "
+         "against the default, and the vision encoder on OpenVINO against Triton serving the same OpenVINO "
+         "model (throughput at the middle concurrency, p50 at 1) are judged from windows "
          "of the two systems, both started, alternating (A B, B A, ...), and the median of the per-round "
          "ratios (bench/paired.py): the tables' points are measured minutes apart, and a shared machine "
          "drifts by more than the difference in between."),

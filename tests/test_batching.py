@@ -64,9 +64,11 @@ def make_batcher(recorder: Recorder, **kwargs) -> Batcher:
     return Batcher(recorder.infer, np.stack, **options)
 
 
-def gated(gate: threading.Event, prepared: list | None = None):
-    """A prepare function that waits for `gate`, then records and passes its rows through."""
+def gated(gate: threading.Event, prepared: list | None = None, started: threading.Event | None = None):
+    """A prepare function that says it `started`, waits for `gate`, then records and passes its rows on."""
     def prepare(payload):
+        if started is not None:
+            started.set()
         gate.wait(10)
         if prepared is not None:
             prepared.append(len(payload))
@@ -105,8 +107,10 @@ async def test_stat_is_served_before_routine_work_queued_ahead_of_it(vision_engi
 
     try:
         recorder.gate.clear()
-        tasks = [asyncio.ensure_future(submit(f"routine-{i}", ROUTINE)) for i in range(12)]
-        await placed(batcher, recorder, 12)  # routine-0 holds the engine; 11 routine items wait
+        tasks = []
+        for i in range(12):  # one at a time: two preparing threads could enqueue neighbours swapped
+            tasks.append(asyncio.ensure_future(submit(f"routine-{i}", ROUTINE)))
+            await placed(batcher, recorder, i + 1)  # routine-0 holds the engine; the others wait
         tasks.append(asyncio.ensure_future(submit("urgent", URGENT)))
         tasks.append(asyncio.ensure_future(submit("stat", STAT)))
         await placed(batcher, recorder, 14)
@@ -128,6 +132,7 @@ async def test_routine_work_is_not_starved_by_a_stream_of_stat(vision_engine):
         await placed(batcher, recorder, 1)  # the blocker holds the engine
         routine_row = rows(0, 1)
         routine = asyncio.ensure_future(batcher.submit(list, routine_row, ROUTINE))
+        await placed(batcher, recorder, 2)  # queued before any STAT item
         stats = [asyncio.ensure_future(batcher.submit(list, rows(i, 1), STAT)) for i in range(1, 40)]
         await placed(batcher, recorder, 41)
         queued_at = time.monotonic()
@@ -149,7 +154,7 @@ async def test_an_expired_deadline_never_reaches_the_engine(vision_engine):
         busy = asyncio.ensure_future(batcher.submit(list, rows(1, 1)))
         await placed(batcher, recorder, 1)
         doomed = rows(2, 3)
-        deadline = time.monotonic() + 0.05
+        deadline = time.monotonic() + 0.5  # long enough to be seen admitted on a loaded machine
         late = asyncio.ensure_future(batcher.submit(list, doomed, deadline=deadline))
         # admitted (being prepared or queued): whichever it is when the deadline passes, it is dropped
         await eventually(lambda: batcher.admitted + recorder.entered == 4, what="the late request admitted")
@@ -235,10 +240,11 @@ async def test_up_to_engine_calls_batches_are_computed_at_once(vision_engine):
 async def test_work_being_prepared_counts_against_the_bound_and_a_cancelled_caller_frees_it(vision_engine):
     recorder = Recorder(vision_engine)
     batcher = make_batcher(recorder, max_admitted=3, workers=1)
-    gate, prepared = threading.Event(), []
+    gate, prepared, started = threading.Event(), [], threading.Event()
     try:
-        held = asyncio.ensure_future(batcher.submit(gated(gate, prepared), rows(1, 2)))
+        held = asyncio.ensure_future(batcher.submit(gated(gate, prepared, started), rows(1, 2)))
         await eventually(lambda: batcher.admitted == 2, what="the first request admitted")
+        await eventually(started.is_set, what="its preparation started")  # so the cancel cannot unschedule it
         with pytest.raises(Overloaded) as info:
             await batcher.submit(list, rows(2, 2))  # 2 being prepared + 2 > 3: refused before any work
         assert info.value.retry_after_s > 0
@@ -417,6 +423,8 @@ async def test_full_queue_is_resource_exhausted_in_waves_and_the_server_keeps_se
     settings = encoder_settings(VISION, tiny_bundle, max_queue=8, max_batch=4)
     server = await start_server(settings, VisionApp(settings))
     try:
+        # the bound the queue alert divides by, as this (latest started) encoder was told it
+        assert metrics.QUEUE_CAPACITY.labels("vision")._value.get() == 8
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = encoders_pb2_grpc.VisionEncoderServiceStub(channel)
             image = types_pb2.Image(data=png_bytes(5))

@@ -123,6 +123,40 @@ def test_goals_are_judged_from_the_run_and_say_what_was_not_measured():
     assert slow["Classify throughput vs Triton + ONNX Runtime fp32"]["verdict"].startswith("not measured")
 
 
+def test_openvino_against_triton_is_judged_side_by_side_where_the_run_has_it():
+    points = {"vision-openvino": {1: (30.0, 33.0), 16: (99.0, 160.0)},
+              "triton-openvino": {1: (31.0, 32.0), 16: (100.0, 158.0)}}
+    apart = _judged(points)  # 0.99x and 1.03x from separate points
+    row = apart["vision encoder on OpenVINO vs Triton serving the same OpenVINO model"]
+    assert row["ratio"] == pytest.approx(0.99, abs=1e-3) and row["verdict"] == "not met"
+    assert "separate points" in row["measured"]
+    p50_apart = apart["vision encoder on OpenVINO vs Triton + OpenVINO"]
+    assert p50_apart["ratio"] == pytest.approx(33 / 32, abs=1e-3)
+
+    def side(c: int, ours: list[float], theirs: list[float], ours_p50: list[float], theirs_p50: list[float]):
+        ratios = sorted(o / t for o, t in zip(ours, theirs))
+        return {"base": "triton-openvino", "base_concurrency": c, "other": "vision-openvino",
+                "other_concurrency": c, "rounds": 3, "ratio_median": ratios[1], "ratio_min": ratios[0],
+                "ratio_max": ratios[2], "other_img_s": ours, "base_img_s": theirs, "other_p50_ms": ours_p50,
+                "base_p50_ms": theirs_p50,
+                "p50_ratio_median": sorted(o / t for o, t in zip(ours_p50, theirs_p50))[1]}
+
+    both = _judged(points, interleaved={
+        "openvino-vs-triton": side(16, [101.0, 98.0, 103.0], [99.0, 97.0, 100.0], [160.0] * 3, [158.0] * 3),
+        "openvino-vs-triton-at-1": side(1, [30.0] * 3, [31.0] * 3, [31.0, 33.0, 32.0], [32.0, 32.5, 33.0])})
+    row = both["vision encoder on OpenVINO vs Triton serving the same OpenVINO model"]
+    assert row["ratio"] == pytest.approx(101 / 99, abs=1e-3) and row["verdict"] == "met"
+    assert "3 alternating rounds" in row["measured"] and "separate" not in row["measured"]
+    p50 = both["vision encoder on OpenVINO vs Triton + OpenVINO"]
+    assert p50["ratio"] == pytest.approx(32 / 33, abs=1e-3) and p50["verdict"] == "met"
+    assert "32.0 vs 32.5 ms (medians)" in p50["measured"]
+
+    broken = {"base": "triton-openvino", "other": "vision-openvino", "error": "boom"}
+    failed = _judged(points, interleaved={"openvino-vs-triton": broken})
+    row = failed["vision encoder on OpenVINO vs Triton serving the same OpenVINO model"]
+    assert row["ratio"] == pytest.approx(0.99, abs=1e-3) and "side by side failed: boom" in row["measured"]
+
+
 def test_int8_for_random_weights_is_made_on_a_copy_for_speed_only(tiny_bundle, tmp_path):
     """A random-weight bundle gets an ungated int8 vision graph on a copy, which the service's engine
     selection then opens at --precision int8; the original bundle is left as it was."""

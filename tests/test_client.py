@@ -224,8 +224,9 @@ async def test_sync_worklist_keeps_at_most_window_items_in_flight(tiny_stack):
         return answered
 
     assert await asyncio.to_thread(run) == count
-    # the request side reads one item ahead of the slot it waits for
-    assert peak <= window + 1
+    # the request side reads one item ahead of the slot it waits for, and a slot is freed just before
+    # its answer reaches this loop (which counts it answered only then): bounded, not a growing backlog
+    assert peak <= window + 2
 
 
 async def test_demo_answers_through_the_client(demo_stack):

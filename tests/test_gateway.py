@@ -287,8 +287,9 @@ async def test_metrics_endpoint_reports_requests_batches_and_cache(tiny_stack):
     assert added('medvlm_batch_size_count{tower="vision"}') >= 2
     assert added('medvlm_engine_seconds_count{tower="text"}') >= 1
     assert after['medvlm_queue_depth{tower="vision"}'] == 0
-    # the bound the queue alert divides by, as the encoder was told it
-    assert after['medvlm_queue_capacity{tower="vision"}'] == tiny_stack.vision.settings.max_queue
+    # the bound the queue alert divides by (its value is checked where one encoder is known to have
+    # set it last: test_batching's full-queue test; this process holds many encoders' gauges)
+    assert after['medvlm_queue_capacity{tower="vision"}'] > 0
     assert any(k.startswith("medvlm_engine_info{") and 'tower="vision"' in k for k in after)
     assert not any(label in body for label in labels)  # no clinical text in metric labels
 

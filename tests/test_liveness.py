@@ -18,7 +18,7 @@ from services.vision.servicer import VisionApp
 
 async def test_live_while_warming_up_and_while_draining(tiny_bundle):
     gate = asyncio.Event()
-    settings = encoder_settings(VISION, tiny_bundle, drain_s=1.5)
+    settings = encoder_settings(VISION, tiny_bundle, drain_s=5)  # ample for two health checks
     server = await start_server(settings, GatedVisionApp(settings, gate), wait=False)
     stopping = None
     try:

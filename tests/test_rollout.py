@@ -16,7 +16,8 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import encoder_settings, gateway_settings, health_status, spawn_service, start_server, wait_for_serving
+from conftest import (encoder_settings, eventually, gateway_settings, health_status, spawn_service,
+                      start_server, wait_for_serving)
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common.server import SERVING
 from services.common.settings import TEXT
@@ -159,8 +160,8 @@ async def test_a_bundle_rollout_is_followed_without_a_restart_and_never_mixed(ti
             outcomes: list = []
             load = asyncio.ensure_future(_classify_loop(gateway_pb2_grpc.GatewayServiceStub(channel), stop,
                                                         outcomes, ["roll a", "roll b"]))
-            await asyncio.sleep(1.0)
-            old_id = outcomes[-1][1]
+            await eventually(lambda: any(o[0] == "OK" for o in outcomes), what="the first answer")
+            old_id = next(o[1] for o in outcomes if o[0] == "OK")
             # roll the text encoder first, then the vision encoder, each on the same address
             text_proc.kill()
             text_proc.wait(10)
