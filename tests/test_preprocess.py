@@ -81,6 +81,14 @@ def test_preprocess_equals_open_clip(mode, size, encode):
     assert np.abs(got - expected).max() <= 0.02
 
 
+@pytest.mark.parametrize("size", [(224, 224), (640, 481)])
+def test_greyscale_is_normalized_from_its_one_channel_exactly_as_its_rgb_copy(size):
+    grey = _random_image("L", size, seed=7)
+    got = preprocess(grey, SPEC)
+    assert np.array_equal(got, preprocess(grey.convert("RGB"), SPEC))  # bit for bit, not within a bound
+    assert not np.array_equal(got[0], got[1])  # each channel has its own mean and std
+
+
 def test_sixteen_bit_png_keeps_its_contrast():
     ramp = np.linspace(0, 65535, 300 * 300).reshape(300, 300).astype(np.uint16)  # [H, W]
     data = _png(Image.fromarray(ramp))

@@ -168,18 +168,21 @@ def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
         img = img.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size)).convert("RGB")
+    img = img.crop((left, top, left + size, top + size))
+    if img.mode != "L":  # 8-bit greyscale is normalized from its one channel, which RGB would copy thrice
+        img = img.convert("RGB")
     return normalize(np.asarray(img), spec.mean, spec.std)
 
 
 def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """[S, S, 3] uint8 -> [3, S, S] float32 (x / 255 - mean) / std, in one pass over the pixels:
-    as x * (1 / (255 std)) - mean / std, which differs from the three-step form by float rounding
-    (under 1e-6) and costs a sixth of it."""
+    """[S, S, 3] RGB or [S, S] greyscale uint8 -> [3, S, S] float32 (x / 255 - mean) / std, in one
+    pass over the pixels: as x * (1 / (255 std)) - mean / std, which differs from the three-step
+    form by float rounding (under 1e-6) and costs a sixth of it."""
     std32 = np.asarray(std, dtype=np.float32)
     scale = (1.0 / (255.0 * std32)).astype(np.float32)[:, None, None]
     offset = (np.asarray(mean, dtype=np.float32) / std32)[:, None, None]
     out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
-    np.multiply(pixels.transpose(2, 0, 1), scale, out=out, casting="unsafe")
+    channels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    np.multiply(channels, scale, out=out, casting="unsafe")
     out -= offset
     return out
