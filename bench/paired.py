@@ -106,9 +106,7 @@ def tls_overhead(ctx: Context, pairs: int = 300, budget_s: float = 60.0) -> dict
 
 
 def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -> Point:
-    """One measured window of a started system, through its own run(), which checks an answer first
-    (Triton's load runs in its own environment, so it has no request function to call from here)."""
-    point = system.run([concurrency], seconds, warmup_s)[1][0]
+    point = system.points([concurrency], seconds, warmup_s)[0]
     if point.errors or not point.throughput > 0:
         raise RuntimeError(f"{system.key} at {concurrency}: {point.error_sample or 'no answer'}")
     return point
@@ -116,7 +114,7 @@ def _window(system: System, concurrency: int, seconds: float, warmup_s: float) -
 
 def side_by_side(base: System, base_c: int, other: System, other_c: int, rounds: int, seconds: float,
                  warmup_s: float) -> dict[str, Any]:
-    """Throughput and p50 of two started systems in `rounds` rounds of one window each, the order
+    """Throughput and p50 of two started, checked systems in `rounds` rounds of one window each, the order
     alternating (B O, O B, ...): the ratio other / base of each round's two windows, and their median."""
     sides: dict[str, list[Point]] = {"base": [], "other": []}
     for r in range(rounds):
@@ -163,6 +161,7 @@ def interleaved(ctx: Context, classes: dict[str, type[System]], measured: set[st
         try:
             for system in (base, other):
                 system.start()
+                system.check()
             out[name] = side_by_side(base, base_c, other, other_c, rounds, seconds, warmup_s)
             log.info("side by side, %s: %s", name, out[name])
         except Exception as exc:  # recorded, like a failed system

@@ -191,10 +191,13 @@ class System(abc.ABC):
             warmup_s: float) -> tuple[dict[str, Any], list[Point]]:
         """Check, then one point per concurrency."""
         checked = self.check()
-        points = run_points(self.make_request, concurrency, seconds, warmup_s,
-                            max_round_s=self.ctx.max_round_s, on_point=lambda p: log_point(self.key, p),
-                            drain_timeout_s=self.ctx.request_timeout_s + 10, min_rounds=self.ctx.min_rounds)
-        return checked, points
+        return checked, self.points(concurrency, seconds, warmup_s)
+
+    def points(self, concurrency: list[int], seconds: float, warmup_s: float) -> list[Point]:
+        """One point per concurrency of a started, checked system."""
+        return run_points(self.make_request, concurrency, seconds, warmup_s,
+                          max_round_s=self.ctx.max_round_s, on_point=lambda p: log_point(self.key, p),
+                          drain_timeout_s=self.ctx.request_timeout_s + 10, min_rounds=self.ctx.min_rounds)
 
     def stop(self) -> None:  # a hook: systems without resources keep this default
         """Release what start() took."""

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(line), file=sys.stderr, flush=True)
 
     # The harness that started this client also started the server: its tree is the benchmark's own CPU.
-    points = run_points(make_request, [int(c) for c in args.concurrency.split(",")], args.seconds,
+    points = run_points(make_request, [int(c) for c in args.concurrency.split(",") if c], args.seconds,
                         args.warmup_s, max_round_s=args.max_round_s, on_point=progress,
                         own_root_pid=os.getppid(), drain_timeout_s=args.timeout_s + 10,
                         min_rounds=args.min_rounds)
