@@ -43,9 +43,12 @@ class Row:
 
     def passed(self) -> tuple[bool, str]:
         bad = set(self.tally.codes) - self.allowed - {"OK"}
+        bad_items = set(self.tally.item_codes) - self.allowed
         reasons = [self.problem] if self.problem else []
         if bad:
             reasons.append(f"unexpected codes {sorted(bad)}")
+        if bad_items:
+            reasons.append(f"unexpected stream item codes {sorted(bad_items)}")
         if self.tally.hung:
             reasons.append(f"{self.tally.hung} hung")
         if self.tally.stream_results_lost or self.tally.stream_results_duplicated:
@@ -85,8 +88,8 @@ def _signal(server, sig) -> None:
     os.kill(server.proc.pid, sig)
 
 
-async def vision_replica_killed(bundle: Path, logs: Path) -> Row:
-    stack = Stack(bundle, logs / "kill", vision_replicas=2)
+async def vision_replica_killed(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
+    stack = Stack(bundle, logs / "kill", encoder_env=encoder_env, vision_replicas=2)
     try:
         async def fault():
             killed = time.monotonic()
@@ -99,8 +102,8 @@ async def vision_replica_killed(bundle: Path, logs: Path) -> Row:
     return Row("vision replica SIGKILL (1 of 2)", tally, recovery, {"UNAVAILABLE"})
 
 
-async def vision_frozen(bundle: Path, logs: Path) -> Row:
-    stack = Stack(bundle, logs / "freeze")
+async def vision_frozen(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
+    stack = Stack(bundle, logs / "freeze", encoder_env=encoder_env)
     try:
         async def fault():
             _signal(stack.vision[0], signal.SIGSTOP)
@@ -115,8 +118,8 @@ async def vision_frozen(bundle: Path, logs: Path) -> Row:
                {"DEADLINE_EXCEEDED", "UNAVAILABLE"}, "recovery: from SIGCONT to the first answer")
 
 
-async def text_down(bundle: Path, logs: Path) -> Row:
-    stack = Stack(bundle, logs / "text")
+async def text_down(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
+    stack = Stack(bundle, logs / "text", encoder_env=encoder_env)
     uncached_codes: dict[str, int] = {}
     try:
         async def fault():
@@ -145,8 +148,8 @@ async def text_down(bundle: Path, logs: Path) -> Row:
     return row
 
 
-async def flood(bundle: Path, logs: Path) -> Row:
-    stack = Stack(bundle, logs / "flood")
+async def flood(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
+    stack = Stack(bundle, logs / "flood", encoder_env=encoder_env)
     tally = Tally()
     try:
         images = sample_images()
@@ -174,8 +177,8 @@ async def flood(bundle: Path, logs: Path) -> Row:
     return Row("flood: 3 waves of 256 concurrent calls, one connection", tally, recovery, {"RESOURCE_EXHAUSTED"})
 
 
-async def gateway_sigterm(bundle: Path, logs: Path) -> Row:
-    stack = Stack(bundle, logs / "sigterm")
+async def gateway_sigterm(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
+    stack = Stack(bundle, logs / "sigterm", encoder_env=encoder_env)
     exit_info = {}
     try:
         async def fault():
@@ -200,9 +203,9 @@ async def gateway_sigterm(bundle: Path, logs: Path) -> Row:
     return row
 
 
-async def bundle_moved(bundle: Path, logs: Path) -> Row:
+async def bundle_moved(bundle: Path, logs: Path, encoder_env: dict[str, str]) -> Row:
     away = bundle.with_name(bundle.name + ".away")
-    stack = Stack(bundle, logs / "bundle")
+    stack = Stack(bundle, logs / "bundle", encoder_env=encoder_env)
     try:
         async def fault():
             bundle.rename(away)  # root ignores file modes, so "unreadable" is made by taking it away
@@ -228,7 +231,8 @@ def table(rows: list[Row]) -> str:
     for row in rows:
         t = row.tally.summary()
         ok, why = row.passed()
-        failed = ", ".join(f"{k} {v}" for k, v in t["failed"].items()) or "0"
+        failed = ", ".join([f"{k} {v}" for k, v in t["failed"].items()]
+                           + [f"{k} {v} (stream items)" for k, v in t["stream_items_failed"].items()]) or "0"
         recovery = "-" if row.recovery_s is None else f"{row.recovery_s:.2f} s"
         lines.append(f"| {row.fault} | {t['sent']} | {t['ok']} | {failed} | {t['hung']} | "
                      f"{t['stream_lost']} / {t['stream_duplicated']} | {recovery} | "
@@ -243,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles", type=Path, default=ROOT / "bundles")
     parser.add_argument("--only", nargs="*", help="names of fault functions to run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults")
+    parser.add_argument("--engine", default="auto",
+                        help="engine of every encoder (their --engine), e.g. openvino or onnxruntime-cpu; "
+                             "auto: what the encoders choose on this machine")
     args = parser.parse_args(argv)
+    encoder_env = {} if args.engine == "auto" else {"MEDVLM_ENGINE": args.engine}
     source = ensure_bundle(args.bundles.resolve(), args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -255,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             if not bundle.exists():
                 shutil.copytree(source, bundle, copy_function=os.link)
             print(f"fault: {fault.__name__} ...", flush=True)
-            rows.append(asyncio.run(fault(bundle, args.out / "logs")))
+            rows.append(asyncio.run(fault(bundle, args.out / "logs", encoder_env)))
             print(table(rows[-1:]).splitlines()[2], flush=True)
     text = table(rows)
     (args.out / "faults.md").write_text(text + "\n")
     (args.out / "faults.json").write_text(json.dumps({
-        "machine": cpu_info(), "bundle": source.name,
+        "machine": cpu_info(), "bundle": source.name, "engine": args.engine,
         "rows": [{"fault": r.fault, **r.tally.summary(), "recovery_s": r.recovery_s, "passed": r.passed()[0],
                   "note": r.note} for r in rows]}, indent=1))
     print(text)

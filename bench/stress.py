@@ -88,6 +88,8 @@ class Tally:
     codes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     hung: int = 0
     stream_items_sent: int = 0
+    # stream items answered with an error (ItemError.code): the stream itself ends OK
+    item_codes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     stream_results_lost: int = 0
     stream_results_duplicated: int = 0
     first_ok_after: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -106,6 +108,7 @@ class Tally:
             "sent": self.sent, "ok": self.codes.get("OK", 0),
             "failed": {k: v for k, v in sorted(self.codes.items()) if k != "OK"},
             "hung": self.hung, "stream_items": self.stream_items_sent,
+            "stream_items_failed": dict(sorted(self.item_codes.items())),
             "stream_lost": self.stream_results_lost, "stream_duplicated": self.stream_results_duplicated,
         }
 
@@ -214,6 +217,8 @@ class MixedLoad:
         try:
             async for reply in stub.ClassifyStream(iter(items), timeout=deadline_s):
                 seen[reply.correlation_id] += 1
+                if reply.HasField("error"):
+                    self.tally.item_codes[reply.error.code] += 1
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import math
 import os
 import shutil
 import subprocess
@@ -16,11 +18,16 @@ import grpc
 import hypothesis  # noqa: F401 - see below
 import pytest
 import uvloop
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc  # noqa: E402
+from engines.runtime import select  # noqa: E402
+from engines.runtime.engine import Engine  # noqa: E402
+from engines.runtime.manifest import Manifest  # noqa: E402
+from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc, types_pb2  # noqa: E402
+from services.common.convert import PRECISION, TOWER  # noqa: E402
 from services.common.health import wait_for_health  # noqa: E402
 from services.common.server import Server  # noqa: E402
 from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
@@ -33,6 +40,15 @@ from services.vision.servicer import VisionApp  # noqa: E402
 # recursion depth mismatch"), which made a run of tests/test_gateway.py alone end in an error.
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+log = logging.getLogger("medvlm.tests")
+log.setLevel(logging.INFO)  # shown with a failing test's captured log
+# MEDVLM_TEST_ENGINE (read here only, never by the services): the engine of every stack a test
+# starts without an engine of its own, in process (encoder_settings) or as processes (MEDVLM_ENGINE
+# in service_env). A test's own pin wins. With it set to openvino, a machine without BF16 still
+# runs the OpenVINO path (in f32) and catches tests that assume ONNX Runtime.
+TEST_ENGINE = os.environ.get("MEDVLM_TEST_ENGINE", "").strip()
+# The pin of a test that judges one engine and precision (numerical parity, a literal engine name).
+ORT_FP32 = {"engine": "onnxruntime-cpu", "precision": "fp32"}
 # Under CI every tool a test needs is installed (.ci/run), so a missing one fails the run
 # instead of skipping the tests that need it.
 UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -41,6 +57,25 @@ UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 def find_tool(name: str) -> str | None:
     """A command-line tool from this virtual environment's bin (pip-installed), else from PATH."""
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_ENGINE and TEST_ENGINE not in select.engine_names():
+        raise pytest.UsageError(f"MEDVLM_TEST_ENGINE={TEST_ENGINE!r} is not one of {', '.join(select.engine_names())}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"stacks started by tests: engine {TEST_ENGINE or 'as the services choose (auto)'} (MEDVLM_TEST_ENGINE)"
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """The environment of a service process a test starts: this one, the repository on PYTHONPATH, and
+    MEDVLM_ENGINE from MEDVLM_TEST_ENGINE unless `extra` (the test) sets it."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", HF_HUB_OFFLINE="1")
+    if TEST_ENGINE:
+        env["MEDVLM_ENGINE"] = TEST_ENGINE
+    env.update(extra)
+    return env
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -106,7 +141,10 @@ def demo_calibration(demo_bundle, tmp_path_factory) -> Path:
 
 
 def encoder_settings(service: str, bundle: Path, **overrides) -> Settings:
+    """An encoder's settings in a test: engine MEDVLM_TEST_ENGINE unless `overrides` name one."""
     values = dict(service=service, host="127.0.0.1", port=0, metrics_port=0, bundle=str(bundle), grace_s=2.0)
+    if TEST_ENGINE:
+        values["engine"] = TEST_ENGINE
     values.update(overrides)
     return Settings(**values)
 
@@ -158,11 +196,14 @@ class Stack:
             await server.stop(0.5)
 
 
-async def start_stack(bundle: Path, vision_overrides: dict | None = None, **gateway_overrides) -> Stack:
-    """The three services; those already started are stopped again when a later one fails to start."""
+async def start_stack(bundle: Path, vision_overrides: dict | None = None, encoder_overrides: dict | None = None,
+                      **gateway_overrides) -> Stack:
+    """The three services; those already started are stopped again when a later one fails to start.
+    `encoder_overrides` go to both encoders (ORT_FP32 pins their engine), `vision_overrides` to vision."""
     started: list[Server] = []
     try:
-        for service, app, overrides in ((VISION, VisionApp, vision_overrides or {}), (TEXT, TextApp, {})):
+        for service, app, overrides in ((VISION, VisionApp, {**(encoder_overrides or {}), **(vision_overrides or {})}),
+                                        (TEXT, TextApp, encoder_overrides or {})):
             settings = encoder_settings(service, bundle, **overrides)
             started.append(await start_server(settings, app(settings)))
         settings = gateway_settings(started[0].port, started[1].port, **gateway_overrides)
@@ -173,7 +214,78 @@ async def start_stack(bundle: Path, vision_overrides: dict | None = None, **gate
         raise
     vision, text, gateway = started
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
-    return Stack(bundle, vision, text, gateway, channel)
+    stack = Stack(bundle, vision, text, gateway, channel)
+    try:
+        engines = await served_engines(stack.gateway_stub)
+    except BaseException:
+        await stack.stop()
+        raise
+    log.info("stack of %s serves %s", bundle.name,
+                ", ".join(f"{tower} on {e.engine} {precision_name(e.precision)}" for tower, e in engines.items()))
+    return stack
+
+
+async def served_engines(stub: gateway_pb2_grpc.GatewayServiceStub) -> dict[str, types_pb2.EngineInfo]:
+    """Tower name ("vision", "text") -> the engine that serves it, as the gateway's GetModelInfo says."""
+    reply = await stub.GetModelInfo(types_pb2.GetModelInfoRequest(), timeout=10)
+    towers = {value: name for name, value in TOWER.items()}
+    return {towers[e.tower]: e for e in reply.model.engines}
+
+
+def precision_name(value: int) -> str:
+    """"fp32", "bf16", ... for a Precision of GetModelInfo."""
+    return {v: k for k, v in PRECISION.items()}[value]
+
+
+def embedding_bound(bundle: Path, tower: str, engine: types_pb2.EngineInfo) -> float:
+    """The cosine to the fp32 reference the bundle's manifest holds `tower` to at the engine's precision."""
+    return select.precision_bound(Manifest.read(bundle), tower, precision_name(engine.precision))
+
+
+def cosine_shift(*bounds: float) -> float:
+    """Most an image-text cosine of unit vectors can move when each embedding keeps a cosine >= its
+    bound to the reference: |e - e'| = sqrt(2 (1 - c)) per embedding, summed (Cauchy-Schwarz)."""
+    return sum(math.sqrt(2 * (1 - c)) for c in bounds)
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+class Bf16StandIn(Engine):
+    """Test-only: a real engine whose outputs are rounded to bf16 and which reports precision bf16, so
+    the bf16 branches (tolerances, precision in GetModelInfo, cache keys) run on CPUs without BF16.
+    It rounds outputs only: real bf16 arithmetic (OpenVINO on AVX512_BF16/AMX) errs more."""
+
+    precision = "bf16"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.kind = f"bf16-stand-in/{inner.kind}"
+        self.max_batch = inner.max_batch
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return to_bf16(self.inner.infer(batch))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def start_bf16_standin_stack(bundle: Path, **gateway_overrides) -> Stack:
+    """A stack whose encoders serve ONNX Runtime fp32 wrapped in Bf16StandIn."""
+    opener = select._OPENERS[select.ORT_CPU]
+
+    def standin(*args, **kwargs) -> Engine:
+        return Bf16StandIn(opener(*args, **kwargs))
+
+    select.register_engine(select.ORT_CPU, standin)
+    try:
+        return await start_stack(bundle, encoder_overrides=ORT_FP32, **gateway_overrides)
+    finally:
+        select.register_engine(select.ORT_CPU, opener)  # the engines are open; later stacks get the real one
 
 
 @pytest.fixture(scope="session")
@@ -187,8 +299,7 @@ def spawn_service(service: str, *args: str, **env: str) -> subprocess.Popen:
     """A service in its own process on free ports, its JSON log on a pipe."""
     return subprocess.Popen(
         [PYTHON, "-m", f"services.{service}", "--host", "127.0.0.1", "--port", "0", *args],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", **env),
-        stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=service_env(**env), stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -245,6 +356,8 @@ async def health_status(port: int, service: str = "", timeout: float = 5) -> int
 
 
 __all__ = [
-    "ROOT", "PYTHON", "UNDER_CI", "Stack", "encoder_settings", "eventually", "find_tool", "gateway_settings",
-    "health_status", "start_server", "start_stack", "wait_health", "encoders_pb2_grpc",
+    "ROOT", "PYTHON", "UNDER_CI", "ORT_FP32", "TEST_ENGINE", "Bf16StandIn", "Stack", "cosine_shift",
+    "embedding_bound", "encoder_settings", "eventually", "find_tool", "gateway_settings", "health_status",
+    "precision_name", "served_engines", "service_env", "start_bf16_standin_stack", "start_server", "start_stack",
+    "to_bf16", "wait_health", "encoders_pb2_grpc",
 ]

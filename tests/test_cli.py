@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, start_stack
+from conftest import ORT_FP32, ROOT, served_engines, start_stack
 from medvlm.client.cli import build_parser, main
 
 SAMPLES = ROOT / "samples"
@@ -189,12 +189,26 @@ async def test_evaluate_reproduces_bench_accuracy(demo_stack, tmp_path):
     assert np.array(metrics["confusion"]).sum() == metrics["answered"]
     assert metrics["bundle_ids"] == [metrics["model"]["bundle_id"]]
     markdown = (report / "report.md").read_text()
+    engines = await served_engines(demo_stack.gateway_stub)  # whichever engine serves
     for needle in ("Sensitivity", "Specificity", "PPV", "NPV", "ROC AUC", "macro average",
-                   metrics["model"]["bundle_id"], "onnxruntime", "roc.png", "Not clinical"):
+                   metrics["model"]["bundle_id"], *(e.engine for e in engines.values()), "roc.png", "Not clinical"):
         assert needle in markdown
     assert "<table>" in (report / "report.html").read_text()
     for png in ("roc.png", "confusion.png"):
         assert (report / png).read_bytes().startswith(b"\x89PNG")
+
+
+async def test_evaluate_report_names_the_engine_that_answered(calibrated_stack, tmp_path):
+    from engines.build import synthetic
+
+    heldout = tmp_path / "heldout"
+    synthetic.write_samples(heldout, 7, 1, by_class=True)
+    code, _, err = await medvlm(calibrated_stack, "evaluate", str(heldout), "--out", str(tmp_path / "report"),
+                                "--bootstrap", "10")
+    assert code == 0, err
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert ("| engines | vision: onnxruntime/CPUExecutionProvider fp32, "
+            "text: onnxruntime/CPUExecutionProvider fp32 |") in markdown
 
 
 async def test_readme_command_line_examples_run(demo_stack, tmp_path):
@@ -240,7 +254,8 @@ async def test_an_unknown_label_set_is_refused_with_the_servers_message(tiny_sta
 
 @pytest.fixture(scope="module")
 async def calibrated_stack(demo_bundle, demo_calibration):
-    stack = await start_stack(demo_bundle, calibration=str(demo_calibration))
+    """Pinned to ONNX Runtime fp32: reports name that engine literally."""
+    stack = await start_stack(demo_bundle, encoder_overrides=ORT_FP32, calibration=str(demo_calibration))
     yield stack
     await stack.stop()
 

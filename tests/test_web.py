@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, start_stack
+from conftest import ORT_FP32, ROOT, precision_name, served_engines, start_stack
 from medvlm.client import AsyncClient
 from medvlm.web import WebSettings
 from services.common.settings import GATEWAY, VISION, Settings
@@ -191,7 +191,9 @@ async def test_page_in_a_real_browser(demo_stack, tmp_path):
         best = max(direct["scores"], key=lambda s: s["probability"])
         assert best["label"] == "left pleural effusion" == page_label
         assert page_probability == f"{best['probability']:.3f}"
-        assert direct["bundle_id"] in answered and "onnxruntime" in answered
+        assert direct["bundle_id"] in answered
+        for tower, engine in (await served_engines(demo_stack.gateway_stub)).items():  # whichever engine serves
+            assert f"{tower}: {engine.engine} {precision_name(engine.precision)}" in answered
 
         # Similarity: the heatmap shows the cosines the gateway computes.
         images = [SAMPLES / "chest_left_effusion.png", SAMPLES / "chest_cardiomegaly.png"]
@@ -303,7 +305,8 @@ async def test_page_checks_the_size_before_uploading(demo_stack, tmp_path):
 
 @pytest.fixture(scope="module")
 async def calibrated_stack(demo_bundle, demo_calibration):
-    stack = await start_stack(demo_bundle, calibration=str(demo_calibration))
+    """Pinned to ONNX Runtime fp32: the page names that engine literally."""
+    stack = await start_stack(demo_bundle, encoder_overrides=ORT_FP32, calibration=str(demo_calibration))
     yield stack
     await stack.stop()
 
@@ -345,6 +348,8 @@ async def test_abstain_calibration_and_the_dicom_window_in_a_real_browser(calibr
         assert await page.locator("#probability-head").inner_text() == "Calibrated probability"
         first = await page.locator("#ranking tbody tr .probability .value").first.inner_text()
         assert first == f"{expected.top[0].calibrated_probability:.3f}"
+        answered = await page.locator("#answered-by").inner_text()
+        assert "vision: onnxruntime/CPUExecutionProvider fp32 · text: onnxruntime/CPUExecutionProvider fp32" in answered
         await page.screenshot(path=str(artifacts(tmp_path) / "web-abstain.png"), full_page=True)
 
         # A DICOM file: preset and center/width controls and the image as the model will see it.

@@ -216,6 +216,25 @@ def _openvino_options(name: str, entry: mf.FileEntry, env: Environment) -> list[
     return [(Option(OPENVINO, entry.precision, name), None)]
 
 
+def golden_bound(manifest: mf.Manifest, option: Option) -> float | None:
+    """Lowest golden cosine `option` must reach: its file's bound, and for bf16 arithmetic on an fp32
+    graph at most BF16_GOLDEN_MIN_COSINE. None (the manifest's own bound) for the torch reference."""
+    bound = manifest.golden_tolerance(option.file) if option.file else None
+    if option.precision == BF16:
+        bound = min(bound or manifest.golden_min_cosine, ov_engine.BF16_GOLDEN_MIN_COSINE)
+    return bound
+
+
+def precision_bound(manifest: mf.Manifest, tower: str, precision: str) -> float:
+    """The embedding agreement with fp32 that an engine of `tower` serving at `precision` was held to:
+    the lowest golden bound of the bundle's files it could be running (bf16 runs the fp32 graphs)."""
+    graph_precision = mf.FP32 if precision == BF16 else precision
+    files = {**manifest.engine_files(tower), **manifest.plan_files(tower)}
+    bounds = [golden_bound(manifest, Option("", precision, name))
+              for name, entry in files.items() if entry.precision == graph_precision]
+    return min((b for b in bounds if b is not None), default=manifest.golden_min_cosine)
+
+
 def _plan_reason(entry: mf.FileEntry, env: Environment) -> str | None:
     """Why a plan is ruled out before loading (None: try it)."""
     if env.tensorrt is None:
@@ -313,10 +332,7 @@ def open_engine(
         try:
             cosine = None
             if verify:
-                bound = manifest.golden_tolerance(option.file) if option.file else None
-                if option.precision == BF16:
-                    bound = min(bound or manifest.golden_min_cosine, ov_engine.BF16_GOLDEN_MIN_COSINE)
-                cosine = check_golden(bundle, tower, opened.infer_all, bound)
+                cosine = check_golden(bundle, tower, opened.infer_all, golden_bound(manifest, option))
         except BundleError as exc:
             opened.close()
             golden_failures += 1

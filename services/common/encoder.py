@@ -86,7 +86,7 @@ class EncoderApp:
         self.tower = tower.name
         self._spec = tower
         self.service_names = (tower.service,)
-        self.admission_limit = settings.max_inflight  # calls at once, refused by the server's interceptor
+        self.admission_limit = settings.inflight_limit  # calls at once, refused by the server's interceptor
         self._loaded: LoadedTower | None = None
         self._preparer: Preparer | None = None
         self.batcher: Batcher | None = None

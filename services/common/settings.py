@@ -68,10 +68,12 @@ class Settings:
         "caller can make the server hold. 0: gateway 64, encoders 32.",
     )
     max_inflight: int = _opt(
-        64,
+        0,
         "Calls processed at once; more get RESOURCE_EXHAUSTED at once instead of queueing. "
-        "Higher absorbs bursts, lower bounds memory and latency. On the encoders --max-queue "
-        "bounds the work itself, in images or texts.",
+        "Higher absorbs bursts, lower bounds memory and latency. 0: gateway 64; encoders "
+        "--max-queue plus the items being computed, so there --max-queue, which bounds the work "
+        "itself in images or texts, is the one bound that refuses (a gateway sends one call per "
+        "stream item: --stream-window calls per stream).",
     )
     workers: int = _opt(
         2,
@@ -360,6 +362,16 @@ class Settings:
             object.__setattr__(self, "metrics_port", DEFAULT_METRICS_PORTS[self.service])
 
     @property
+    def inflight_limit(self) -> int:
+        """Calls admitted at once (--max-inflight, or its default for this service)."""
+        if self.max_inflight:
+            return self.max_inflight
+        if self.service == GATEWAY:
+            return 64
+        # every embed call holds at least one item admitted by the batcher or being computed
+        return self.max_queue + self.engine_calls * self.max_batch
+
+    @property
     def max_message_bytes(self) -> int:
         mb = self.max_message_mb or (64 if self.service == GATEWAY else 32)
         return mb * MiB
@@ -430,6 +442,8 @@ def parse_settings(
         raise SystemExit(f"--event-loop: {settings.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
     if settings.engine_calls < 1:
         raise SystemExit(f"--engine-calls: {settings.engine_calls} is less than 1")
+    if settings.max_inflight < 0:
+        raise SystemExit(f"--max-inflight: {settings.max_inflight} is negative (0 takes the service's default)")
     if service in ENCODERS and not settings.bundle:
         raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
     _check_security(settings)

@@ -67,7 +67,7 @@ class GatewayApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admission_limit = settings.max_inflight
+        self.admission_limit = settings.inflight_limit
         self.retained: list | None = [] if settings.fault_retain_requests else None
         certificates = encoder_certificates(settings)
         self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, certificates)
