@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/medvlm/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test test-engine mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -68,6 +68,13 @@ run: protos  ## start the local stack (vision, text, gateway, web page on :8050)
 test: protos  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
 
+ENGINE ?=
+# The test files that start stacks (in process or as processes), for test-engine.
+ENGINE_TESTS ?= $(shell grep -l 'start_stack\|spawn_service\|tiny_stack\|services.launch' tests/test_*.py)
+
+test-engine: protos  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
+	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(ENGINE_TESTS)
+
 mutate: protos  ## break the serving path on purpose, one named mutation at a time, and report which the tests miss (about 10 min; not in CI)
 	$(PY) scripts/mutate.py $(MUTATIONS)
 
@@ -87,8 +94,8 @@ LEAK ?=
 soak: protos $(VENV)/.bench-installed  ## the local stack under mixed load for MINUTES (10); fails on memory/fd/thread growth; LEAK=1 must fail
 	$(PY) -m bench.soak --minutes $(MINUTES) $(if $(LEAK),--leak)
 
-faults: protos $(VENV)/.bench-installed  ## fault matrix under load with real processes (kills, freezes, floods, SIGTERM); about 5 min
-	$(PY) -m bench.faults
+faults: protos $(VENV)/.bench-installed  ## fault matrix under load with real processes (kills, freezes, floods, SIGTERM); about 2-5 min; ENGINE=openvino: every encoder's engine
+	$(PY) -m bench.faults $(if $(ENGINE),--engine $(ENGINE))
 
 fuzz: protos $(VENV)/.bench-installed  ## coverage-guided fuzzing (atheris) of decoders, text path and gateway requests, MINUTES in all
 	$(PY) -m bench.fuzz --minutes $(MINUTES)

@@ -156,6 +156,18 @@ class MixedLoad:
     def stop(self) -> None:
         self._stop.set()
 
+    # Vision-encoder calls and images one call of each kind puts in flight (a stream: one call per item
+    # in the gateway's window, each of one image).
+    IMAGES = {"classify": 1, "similarity": 3, "bad": 1, "cancel": 1, "expire": 1}
+
+    def encoder_peak(self, stream_window: int) -> tuple[int, int]:
+        """Most vision-encoder calls and images this load can have in flight at once through a
+        gateway with `stream_window`: every worker in its heaviest kind of call at the same moment."""
+        window = min(stream_window, self.stream_items)
+        calls = max(window if kind == "stream" else 1 for kind in self.kinds)
+        images = max(window if kind == "stream" else self.IMAGES[kind] for kind in self.kinds)
+        return self.workers * calls, self.workers * images
+
     def _image(self) -> types_pb2.Image:
         return types_pb2.Image(data=self.rng.choice(self.images))
 
