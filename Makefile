@@ -70,7 +70,7 @@ test: protos  ## run the test suite in a random order (pytest-randomly prints th
 
 ENGINE ?=
 # The test files that start stacks (in process or as processes), for test-engine.
-ENGINE_TESTS ?= $(shell grep -l 'start_stack\|spawn_service\|tiny_stack\|services.launch' tests/test_*.py)
+ENGINE_TESTS ?= $(shell grep -l 'start_stack\|start_server\|spawn_service\|tiny_stack\|services.launch' tests/test_*.py)
 
 test-engine: protos  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
 	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(ENGINE_TESTS)

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import (
-    PYTHON, ROOT, encoder_settings, find_tool, gateway_settings, spawn_service, start_server, wait_for_serving,
+    PYTHON, ROOT, encoder_settings, find_tool, gateway_settings, service_env, spawn_service, start_server,
+    wait_for_serving,
 )
 from engines.build.sign import sign_bundle
 from engines.runtime.bundle import BundleError, load_bundle
@@ -591,8 +592,7 @@ def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_p
         [PYTHON, "-m", "services.launch", "--model", "tiny", "--bundles", str(tiny_bundle.parent), "--tls",
          "--tls-dir", str(tmp_path / "tls"), "--gateway-port", str(gateway_port), "--vision-port",
          str(vision_port), "--text-port", str(text_port), "--web-port", str(web_port), "--timeout-s", "120"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}"),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
         line = ""
