@@ -65,11 +65,12 @@ def _png(image: np.ndarray) -> bytes:
 
 
 async def _zero_shot_through_gateway(bundle: Path, precision: str, pngs: list[bytes]) -> tuple[np.ndarray, dict]:
-    """Top-1 class of each image from a gateway whose encoders serve `precision`, and the engines."""
+    """Top-1 class of each image from a gateway whose encoders serve `precision` on ONNX Runtime (the
+    engine the int8 variants were gated on), and the engines."""
     encoders, gateway = [], None
     try:
         for service, app in ((VISION, VisionApp), (TEXT, TextApp)):
-            settings = encoder_settings(service, bundle, precision=precision)
+            settings = encoder_settings(service, bundle, engine="onnxruntime-cpu", precision=precision)
             encoders.append(await start_server(settings, app(settings)))
         settings = gateway_settings(encoders[0].port, encoders[1].port)
         gateway = await start_server(settings, GatewayApp(settings))

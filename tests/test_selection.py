@@ -277,7 +277,7 @@ async def test_service_reports_the_engine_and_precision_it_picked(int8_bundle, t
     # already have set the engine-info gauge of the int8 bundle.
     version = f"selection-{tmp_path.name}"
     bundle = _edit_manifest(int8_bundle, tmp_path / "b", lambda d: d.update(version=version))
-    settings = encoder_settings(VISION, bundle, precision="int8")
+    settings = encoder_settings(VISION, bundle, engine="onnxruntime-cpu", precision="int8")  # its dynamic int8
     server = await start_server(settings, VisionApp(settings))
     try:
         import grpc
