@@ -62,17 +62,17 @@ quantize-openvino: $(VENV)/.installed  ## add gated NNCF int8 engines for OpenVI
 calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistics and abstention thresholds into BUNDLE/calibration.json (BUNDLE=bundles/NAME [CALIBRATION=dir of label subfolders])
 	$(PY) -m engines.build calibrate --bundle $(or $(BUNDLE),$(BUNDLES)/demo-synthetic-1) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
-run: protos  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
+run: protos $(VENV)/.medvlm-installed  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
-test: protos  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
+test: protos $(VENV)/.medvlm-installed  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
 
 ENGINE ?=
 # The test files that start stacks (in process or as processes), for test-engine.
 ENGINE_TESTS ?= $(shell grep -l 'start_stack\|start_server\|spawn_service\|tiny_stack\|services.launch' tests/test_*.py)
 
-test-engine: protos  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
+test-engine: protos $(VENV)/.medvlm-installed  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
 	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(ENGINE_TESTS)
 
 mutate: protos  ## break the serving path on purpose, one named mutation at a time, and report which the tests miss (about 10 min; not in CI)
