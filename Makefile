@@ -50,8 +50,8 @@ lint-protos: $(VENV)/.installed  ## buf lint the contracts, and buf breaking aga
 proto-baseline: $(VENV)/.installed  ## record the current contracts as the released baseline of buf breaking
 	$(VENV)/bin/buf build protos -o $(PROTO_BASELINE)
 
-bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir] [PRECISION=int8|fp16|int8,fp16] [CALIBRATION=dir])
-	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+bundle: $(VENV)/.installed  ## build bundles/MODEL (MODEL=tiny|demo|biomedclip-arch|biomedclip [WEIGHTS=dir] [PRECISION=int8|fp16|int8,fp16] [CALIBRATION=dir] [SIGN_KEY=release.key: sign it])
+	$(PY) -m engines.build --model $(MODEL) --out $(BUNDLES) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION)) $(if $(SIGN_KEY),--sign-key $(SIGN_KEY))
 
 quantize: $(VENV)/.installed  ## add gated int8/fp16 engines to a built bundle (BUNDLE=bundles/NAME [PRECISION=int8] [CALIBRATION=dir])
 	$(PY) -m engines.build quantize --bundle $(BUNDLE) $(if $(PRECISION),--precision $(PRECISION)) $(if $(CALIBRATION),--calibration $(CALIBRATION))

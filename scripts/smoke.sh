@@ -8,6 +8,8 @@
 # TLS and credentials (plaintext without CACERT):
 #   CACERT=ca.crt        trust these CA certificates (turns TLS on)
 #   CERT=c.crt KEY=c.key present a client certificate
+#   SERVER_NAME=name     the name to check the server's certificate against, when TARGET's
+#                        host is not on it (a port-forward to 127.0.0.1, docs/deploy.md)
 #   TOKEN_FILE=path      send "authorization: Bearer <token>" (the token never appears in argv)
 #   API_KEY_FILE=path    send "x-api-key: <key>" (likewise)
 set -euo pipefail
@@ -32,6 +34,8 @@ SECURITY=(-plaintext)
 if [[ -n "${CACERT:-}" ]]; then
   SECURITY=(-cacert "$CACERT")
   [[ -z "${CERT:-}" ]] || SECURITY+=(-cert "$CERT" -key "${KEY:?KEY must go with CERT}")
+  # -authority is also the name grpcurl checks the certificate against (TLS server name).
+  [[ -z "${SERVER_NAME:-}" ]] || SECURITY+=(-authority "$SERVER_NAME")
 fi
 # Credentials are read into the environment and expanded by grpcurl, so ps never shows them.
 if [[ -n "${TOKEN_FILE:-}" ]]; then

@@ -4,6 +4,7 @@ policies, and docs/deploy.md names only what the renders hold, in an order that 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 import shlex
@@ -1252,18 +1253,116 @@ def _option(args: list[str], *names: str) -> str | None:
     return None
 
 
+# API groups the Kubernetes API server serves itself. Every other apiVersion is a custom resource:
+# its CRDs come from a prerequisite the guide lists (their schemas cannot be fetched here).
+BUILTIN_GROUPS = frozenset({
+    "", "apps", "batch", "policy", "autoscaling", "networking.k8s.io", "rbac.authorization.k8s.io",
+    "storage.k8s.io", "scheduling.k8s.io", "coordination.k8s.io", "node.k8s.io",
+})
+# The release public key the encoders trust: the security component makes ConfigMap
+# medvlm-bundle-keys from it (test_trusted_key_file_is_what_the_overlays_mount).
+TRUST_FILE = "k8s/security/bundle-signing.pub"
+# The plans Job adds its plans to the bundle's manifest.json (engines/build/plans.py), so the
+# signature made before it no longer matches: the guide must sign again after it.
+PLANS_REWRITE_MANIFEST = True
+# The keys cert-manager writes into the Secret of a Certificate.
+CERTIFICATE_KEYS = frozenset({"tls.crt", "tls.key", "ca.crt"})
+
+
+def _is_custom(api_version: str) -> bool:
+    return api_version.rpartition("/")[0] not in BUILTIN_GROUPS
+
+
+def listed_prerequisites(text: str) -> dict[tuple[str, str], str]:
+    """(apiVersion, kind) -> the prerequisite that installs its CRD, from the table of the guide's
+    "Prerequisites" section: each row names the prerequisite first and its kinds as
+    `group/version Kind` code spans."""
+    section = re.search(r"^## Prerequisites\n(.*?)(?=^## )", text, re.S | re.M)
+    found: dict[tuple[str, str], str] = {}
+    for line in (section.group(1) if section else "").splitlines():
+        if not line.lstrip().startswith("|"):
+            continue
+        name = line.strip().strip("|").split("|")[0].strip()
+        for api, kind in re.findall(r"`([a-z0-9.-]+\.[a-z]+/v\w+) (\w+)`", line):
+            found[(api, kind)] = name
+    return found
+
+
+def _object_keys(doc: dict) -> set[str]:
+    """The keys of a Secret or ConfigMap."""
+    return set(doc.get("data") or {}) | set(doc.get("stringData") or {}) | set(doc.get("binaryData") or {})
+
+
+def _reads(docs: list[dict], pod: dict) -> list[tuple[str, str, set[str]]]:
+    """(kind, name, keys it needs) of every Secret and ConfigMap a pod reads without `optional`:
+    volumes (projected ones too), envFrom and env references. A volume needs its `items`, and
+    every file a container's settings name under its mount (MEDVLM_TLS_CERT=/tls/tls.crt on a
+    Secret volume at /tls needs the key tls.crt)."""
+    found: list[tuple[str, str, set[str]]] = []
+    volumes: dict[str, tuple[str, str]] = {}
+    for volume in pod["spec"].get("volumes", []):
+        sources = [volume] + [s for s in volume.get("projected", {}).get("sources", [])]
+        for source in sources:
+            for field, kind, key in (("secret", "Secret", "secretName"), ("configMap", "ConfigMap", "name")):
+                ref = source.get(field)
+                if ref is None or ref.get("optional"):
+                    continue
+                found.append((kind, ref[key], {i["key"] for i in ref.get("items", [])}))
+                if source is volume and not ref.get("items"):
+                    volumes[volume["name"]] = (kind, ref[key])
+    for c in _containers(pod):
+        for source in c.get("envFrom", []):
+            for field, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
+                ref = source.get(field)
+                if ref is not None and not ref.get("optional"):
+                    found.append((kind, ref["name"], set()))
+        for e in c.get("env", []):
+            for field, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+                ref = e.get("valueFrom", {}).get(field)
+                if ref is not None and not ref.get("optional"):
+                    found.append((kind, ref["name"], {ref["key"]}))
+        env = _env(docs, c)
+        for mount in c.get("volumeMounts", []):
+            if mount["name"] not in volumes:
+                continue
+            prefix = mount["mountPath"].rstrip("/") + "/"
+            files = {v[len(prefix):].split("/")[0] for v in env.values() if v.startswith(prefix)}
+            found.append((*volumes[mount["name"]], files))
+    return found
+
+
+@dataclasses.dataclass
+class BundleCopy:
+    """A bundle folder, locally or on the volume: its manifest's revision, the revision its
+    manifest.sig signs (None: unsigned) and by which private key, and whether plans were built."""
+
+    revision: int = 0
+    signed: int | None = None
+    signer: str | None = None
+    plans: bool = False
+
+
 class GuideWalk:
     """A cluster and a workstation as the guide's commands leave them."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: str | None = None) -> None:
         self.objects: dict[tuple[str, str], dict] = {}  # (kind, name) in the namespace medvlm
         self.namespaces: set[str] = set()
         self.variables: dict[str, str] = {}
         self.built_images: set[str] = set()
         self.loaded_images: set[str] = set()
-        self.local_bundles: set[str] = set()
+        self.local_bundles: dict[str, BundleCopy] = {}  # bundles/<name>
+        self.volume_bundles: dict[str, BundleCopy] = {}  # /bundles/<name> on the bundle volume
+        # Local files the commands made: path -> what it holds. The committed public key has no
+        # private half anyone holds.
+        self.files: dict[str, tuple] = {TRUST_FILE: ("public", None)}
+        self.prerequisites = listed_prerequisites(DOCS.read_text() if text is None else text)
+        self.trusted_signer: str | None = None  # whose public key the applied encoders trust
+        self.port_forwards: set[str] = set()
         self.problems: list[str] = []
         self.piped_from: list[str] | None = None
+        self.piped_output: tuple | None = None
+        self.output: tuple | None = None
         self.last: list[str] = []
 
     def need(self, ok: bool, command: list[str], what: str) -> None:
@@ -1278,6 +1377,9 @@ class GuideWalk:
         return [n for (k, n), d in self.objects.items()
                 if k == kind and d["metadata"].get("labels", {}).get(key) == value]
 
+    def have_file(self, path: str | None) -> bool:
+        return path is not None and (path in self.files or path in _tracked_files())
+
     def run(self, command: list[str]) -> None:
         command = [re.sub(r"\$(\w+)", lambda m: self.variables.get(m.group(1), m.group(0)), t)
                    for t in command]
@@ -1289,13 +1391,22 @@ class GuideWalk:
             self.variables.update(assignments)
             return
         if command == ["|"]:
-            self.piped_from = self.last
+            self.piped_from, self.piped_output = self.last, self.output
             return
+        written = None
+        if ">" in command:  # `> file`: the command's output into a local file
+            i = command.index(">")
+            written, command = command[i + 1], command[:i] + command[i + 2:]
+        self.output = None
         tool = command[0]
+        if re.fullmatch(r"(\S*/)?python3?", tool):
+            tool = "python"
         handler = getattr(self, f"_{tool.replace('-', '_').replace('/', '_').replace('.', '_')}", None)
         self.need(handler is not None, command, "a command this walk does not know: teach it")
         if handler is not None:
             handler(command)
+        if written:
+            self.files[written] = self.output or ("output", shlex.join(command))
         self.last, self.piped_from = command, None
 
     # -- the workstation -----------------------------------------------------------------------
@@ -1309,10 +1420,56 @@ class GuideWalk:
             from engines.build import registry
 
             model = _option(command, "MODEL") or re.search(r"^MODEL \?= (\S+)", makefile, re.M).group(1)
-            self.local_bundles.add(registry.get_source(model).bundle_name)
+            key = _option(command, "SIGN_KEY")
+            if key:
+                self.need(self.files.get(key) == ("private", key), command,
+                          f"signs with {key}, which no step made as a private key")
+                self.need("SIGN_KEY" in re.search(r"^bundle:.*\n(\t.*\n)+", makefile, re.M).group(0), command,
+                          "the bundle target takes no SIGN_KEY")
+            self.local_bundles[registry.get_source(model).bundle_name] = BundleCopy(
+                signed=0 if key else None, signer=key)
+        if target == "smoke":
+            self._smoke(command, {k: _option(command, k) for k in SMOKE_SETTINGS} | {"TARGET": _option(command, "TARGET")})
 
     def _scripts_smoke_sh(self, command: list[str]) -> None:
         self.need((ROOT / "scripts" / "smoke.sh").stat().st_mode & 0o111 != 0, command, "not executable")
+        self._smoke(command, {k: self.variables.get(k) for k in SMOKE_SETTINGS}
+                    | {"TARGET": command[1] if len(command) > 1 else None})
+
+    def _smoke(self, command: list[str], settings: dict[str, str | None]) -> None:
+        """A smoke test from this workstation through a port-forward: with TLS on the gateway it
+        needs the CA that signed the gateway's certificate, a credential, and a name the
+        certificate carries (it does not carry 127.0.0.1)."""
+        target = settings.get("TARGET") or "127.0.0.1:50050"
+        if not target.startswith(("127.0.0.1:", "localhost:")):
+            return
+        self.need("Service/medvlm-gateway" in self.port_forwards, command,
+                  f"nothing forwards {target} to the gateway")
+        gateway = self.objects.get(("Deployment", "medvlm-gateway"))
+        if gateway is None:
+            return
+        pod = gateway["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        env = _env(list(self.objects.values()), container)
+        if not env.get("MEDVLM_TLS_CERT"):
+            return
+        cert_dir = env["MEDVLM_TLS_CERT"].rsplit("/", 1)[0]
+        mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == cert_dir), {})
+        secret = next((v.get("secret", {}).get("secretName") for v in pod["spec"].get("volumes", [])
+                       if v["name"] == mount.get("name")), None)
+        names = [c["spec"].get("dnsNames", []) for (k, _), c in self.objects.items()
+                 if k == "Certificate" and c["spec"].get("secretName") == secret]
+        ca = settings.get("CACERT")
+        self.need(bool(ca), command, "the gateway speaks TLS: no CACERT, so the smoke test speaks plaintext")
+        if ca:
+            self.need(self.files.get(ca) == ("key", "Secret", secret, "ca.crt"), command,
+                      f"CACERT {ca} is not the ca.crt of Secret {secret}, the gateway's certificate")
+        credential = settings.get("TOKEN_FILE") or settings.get("API_KEY_FILE") or settings.get("CERT")
+        self.need(self.have_file(credential), command,
+                  "the gateway wants a credential: no TOKEN_FILE, API_KEY_FILE or CERT a step made")
+        server_name = settings.get("SERVER_NAME") or target.rsplit(":", 1)[0]
+        self.need(any(server_name in n for n in names), command,
+                  f"the gateway's certificate does not name {server_name} (it names {names}): set SERVER_NAME")
 
     def _docker(self, command: list[str]) -> None:
         if command[1] == "push":
@@ -1340,9 +1497,53 @@ class GuideWalk:
     def _tar(self, command: list[str]) -> None:
         if "-c" in command:
             folder = command[command.index("-c") + 1]
-            self.need(_option(command, "-C") == "bundles" and folder in self.local_bundles, command,
-                      f"bundles/{folder} is not what the `make bundle` above writes "
+            self.need(_option(command, "-C") == "bundles" and folder.split("/")[0] in self.local_bundles,
+                      command, f"bundles/{folder} is not what the `make bundle` above writes "
                       f"({sorted(self.local_bundles)})")
+
+    def _openssl(self, command: list[str]) -> None:
+        out = _option(command, "-out")
+        if command[1] == "genpkey":
+            self.need(_option(command, "-algorithm") == "ed25519", command, "bundle keys are Ed25519")
+            self.files[out] = ("private", out)
+        elif command[1] == "pkey" and "-pubout" in command:
+            key = _option(command, "-in")
+            self.need(self.files.get(key) == ("private", key), command, f"{key} is no private key a step made")
+            self.files[out] = ("public", key)
+        else:
+            self.need(False, command, "an openssl command this walk does not know")
+
+    def _curl(self, command: list[str]) -> None:
+        out = _option(command, "-o")
+        self.need(out is not None, command, "downloads to no file (-o)")
+        self.files[out] = ("download", command[-1])
+
+    def _base64(self, command: list[str]) -> None:
+        self.need("-d" in command and self.piped_output is not None, command, "decodes nothing")
+        self.output = self.piped_output
+
+    def _python(self, command: list[str]) -> None:
+        if "-c" in command:
+            for path in re.findall(r"open\(['\"]([^'\"]+)['\"]", _option(command, "-c")):
+                self.need(self.have_file(path), command, f"reads {path}, which no step made")
+            return
+        self.need(command[1:3] == ["-m", "engines.build"], command, "a Python command this walk does not know")
+        from engines.build.__main__ import _parser
+
+        try:
+            args = _parser().parse_args(command[3:])
+        except SystemExit:
+            self.need(False, command, "engines.build refuses these arguments")
+            return
+        self.need(args.run.__name__ == "_sign", command, "only `engines.build sign` is walked")
+        name = Path(args.bundle).name
+        local = self.local_bundles.get(name)
+        self.need(Path(args.bundle).parent == Path("bundles") and local is not None, command,
+                  f"{args.bundle} is not a bundle a step made here")
+        self.need(self.files.get(str(args.key)) == ("private", str(args.key)), command,
+                  f"{args.key} is no private key a step made")
+        if local is not None:
+            local.signed, local.signer = local.revision, str(args.key)
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -1375,15 +1576,37 @@ class GuideWalk:
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
         # kustomize puts Namespaces first, and kubectl applies in that order.
         namespaces = self.namespaces | {n for k, n in names if k == "Namespace"}
+        # What the apply makes at once: its objects, and the Secrets cert-manager issues for its
+        # Certificates (within seconds; the kubelet retries a mount until then).
+        made = {(d["kind"], d["metadata"]["name"]): _object_keys(d) for d in docs}
+        made |= {("Secret", d["spec"]["secretName"]): set(CERTIFICATE_KEYS) for d in docs
+                 if d["kind"] == "Certificate" and d["apiVersion"].startswith("cert-manager.io/")}
+        existing = {k: _object_keys(d) for k, d in self.objects.items()}
+        everything = list(self.objects.values()) + docs
         for doc in docs:
             kind, name = doc["kind"], doc["metadata"]["name"]
             if kind != "Namespace":
                 self.need(doc["metadata"].get("namespace") in namespaces, command,
                           f"{kind}/{name} goes into namespace {doc['metadata'].get('namespace')}, "
                           "not made yet")
+            if _is_custom(doc["apiVersion"]):
+                self.need((doc["apiVersion"], kind) in self.prerequisites, command,
+                          f"{kind} of {doc['apiVersion']} is a custom resource no listed prerequisite installs")
             for claim in _claims([doc]):
                 self.need(self.has("PersistentVolumeClaim", claim), command,
                           f"{kind}/{name} mounts volume {claim}, not made yet")
+            for where, pod in _pods([doc]):
+                for ref_kind, ref, keys in _reads(everything, pod):
+                    have = made.get((ref_kind, ref), existing.get((ref_kind, ref)))
+                    self.need(have is not None, command,
+                              f"{where} reads {ref_kind} {ref}, which no earlier step made")
+                    if have is not None:
+                        self.need(keys <= have, command,
+                                  f"{where} reads keys {sorted(keys - have)} of {ref_kind} {ref}, "
+                                  f"which has only {sorted(have)}")
+                for c in _containers(pod):
+                    if _env(everything, c).get("MEDVLM_TRUSTED_BUNDLE_KEYS"):
+                        self.trusted_signer = self.files[TRUST_FILE][1]
             if kind == "ScaledObject" or kind == "HorizontalPodAutoscaler":
                 target = doc["spec"]["scaleTargetRef"]["name"]
                 self.need(("Deployment", target) in names or self.has("Deployment", target), command,
@@ -1393,13 +1616,35 @@ class GuideWalk:
                           f"Job/{name} exists already and cannot be changed: delete it first")
         for doc in docs:
             self.objects[(doc["kind"], doc["metadata"]["name"])] = doc
+            if doc["kind"] == "Certificate" and doc["apiVersion"].startswith("cert-manager.io/"):
+                self.objects[("Secret", doc["spec"]["secretName"])] = {
+                    "kind": "Secret", "metadata": {"name": doc["spec"]["secretName"]},
+                    "data": dict.fromkeys(CERTIFICATE_KEYS, "")}
             if doc["kind"] == "Namespace":
                 self.namespaces.add(doc["metadata"]["name"])
 
     def _resource(self, command: list[str], ref: str) -> None:
-        kinds = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod"}
+        kinds = {"deployment": "Deployment", "job": "Job", "service": "Service", "pod": "Pod",
+                 "secret": "Secret"}
         kind = kinds.get(ref.split("/")[0])
         self.need(kind is not None and self.has(kind, ref.split("/", 1)[1]), command, f"{ref} does not exist")
+
+    def _served_bundle(self, deployment: dict) -> tuple[str | None, dict[str, str]]:
+        env = _env(list(self.objects.values()), deployment["spec"]["template"]["spec"]["containers"][0])
+        return env.get("MEDVLM_BUNDLE"), env
+
+    def _plans_done(self, command: list[str]) -> None:
+        """The plans Jobs completed: each built plans into its bundle on the volume."""
+        for name in self.labelled("Job", f"{COMPONENT}=plans"):
+            job = self.objects[("Job", name)]
+            (container,) = job["spec"]["template"]["spec"]["containers"]
+            args = _expand(container.get("command", []), _env(list(self.objects.values()), container))
+            bundle = _option(args, "--bundle")
+            copy_ = self.volume_bundles.get(bundle)
+            self.need(copy_ is not None, command, f"Job/{name} builds plans of {bundle}, which is not on the volume")
+            if copy_ is not None:
+                copy_.plans = True
+                copy_.revision += PLANS_REWRITE_MANIFEST
 
     def _kubectl_wait(self, command: list[str], args: list[str]) -> None:
         selector = _option(args, "-l")
@@ -1410,33 +1655,105 @@ class GuideWalk:
             else:
                 self.need(kind == "job" and bool(self.labelled("Job", selector)), command,
                           f"no {kind} with {selector}")
+                if selector == f"{COMPONENT}=plans" and "--for=condition=complete" in args:
+                    self._plans_done(command)
         else:
             self._resource(command, next(a for a in args[1:] if "/" in a))
 
     def _kubectl_logs(self, command: list[str], args: list[str]) -> None:
         self._resource(command, args[1])
 
+    def _kubectl_get(self, command: list[str], args: list[str]) -> None:
+        self._resource(command, f"{args[1]}/{args[2]}")
+        obj = self.objects.get(("Secret", args[2])) if args[1] == "secret" else None
+        key = re.fullmatch(r"(?:jsonpath=)?\{\.data\.(.+)\}", _option(args, "-o") or "")
+        if obj is not None and key:
+            name = key.group(1).replace("\\.", ".")
+            self.need(name in _object_keys(obj), command, f"Secret {args[2]} has no key {name}")
+            self.output = ("key", "Secret", args[2], name)
+
+    def _kubectl_create(self, command: list[str], args: list[str]) -> None:
+        self.need(args[1:3] == ["secret", "generic"], command, "only `create secret generic` is walked")
+        name = args[3]
+        self.need(not self.has("Secret", name), command, f"Secret {name} exists already")
+        keys = {}
+        for arg in args[4:]:
+            kind, _, value = arg.partition("=")
+            if kind == "--from-file":
+                key, _, path = value.rpartition("=")
+                self.need(self.have_file(path), command, f"{path} is no file a step made")
+                keys[key or Path(path).name] = ""
+            elif kind == "--from-literal":
+                keys[value.partition("=")[0]] = ""
+        self.objects[("Secret", name)] = {"kind": "Secret", "metadata": {"name": name}, "data": keys}
+
     def _kubectl_exec(self, command: list[str], args: list[str]) -> None:
         ref = next(a for a in args[1:] if "/" in a)
         self._resource(command, ref)
         inner = args[args.index("--") + 1:]
         job = self.objects.get(("Job", ref.split("/", 1)[1]))
-        if job and inner[:2] == ["tar", "-x"]:
+        if not job:
+            return
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        served = _env(rendered("base"), _container(rendered("base"), "medvlm-vision"))["MEDVLM_BUNDLE"]
+        if inner[:2] == ["tar", "-x"]:
             where = _option(inner, "-C")
-            (container,) = job["spec"]["template"]["spec"]["containers"]
-            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             self.need(where in mounts and not mounts[where].get("readOnly"), command,
                       f"{ref} has no writable volume on {where}")
-            bundle = _env(rendered("base"), _container(rendered("base"), "medvlm-vision"))["MEDVLM_BUNDLE"]
             copied = self.piped_from and self.piped_from[self.piped_from.index("-c") + 1]
-            self.need(f"{where}/{copied}" == bundle, command,
-                      f"copies {where}/{copied}, but the encoders serve MEDVLM_BUNDLE={bundle}")
+            folder, _, part = (copied or "").partition("/")
+            self.need(f"{where}/{folder}" == served, command,
+                      f"copies {where}/{folder}, but the encoders serve MEDVLM_BUNDLE={served}")
+            local = self.local_bundles.get(folder)
+            if local is None:
+                return
+            if not part:
+                self.volume_bundles[f"{where}/{folder}"] = dataclasses.replace(local)
+            elif part == "manifest.sig":
+                on_volume = self.volume_bundles.get(f"{where}/{folder}")
+                self.need(on_volume is not None, command, f"{where}/{folder} is not on the volume")
+                if on_volume is not None:
+                    same = local.signed is not None and local.revision == on_volume.revision
+                    on_volume.signed = local.signed if same else None
+                    on_volume.signer = local.signer
+        elif inner[:1] == ["cat"] and inner[1].endswith("/manifest.json"):
+            folder = inner[1].removesuffix("/manifest.json")
+            on_volume, local = self.volume_bundles.get(folder), self.local_bundles.get(Path(folder).name)
+            self.need(on_volume is not None and local is not None, command, f"no bundle {folder} here and there")
+            if on_volume is not None and local is not None:
+                local.revision = on_volume.revision  # its signature, if any, is of the old manifest
+            self.output = ("manifest", folder)
 
     def _kubectl_rollout(self, command: list[str], args: list[str]) -> None:
         refs = [a for a in args[2:] if "/" in a and not a.startswith("--")]
         self.need(bool(refs), command, "names no Deployment")
         for ref in refs:
             self._resource(command, ref)
+            deployment = self.objects.get(("Deployment", ref.split("/", 1)[1]))
+            if args[1] == "status" and deployment and _component(deployment["spec"]["template"]) in ENCODERS:
+                self._encoders_ready(command, deployment)
+
+    def _encoders_ready(self, command: list[str], deployment: dict) -> None:
+        """An encoder becomes Ready only with its bundle on the volume, signed by a key it trusts
+        and unchanged since, and (on TensorRT) with plans."""
+        bundle, env = self._served_bundle(deployment)
+        copy_ = self.volume_bundles.get(bundle)
+        self.need(copy_ is not None, command, f"the encoders serve {bundle}, which no step copied onto the volume")
+        if copy_ is None:
+            return
+        if env.get("MEDVLM_TRUSTED_BUNDLE_KEYS"):
+            if copy_.signed is None:
+                self.need(False, command, f"the encoders require signed bundles and {bundle} is not signed")
+            elif copy_.signed != copy_.revision:
+                self.need(False, command, f"{bundle} changed after it was signed (the plans Job rewrote "
+                                          "manifest.json): the encoders refuse it")
+            elif copy_.signer != self.trusted_signer:
+                self.need(False, command, f"{bundle} is signed by {copy_.signer}, but the encoders trust "
+                                          f"{TRUST_FILE} as applied, the public half of "
+                                          f"{self.trusted_signer or 'a key nobody holds'}")
+        if env.get("MEDVLM_ENGINE") == "tensorrt":
+            self.need(copy_.plans, command, f"the encoders serve TensorRT plans only, and {bundle} has none")
 
     def _kubectl_delete(self, command: list[str], args: list[str]) -> None:
         kind = {"job": "Job"}[args[1]]
@@ -1453,10 +1770,22 @@ class GuideWalk:
         remote = int(args[2].split(":")[-1])
         self.need(bool(service) and remote in {p["port"] for p in service["spec"]["ports"]}, command,
                   f"the Service has no port {remote}")
+        if service:
+            self.port_forwards.add(f"Service/{service['metadata']['name']}")
 
     def _kubectl_patch(self, command: list[str], args: list[str]) -> None:
         kind = {"scaledobject": "ScaledObject", "hpa": "HorizontalPodAutoscaler"}.get(args[1], args[1])
         self.need(self.has(kind, args[2]), command, f"{kind}/{args[2]} does not exist")
+
+
+SMOKE_SETTINGS = ("CACERT", "CERT", "KEY", "TOKEN_FILE", "API_KEY_FILE", "SERVER_NAME", "EXPECT_ENGINE")
+
+
+@functools.cache
+def _tracked_files() -> frozenset[str]:
+    proc = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    return frozenset(proc.stdout.split())
+
 
 
 @needs_kubectl
@@ -1534,3 +1863,132 @@ def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
         for command in _doc_commands():
             walk.run(command)
         assert any(expected in p for p in walk.problems), (script, walk.problems)
+
+
+# The steps a secure deployment needs before its encoders can be Ready (the guide's, shortened).
+_KEY = ("openssl genpkey -algorithm ed25519 -out release.key\n"
+        "openssl pkey -in release.key -pubout -out k8s/security/bundle-signing.pub\n")
+_SECRETS = ("curl -fsS -o jwks.json https://idp.example/certs\n"
+            "python3 -c 'print(\"k\", end=\"\")' > smoke-api-key\n"
+            "python3 -c 'print(open(\"smoke-api-key\").read())' > api-keys.json\n"
+            "kubectl -n medvlm create secret generic medvlm-auth --from-file=jwks.json --from-file=api-keys.json\n"
+            "kubectl -n medvlm create secret generic medvlm-smoke --from-file=api-key=smoke-api-key\n")
+_COPY = ("kubectl apply -k k8s/bundle-loader\n"
+         "tar -C bundles -c demo-synthetic-1 | kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles\n")
+_READY = "kubectl -n medvlm rollout status deployment/medvlm-vision\n"
+_CPU = "kubectl apply -k k8s/volume\n" + _KEY + "make bundle SIGN_KEY=release.key\n" + _SECRETS + \
+    "kubectl apply -k k8s/overlays/cpu\n" + _COPY
+_PLANS = ("kubectl apply -k k8s/overlays/gpu/plans\n"
+          "kubectl -n medvlm wait --for=condition=complete job -l app.kubernetes.io/component=plans\n")
+_RESIGN = ("kubectl -n medvlm exec job/medvlm-bundle-loader -- cat /bundles/demo-synthetic-1/manifest.json"
+           " > bundles/demo-synthetic-1/manifest.json\n"
+           ".venv/bin/python -m engines.build sign --bundle bundles/demo-synthetic-1 --key release.key\n"
+           "tar -C bundles -c demo-synthetic-1/manifest.sig | "
+           "kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles\n")
+_GPU = _CPU.replace("overlays/cpu", "overlays/gpu") + _PLANS + _RESIGN
+_SMOKE = ("kubectl -n medvlm port-forward service/medvlm-gateway 50050:50050 &\n"
+          "kubectl -n medvlm get secret medvlm-gateway-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt\n")
+
+
+def _without(kind: str, name_prefix: str, path: str):
+    """A render function that leaves one object out of one kustomization's render."""
+    def render(p: str) -> list[dict]:
+        docs = copy.deepcopy(list(_render(p)))
+        return [d for d in docs if p != path or not (d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix))]
+    return render
+
+
+# Each entry: a guide that breaks one rule of what a secure deployment needs, the words the walk
+# must say, and optionally a render with an object left out. A guide without the prerequisites
+# table is the one rule about custom resources.
+SECURE_WALK_BREAKAGES: dict[str, tuple[str, str, Callable | None]] = {
+    "the secure guide works": (_GPU + _READY + _SMOKE + "make smoke TARGET=127.0.0.1:50050 CACERT=ca.crt "
+                               "API_KEY_FILE=smoke-api-key SERVER_NAME=medvlm-gateway.medvlm.svc\n", "", None),
+    "cert-manager not a prerequisite": (_CPU, "Issuer of cert-manager.io/v1 is a custom resource no listed", None),
+    "no medvlm-auth Secret": (_CPU.replace(_SECRETS, ""), "reads Secret medvlm-auth, which no earlier step made",
+                              None),
+    "medvlm-auth without the API keys": (
+        _CPU.replace(" --from-file=api-keys.json", ""), "reads keys ['api-keys.json'] of Secret medvlm-auth", None),
+    "a Secret from a file no step made": (_CPU.replace("curl -fsS -o jwks.json https://idp.example/certs\n", ""),
+                                          "jwks.json is no file a step made", None),
+    "no medvlm-smoke Secret for the smoke Job": (
+        _CPU.replace("kubectl -n medvlm create secret generic medvlm-smoke --from-file=api-key=smoke-api-key\n", "")
+        + "kubectl apply -k k8s/smoke\n", "reads Secret medvlm-smoke", None),
+    "a ConfigMap nobody makes": (_CPU, "reads ConfigMap medvlm-access", _without("ConfigMap", "medvlm-access",
+                                                                                 "overlays/cpu")),
+    "a volume nobody makes": (_CPU, "mounts volume medvlm-bundles, not made yet",
+                              _without("PersistentVolumeClaim", "medvlm-bundles", "volume")),
+    "an unsigned bundle": (_CPU.replace(" SIGN_KEY=release.key", "") + _READY, "is not signed", None),
+    "the committed public key": (_CPU.replace("openssl pkey -in release.key -pubout -out "
+                                              "k8s/security/bundle-signing.pub\n", "") + _READY,
+                                 "the public half of a key nobody holds", None),
+    "public key replaced after the overlay": (
+        _CPU.replace(_KEY, "openssl genpkey -algorithm ed25519 -out release.key\n")
+        + "openssl pkey -in release.key -pubout -out k8s/security/bundle-signing.pub\n" + _READY,
+        "the public half of a key nobody holds", None),
+    "signed with a key nobody made": (_CPU.replace(_KEY, "") + _READY, "which no step made as a private key", None),
+    "plans break the signature": (_GPU.replace(_RESIGN, "") + _READY, "changed after it was signed", None),
+    "TensorRT encoders without plans": (_GPU.replace(_PLANS, "").replace(_RESIGN, "") + _READY,
+                                        "has none", None),
+    "smoke in plaintext": (_CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050\n",
+                           "no CACERT, so the smoke test speaks plaintext", None),
+    "smoke without a credential": (_CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050 CACERT=ca.crt "
+                                   "SERVER_NAME=medvlm-gateway.medvlm.svc\n", "wants a credential", None),
+    "smoke checks the certificate against 127.0.0.1": (
+        _CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050 CACERT=ca.crt API_KEY_FILE=smoke-api-key\n",
+        "does not name 127.0.0.1", None),
+    "smoke trusts another CA": (_CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050 CACERT=other.crt "
+                                "API_KEY_FILE=smoke-api-key SERVER_NAME=medvlm-gateway.medvlm.svc\n",
+                                "is not the ca.crt of Secret medvlm-gateway-tls", None),
+}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("breakage", SECURE_WALK_BREAKAGES)
+def test_the_walk_refuses_what_a_secure_deployment_lacks(breakage, monkeypatch, tmp_path):
+    """Secrets, ConfigMaps and volumes a pod reads, custom resources' prerequisites, the bundle's
+    signature and the laptop smoke's TLS settings: each rule refuses its broken guide, and the
+    whole of them passes the guide that does it right."""
+    script, expected, render = SECURE_WALK_BREAKAGES[breakage]
+    prerequisites = re.search(r"^## Prerequisites\n.*?(?=^## )", DOCS.read_text(), re.S | re.M).group(0)
+    if breakage == "cert-manager not a prerequisite":
+        prerequisites = "\n".join(line for line in prerequisites.splitlines() if "cert-manager.io/" not in line)
+    guide = tmp_path / "deploy.md"
+    guide.write_text(f"{prerequisites}\n## Steps\n\n```sh\n{script}```\n")
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", guide)
+    if render is not None:
+        monkeypatch.setattr(sys.modules[__name__], "rendered", render)
+    walk = GuideWalk()
+    for command in _doc_commands():
+        if command[0] not in ("gcloud", "eksctl", "helm"):
+            walk.run(command)
+    if not expected:
+        assert walk.problems == []
+    else:
+        assert any(expected in p for p in walk.problems), walk.problems
+
+
+@needs_kubectl
+def test_custom_resources_come_from_listed_prerequisites():
+    """Every custom resource any kustomization renders is a kind of a prerequisite the guide lists,
+    with a version."""
+    listed = listed_prerequisites(DOCS.read_text())
+    used = {(d["apiVersion"], d["kind"]) for path in KUSTOMIZATIONS for d in rendered(path)
+            if _is_custom(d["apiVersion"])}
+    assert used and sorted(used - set(listed)) == []
+    assert all(re.search(r"\d", line.split("|")[2]) for line in DOCS.read_text().splitlines()
+               if line.startswith("|") and any(f"`{a} {k}`" in line for a, k in used))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trusted_key_file_is_what_the_overlays_mount(overlay):
+    """The walk models the encoders' trusted key as TRUST_FILE: it must be the file the overlays'
+    encoders read their trusted keys from."""
+    docs = rendered(overlay)
+    env = _env(docs, _container(docs, "medvlm-vision"))
+    directory, _, key = env["MEDVLM_TRUSTED_BUNDLE_KEYS"].rpartition("/")
+    (kind, name, _), = [r for r in _reads(docs, _find(docs, "Deployment", "medvlm-vision")[0]["spec"]["template"])
+                        if key in r[2]]
+    (cm,) = _find(docs, kind, name)
+    assert cm["data"][key] == (ROOT / TRUST_FILE).read_text()
