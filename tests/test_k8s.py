@@ -35,6 +35,8 @@ needs_kubectl = pytest.mark.needs_tool("kubectl", install="pip install kubectl-c
 
 GPU = "nvidia.com/gpu"
 GPU_POOL = ("medvlm.io/pool", "gpu")  # node label of every GPU node pool (docs/deploy.md)
+GPU_PRODUCT = "nvidia.com/gpu.product"  # GPU Feature Discovery's label: the GPU model plans are keyed by
+SHARED = "-SHARED"  # what GPU Feature Discovery appends to the product of a time-sliced GPU
 ENCODERS = ("vision", "text")
 GATEWAY = "gateway"
 COMPONENT = "app.kubernetes.io/component"
@@ -209,13 +211,23 @@ def check_images(docs: list[dict]) -> list[str]:
     return problems
 
 
+def gpu_components(docs: list[dict]) -> set[str]:
+    """The components a render puts on GPUs: the vision encoder and the plans Jobs, and the text
+    encoder where k8s/components/text-on-gpu marked it."""
+    marked = {d["metadata"].get("labels", {}).get(COMPONENT) for d in docs
+              if d["metadata"].get("labels", {}).get("medvlm.io/accelerator") == "nvidia-gpu"}
+    return {"vision", "plans"} | (marked & {"text"})
+
+
 def check_gpu(docs: list[dict], gpu: bool) -> list[str]:
-    """With gpu, encoders and plans Jobs take one GPU on the GPU pool, tolerating its taint; nothing
-    else (the gateway above all) asks for a GPU, tolerates the taint or selects the pool."""
+    """With gpu, the vision encoder and plans Jobs (and a text encoder marked for GPUs) take one GPU
+    on the GPU pool, tolerating its taint; nothing else (the gateway above all) asks for a GPU,
+    tolerates the taint or selects the pool."""
     problems = []
+    on_gpu = gpu_components(docs) if gpu else set()
     for where, pod in _pods(docs):
         spec = pod["spec"]
-        wants_gpu = gpu and _component(pod) in (*ENCODERS, "plans")
+        wants_gpu = _component(pod) in on_gpu
         limits = [c.get("resources", {}).get("limits", {}).get(GPU) for c in spec["containers"]]
         requests = [c.get("resources", {}).get("requests", {}).get(GPU) for c in spec["containers"]]
         has = {
@@ -551,11 +563,16 @@ def _claims(docs: list[dict]) -> set[str]:
 
 
 def _affinity_pools(pod: dict) -> set[str] | None:
+    """The GPU products (nvidia.com/gpu.product) a pod's required node affinity admits; None: any."""
     terms = (pod["spec"].get("affinity", {}).get("nodeAffinity", {})
              .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
     pools = [set(e.get("values", [])) for t in terms for e in t.get("matchExpressions", [])
-             if e["key"] == "medvlm.io/gpu" and e["operator"] == "In"]
+             if e["key"] == GPU_PRODUCT and e["operator"] == "In"]
     return set().union(*pools) if pools and len(pools) == len(terms) else None
+
+
+def _holds_gpu(pod: dict) -> bool:
+    return any(GPU in c.get("resources", {}).get("limits", {}) for c in pod["spec"]["containers"])
 
 
 def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
@@ -585,15 +602,24 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
         for where, pod in _encoder_pods(renders[path]):
             env = _env(renders[path], pod["spec"]["containers"][0])
             served.add(env.get("MEDVLM_BUNDLE"))
-            if path == "overlays/gpu" and env.get("MEDVLM_ENGINE") != "tensorrt":
-                problems.append(f"{path} {where}: MEDVLM_ENGINE={env.get('MEDVLM_ENGINE')!r}: a GPU encoder "
-                                "must fail closed (tensorrt) instead of computing without its plan")
+            if _holds_gpu(pod) != (env.get("MEDVLM_ENGINE") == "tensorrt"):
+                problems.append(f"{path} {where}: MEDVLM_ENGINE={env.get('MEDVLM_ENGINE')!r}: an encoder "
+                                "on a GPU must fail closed (tensorrt) instead of computing without its "
+                                "plan, and one on a CPU node cannot run TensorRT")
     jobs = _find(renders["overlays/gpu/plans"], "Job")
-    job_pools = {j["spec"]["template"]["spec"].get("nodeSelector", {}).get("medvlm.io/gpu") for j in jobs}
-    if not jobs or None in job_pools or len(job_pools) != len(jobs):
-        problems.append(f"overlays/gpu/plans: not one Job per GPU pool: {sorted(map(str, job_pools))}")
+    job_pools: set[str] = set()
     for job in jobs:
         at = f"overlays/gpu/plans Job/{job['metadata']['name']}"
+        products = _affinity_pools(job["spec"]["template"])
+        plain = sorted(p for p in products or () if not p.endswith(SHARED))
+        # One Job per GPU model, named as its plans are (the product in lower case, as
+        # engines.runtime.tensorrt.Gpu.model makes it from the CUDA device name), for the product
+        # alone and time-sliced.
+        if len(plain) != 1 or products != {plain[0], plain[0] + SHARED} or not job["metadata"]["name"].endswith(
+                "-" + plain[0].lower()):
+            problems.append(f"{at}: not the Job of one GPU product (nvidia.com/gpu.product) and its "
+                            f"time-sliced form: {sorted(products or ['any'])}")
+        job_pools |= products or set()
         spec = job["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         env = _env(renders["overlays/gpu/plans"], container)
@@ -613,7 +639,11 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
             problems.append(
                 f"{at}: TMPDIR {env.get('TMPDIR', '/tmp')} has {size}, "
                 "under the 8Gi a BiomedCLIP build needs")
+    if not jobs:
+        problems.append("overlays/gpu/plans: no plans Job")
     for where, pod in _encoder_pods(gpu):
+        if not _holds_gpu(pod):
+            continue
         pools = _affinity_pools(pod)
         if pools != job_pools:
             problems.append(f"overlays/gpu {where}: may run on pools {sorted(pools or ['any'])}, "
@@ -713,8 +743,12 @@ def _pod_spec(docs: list[dict], name: str) -> dict:
 
 
 def _set_env(docs: list[dict], key: str, value: str) -> None:
+    """Set a variable everywhere it is set: the ConfigMaps and the containers' own env."""
     for cm in _find(docs, "ConfigMap"):
         cm["data"][key] = value
+    for _, pod in _pods(docs):
+        for e in (e for c in _containers(pod) for e in c.get("env", []) if e["name"] == key):
+            e["value"] = value
 
 
 def _triggers(docs: list[dict], name: str) -> list[dict]:
@@ -821,12 +855,12 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict]], object], str]] = {
     ),
     "two GPUs": (
         lambda d: [
-            _container(d, "medvlm-text")["resources"][p].update({GPU: 2}) for p in ("limits", "requests")
+            _container(d, "medvlm-vision")["resources"][p].update({GPU: 2}) for p in ("limits", "requests")
         ],
         "not exactly 1",
     ),
     "encoder without toleration": (
-        lambda d: _pod_spec(d, "medvlm-text").pop("tolerations"),
+        lambda d: _pod_spec(d, "medvlm-vision").pop("tolerations"),
         "no nvidia.com/gpu toleration",
     ),
     "encoder off the GPU pool": (
@@ -1041,11 +1075,11 @@ DEPLOYMENT_BREAKAGES: dict[str, tuple[Callable[[dict[str, list[dict]]], object],
     "encoders on a pool without plans": (
         lambda r: _pod_spec(r["overlays/gpu"], "medvlm-vision")["affinity"]["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0][
-            "values"].append("nvidia-a100"),
-        "may run on pools ['nvidia-a100', 'nvidia-h100', 'nvidia-l4']",
+            "values"].append("NVIDIA-A100-SXM4-80GB"),
+        "may run on pools ['NVIDIA-A100-SXM4-80GB', 'NVIDIA-H100-80GB-HBM3'",
     ),
     "encoders on any pool": (
-        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-text").pop("affinity"),
+        lambda r: _pod_spec(r["overlays/gpu"], "medvlm-vision").pop("affinity"),
         "may run on pools ['any']",
     ),
     "a pool without its plans Job": (
@@ -1135,7 +1169,11 @@ def test_smoke_job_targets_the_gateway_service():
     (container,) = job["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     service = _find(rendered("overlays/cpu"), "Service", "medvlm-gateway")[0]
-    assert env["TARGET"] == f"medvlm-gateway.medvlm.svc.cluster.local:{service['spec']['ports'][0]['port']}"
+    # The short name: the Job's own namespace, whichever the kustomization sets, and a name on
+    # the gateway's certificate.
+    assert env["TARGET"] == f"medvlm-gateway:{service['spec']['ports'][0]['port']}"
+    certificate = _find(rendered("overlays/cpu"), "Certificate", "medvlm-gateway-tls")[0]
+    assert env["TARGET"].split(":")[0] in certificate["spec"]["dnsNames"]
     assert container["image"].split(":")[0].endswith("medvlm-smoke")
 
 
