@@ -377,10 +377,10 @@ def tensorrt_step(args: argparse.Namespace, report: Report, bundle_dir: Path, bu
     if proc.returncode != 0:
         report.step("tensorrt", "failed", reason=f"plans exited {proc.returncode}: {tail}"[:800])
         return
-    from engines.runtime.manifest import Manifest
+    from engines.runtime.bundle import load_bundle
 
     plans = {n: {"precision": e.precision, "gpu": e.gpu, "tensorrt": e.tensorrt}
-             for n, e in Manifest.read(copy).files.items() if e.role == "plan"}
+             for n, e in load_bundle(copy).manifest.files.items() if e.role == "plan"}  # derived.json's too
     report.step("tensorrt", "ok", build_s=round(time.perf_counter() - started, 1), plans=json.dumps(plans),
                 build_log=tail[:400])
     served_step(args, report, copy, budget, "served-tensorrt", "tensorrt")

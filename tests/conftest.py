@@ -25,10 +25,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from engines.runtime import select  # noqa: E402
 from engines.runtime.engine import Engine  # noqa: E402
-from engines.runtime.manifest import Manifest  # noqa: E402
+from engines.runtime.bundle import load_bundle  # noqa: E402
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc, types_pb2  # noqa: E402
 from services.common.convert import PRECISION, TOWER  # noqa: E402
 from services.common.health import wait_for_health  # noqa: E402
+from services.common.localca import signing_key  # noqa: E402
 from services.common.server import Server  # noqa: E402
 from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
 from services.gateway.app import GatewayApp  # noqa: E402
@@ -124,6 +125,17 @@ def tiny_reference(tmp_path_factory):
 def demo_bundle(tmp_path_factory) -> Path:
     """The demo model (trained weights committed in the repository), exported once per run."""
     return build("demo", tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def signing(tmp_path_factory) -> Path:
+    """A folder with two Ed25519 key pairs made here: release.key/.pub (the trusted one) and stranger.key/.pub."""
+    folder = tmp_path_factory.mktemp("signing")
+    for name in ("release", "stranger"):
+        private, public = signing_key()
+        (folder / f"{name}.key").write_bytes(private)
+        (folder / f"{name}.pub").write_bytes(public)
+    return folder
 
 
 CALIBRATION_PER_CLASS = 12  # demo calibration images per class in tests (the shipped default is 40)
@@ -238,8 +250,9 @@ def precision_name(value: int) -> str:
 
 
 def embedding_bound(bundle: Path, tower: str, engine: types_pb2.EngineInfo) -> float:
-    """The cosine to the fp32 reference the bundle's manifest holds `tower` to at the engine's precision."""
-    return select.precision_bound(Manifest.read(bundle), tower, precision_name(engine.precision))
+    """The cosine to the fp32 reference the bundle holds `tower` to at the engine's precision (derived
+    files at their served bounds)."""
+    return select.precision_bound(load_bundle(bundle).manifest, tower, precision_name(engine.precision))
 
 
 def cosine_shift(*bounds: float) -> float:

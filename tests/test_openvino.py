@@ -148,7 +148,7 @@ def test_forced_openvino_serves_f32_here_and_logs_why_not_bf16(cpu_bundle):
         chosen = select.open_engine(load_bundle(cpu_bundle), "vision", engine="openvino", env=env)
     assert chosen.engine.kind == "openvino/CPU"
     assert chosen.option.precision == ("bf16" if here.bf16 else "fp32")
-    assert chosen.golden_cosine > (ov_engine.BF16_GOLDEN_MIN_COSINE if here.bf16 else 0.9999)
+    assert chosen.golden_cosine > (mf.BF16_GOLDEN_MIN_COSINE if here.bf16 else 0.9999)
     skips = [e for e in logs if e["event"] == "engine_skipped"]
     assert all(e["engine"] == "openvino" for e in skips)
     if not here.bf16:
@@ -172,7 +172,7 @@ def test_without_openvino_its_options_are_skipped_with_the_reason(cpu_bundle):
 def test_bf16_reproduces_the_golden_outputs_where_the_cpu_has_it(cpu_bundle):
     env = dataclasses.replace(CPU_ONLY, openvino=_here(), openvino_reason="")
     chosen = select.open_engine(load_bundle(cpu_bundle), "vision", engine="openvino", precision="bf16", env=env)
-    assert chosen.engine.precision == "bf16" and chosen.golden_cosine >= ov_engine.BF16_GOLDEN_MIN_COSINE
+    assert chosen.engine.precision == "bf16" and chosen.golden_cosine >= mf.BF16_GOLDEN_MIN_COSINE
     chosen.engine.close()
 
 

@@ -33,7 +33,7 @@ from engines.runtime.signature import SIGNATURE_NAME
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.common import errors
 from services.common.auth import hash_api_key
-from services.common.localca import LocalCA, signing_key, token_key
+from services.common.localca import LocalCA, token_key
 from services.common.settings import GATEWAY, TEXT, VISION, Settings, parse_settings
 from services.common.tls import ClientCertificateFiles, check_listen
 from services.gateway.clients import VisionClient
@@ -445,16 +445,6 @@ async def test_a_caller_over_its_quota_is_refused_and_the_other_is_not(secured_g
 
 
 # --- signed bundles ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def signing(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("signing")
-    for name in ("release", "stranger"):
-        private, public = signing_key()
-        (folder / f"{name}.key").write_bytes(private)
-        (folder / f"{name}.pub").write_bytes(public)
-    return folder
 
 
 def copy_bundle(bundle: Path, dst: Path) -> Path:

@@ -21,6 +21,7 @@ from engines.build.bundle import build_bundle
 from engines.build.quantize import INT8_SCHEMES
 from engines.runtime import manifest as mf
 from engines.runtime.bundle import BundleError
+from engines.runtime.signature import SIGNATURE_NAME
 
 log = logging.getLogger("engines.build")
 
@@ -71,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sign = _command(commands, "sign", _sign, "sign a bundle's manifest",
                     "Sign a bundle's manifest (which lists the sha256 of every file) with an Ed25519 key, into "
-                    "manifest.sig. Run it after the last step that changes the manifest (quantize, plans).",
+                    "manifest.sig. Steps run on a signed bundle (plans, quantize) leave the manifest and its "
+                    "signature alone and list their files in derived.json, served only if they reproduce the "
+                    "signed golden outputs.",
                     verbose=False)
     sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key, PEM (unencrypted)")
 
@@ -122,7 +125,8 @@ def _verbose_option(parser: argparse.ArgumentParser) -> None:
 def _sign_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sign-key", type=Path, default=None,
                         help="Ed25519 private key (PEM) to sign the finished manifest with; encoders given the "
-                             "public key (--trusted-bundle-keys) refuse bundles without a valid signature")
+                             "public key (--trusted-bundle-keys) refuse bundles without a valid signature. Not for "
+                             "a bundle signed already: what is added to it goes to derived.json, unsigned")
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -201,6 +205,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    if args.sign_key and (args.bundle / SIGNATURE_NAME).is_file():
+        log.error("%s is signed already: quantize adds its engines to derived.json, which no signature covers "
+                  "(they are served only if they reproduce the signed golden outputs); run it without --sign-key",
+                  args.bundle)
+        return 1
     status = _quantize_bundle(args.bundle, args)
     if args.sign_key and status != 1:
         return _sign_bundle(args.bundle, args.sign_key) or status

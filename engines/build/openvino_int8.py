@@ -32,7 +32,6 @@ from engines.runtime.openvino import OpenVinoEngine
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_ROLE = "ir-weights"
 CALIBRATION_BATCH = 8
 
 
@@ -131,7 +130,7 @@ def quantize_openvino(
             tolerance = gates.golden_tolerance(v.report.golden[tower])
             added[xml] = (v.path, mf.FileEntry(sha256="", role=tower, precision=mf.INT8, scheme=mf.SCHEME_NNCF,
                                                golden_min_cosine=tolerance))
-            added[weights] = (v.path.with_suffix(".bin"), mf.FileEntry(sha256="", role=WEIGHTS_ROLE,
+            added[weights] = (v.path.with_suffix(".bin"), mf.FileEntry(sha256="", role=mf.WEIGHTS_ROLE,
                                                                        precision=mf.INT8, source=xml))
         record = {
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -147,7 +146,7 @@ def quantize_openvino(
         amend_bundle(
             bundle.path, added,
             remove=lambda name, e: e.scheme == mf.SCHEME_NNCF and e.role in judged
-            or e.role == WEIGHTS_ROLE and e.source in {file_names(t)[0] for t in judged},
+            or e.role == mf.WEIGHTS_ROLE and e.source in {file_names(t)[0] for t in judged},
             build=lambda build: build.__setitem__("precision_openvino", record),
         )
     return OpenVinoResult(bundle.path, variants, kept, fp32_ms)

@@ -11,6 +11,8 @@ sequence axis for text), is judged on held-out data against ONNX Runtime fp32 li
 reduced-precision engine, and is named for what it runs on, the GPU model, its compute capability
 and the TensorRT version: `vision.int8.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.plan`. Plans of other
 GPU models or TensorRT versions in the bundle are left alone, so one bundle serves every pool.
+In a signed bundle the plans go to derived.json and the manifest and its signature stay as they
+are: encoders serve a plan only if it reproduces the signed golden outputs (engines/runtime/derived.py).
 Temporary graphs go to the temporary directory (TMPDIR): a few GiB for BiomedCLIP.
 """
 
@@ -119,7 +121,8 @@ def build_plans(bundle_dir: Path, *, precisions: Sequence[str] = PRECISIONS, max
     """Build, gate and time plans for this GPU; add the ones that earn it to the bundle.
 
     A reduced-precision plan is kept when it passes the gate and is faster at batch 1 than the
-    kept plan of the next higher precision. Returns the record written to the manifest.
+    kept plan of the next higher precision. Returns the record written to the bundle's build record
+    (the manifest's, or derived.json's in a signed bundle).
     """
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

@@ -1,5 +1,6 @@
 """Reduced-precision ONNX graphs of a bundle (int8 dynamic, int8 static Q/DQ, mixed fp16), each gated
-against fp32 on held-out data; the fastest passing int8 variant per tower is added to the bundle.
+against fp32 on held-out data; the fastest passing int8 variant per tower is added to the bundle
+(to derived.json when the bundle is signed: engines/build/amend.py).
 
 `python -m engines.build quantize --bundle bundles/demo-synthetic-1 [--calibration DIR]`
 """
@@ -406,7 +407,7 @@ def quantize_bundle(
     GPUs: it is slower than fp32 on a CPU) is kept when it passes. Kept towers are then judged
     together as a service pair serves them; if the pair fails, the weaker tower is dropped.
     A variant that is not kept is not written; every verdict is logged and recorded in the
-    manifest's build record. `calibration_override` edits the data (tests use it to calibrate
+    bundle's build record. `calibration_override` edits the data (tests use it to calibrate
     on blank images).
     """
     bundle = load_bundle(bundle_dir)

@@ -8,18 +8,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import structlog
 
-from engines.runtime import signature
+from engines.runtime import derived, signature
 from engines.runtime.manifest import (
     MANIFEST_NAME,
     TEXT_INPUT,
     TEXT_OUTPUT,
     VISION_INPUT,
     VISION_OUTPUT,
+    FileEntry,
     Manifest,
     ManifestError,
     sha256_file,
 )
+
+log = structlog.get_logger("medvlm.bundle")
 
 GOLDEN_ROLE = "golden"
 TOWER_TENSORS = {"vision": (VISION_INPUT, VISION_OUTPUT), "text": (TEXT_INPUT, TEXT_OUTPUT)}
@@ -30,19 +34,25 @@ class BundleError(Exception):
     outputs, parity); a build that raises it has written nothing."""
 
 
-
 def find_bundle(bundles: Path, model: str) -> Path | None:
     """The newest bundles/<model>-<version> directory with a manifest (by the manifest's mtime)."""
     found = sorted(bundles.glob(f"{model}-*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime)
     return found[-1].parent if found else None
 
+
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """A verified bundle directory."""
+    """A verified bundle directory.
+
+    `manifest` is manifest.json, as verified, with the files of derived.json added, each at the
+    golden tolerance it is served with (derived.served_entry); its bundle_id is the signed
+    manifest's, since derived files are never part of it.
+    """
 
     path: Path
     manifest: Manifest
     signing_key_id: str = ""  # the trusted key whose signature was verified; "" when none was asked for
+    derived: frozenset[str] = frozenset()  # the files from derived.json: unsigned, golden-checked when opened
 
     @property
     def bundle_id(self) -> str:
@@ -62,11 +72,13 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bundle:
-    """Read the manifest and check the sha256 of every file it lists.
+    """Read the manifest and derived.json, and check the sha256 of every file they list.
 
     With `trusted_keys` (Ed25519 public key PEM files) the manifest must carry a signature by
     one of them (signature.SIGNATURE_NAME); since the manifest holds every file's sha256, the
-    signature covers the whole bundle. Without, signatures are not checked.
+    signature covers every file but those of derived.json, which engine selection serves only
+    if they reproduce the signed golden outputs (engines/runtime/derived.py). Without, signatures
+    are not checked.
     """
     root = Path(path).resolve()
     if not root.is_dir():
@@ -80,21 +92,40 @@ def load_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bu
             manifest = Manifest.from_dict(json.loads(data))
         else:
             manifest = Manifest.read(root)
+        index = derived.DerivedIndex.read(root)
     except FileNotFoundError as exc:
         raise BundleError(f"no {MANIFEST_NAME} in bundle directory {root}") from exc
     except json.JSONDecodeError as exc:
         raise BundleError(f"{MANIFEST_NAME} of {root} is not valid JSON") from exc
     except (ManifestError, signature.SignatureError) as exc:
         raise BundleError(f"bundle {root.name}: {exc}") from exc
-    for name, entry in manifest.files.items():
+    _check_files(root, manifest.files, MANIFEST_NAME)
+    for name, entry in index.files.items():
+        reason = derived.refusal(root, manifest, name, entry)
+        if reason is not None:
+            raise BundleError(f"bundle {root.name}: {reason}")
+    _check_files(root, index.files, derived.DERIVED_NAME)
+    served = {name: derived.served_entry(manifest, entry) for name, entry in index.files.items()}
+    for name, entry in served.items():
+        recorded = index.files[name].golden_min_cosine
+        raised = recorded is not None and recorded < entry.golden_min_cosine  # it claimed a looser bound
+        (log.warning if raised else log.info)("derived_file", bundle=root.name, file=name, role=entry.role,
+                                              precision=entry.precision, golden_min_cosine=entry.golden_min_cosine,
+                                              recorded=recorded)
+    return Bundle(path=root, manifest=dataclasses.replace(manifest, files={**manifest.files, **served}),
+                  signing_key_id=key_id, derived=frozenset(served))
+
+
+def _check_files(root: Path, files: dict[str, FileEntry], listed_in: str) -> None:
+    """Every file of an index is inside the bundle, present, and matches its sha256."""
+    for name, entry in files.items():
         target = (root / name).resolve()
         if root not in target.parents:
-            raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+            raise BundleError(f"{listed_in} names a file outside the bundle: {name!r}")
         if not target.is_file():
-            raise BundleError(f"bundle file {name} is missing")
+            raise BundleError(f"bundle file {name} (listed in {listed_in}) is missing")
         if sha256_file(target) != entry.sha256:
-            raise BundleError(f"bundle file {name} does not match its sha256 in the manifest")
-    return Bundle(path=root, manifest=manifest, signing_key_id=key_id)
+            raise BundleError(f"bundle file {name} does not match its sha256 in {listed_in}")
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -59,6 +59,7 @@ PRECISIONS = (FP32, FP16, INT8)
 REFERENCE_PRECISION = FP32
 TOWERS = ("vision", "text")
 PLAN_ROLE = "plan"
+WEIGHTS_ROLE = "ir-weights"  # an OpenVINO IR's weights (.bin), beside the graph (.xml) its `source` names
 
 # How a reduced-precision ONNX graph was made (FileEntry.scheme).
 SCHEME_DYNAMIC = "dynamic"  # ONNX Runtime dynamic int8 (MatMulInteger): ONNX Runtime on CPU only
@@ -77,7 +78,7 @@ class FileEntry:
     """
 
     sha256: str
-    role: str  # "vision" | "text" | "tokenizer" | "golden" | "plan" | "source"
+    role: str  # "vision" | "text" | "tokenizer" | "golden" | "plan" | "ir-weights" | "source"
     precision: str = ""  # "fp32" | "fp16" | "int8" for engines; "" otherwise
     # Lowest golden cosine (plain and centred) this engine must reach at load; None: the
     # manifest's golden_min_cosine. Set for reduced-precision engines by their build-time gate.
@@ -99,6 +100,15 @@ class FileEntry:
         """JSON form: the three basic fields always, the others only when set."""
         out = dataclasses.asdict(self)
         return {k: v for k, v in out.items() if k in ("sha256", "role", "precision") or v not in ("", None)}
+
+
+# Golden tolerance of an fp32 graph run in bf16 arithmetic (8 mantissa bits instead of 23), by
+# OpenVINO on CPUs, and the floor of an unsigned fp32 plan (TensorRT may compute fp32 in TF32, at
+# least as precise as bf16; see engines/runtime/derived.py). OpenVINO bf16 on a ViT-B/16 measured
+# cosine 0.9999 plain and 0.9996 centred to fp32 on a Zen 4; 0.998 leaves room for deeper towers
+# and still tells a working engine from a broken one (a wrong graph or weights gives a centred
+# cosine near 0).
+BF16_GOLDEN_MIN_COSINE = 0.998
 
 
 @dataclasses.dataclass(frozen=True)

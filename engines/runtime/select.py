@@ -3,9 +3,11 @@ CPU OpenVINO or ONNX Runtime, at the precision asked for; every option passed ov
 its reason.
 
 `auto` takes, in that order, the first option that opens and reproduces the golden outputs
-within its file's tolerance. Precision `auto` prefers the fastest gated variant the bundle holds
-for the engine (int8, then bf16, fp16, fp32): a reduced-precision file is only in a bundle if it
-passed its gate against fp32 and was faster where it was built. On the CPU, OpenVINO's and ONNX
+within its file's tolerance; files added after signing (derived.json) are options like the others,
+at a tolerance no looser than the signed floor of their precision. Precision `auto` prefers the
+fastest gated variant the bundle holds for the engine (int8, then bf16, fp16, fp32): a
+reduced-precision file is only in a bundle if it passed its gate against fp32 and was faster
+where it was built. On the CPU, OpenVINO's and ONNX
 Runtime's options are tried together in that precision order (OpenVINO first at equal precision,
 except fp32, where ONNX Runtime measured as fast or faster), so `auto` never takes OpenVINO f32
 over a gated ONNX Runtime int8 graph. bf16 is OpenVINO running the fp32 graph in bf16 arithmetic,
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 import onnxruntime as ort
 import structlog
 
+from engines.runtime import derived
 from engines.runtime import manifest as mf
 from engines.runtime import openvino as ov_engine
 from engines.runtime import tensorrt as trt_engine
@@ -217,11 +220,12 @@ def _openvino_options(name: str, entry: mf.FileEntry, env: Environment) -> list[
 
 
 def golden_bound(manifest: mf.Manifest, option: Option) -> float | None:
-    """Lowest golden cosine `option` must reach: its file's bound, and for bf16 arithmetic on an fp32
-    graph at most BF16_GOLDEN_MIN_COSINE. None (the manifest's own bound) for the torch reference."""
+    """Lowest golden cosine `option` must reach: its file's bound (for a derived file, the clamped one
+    its Bundle serves: derived.served_entry), and for bf16 arithmetic on an fp32 graph at most
+    BF16_GOLDEN_MIN_COSINE. None (the manifest's own bound) for the torch reference."""
     bound = manifest.golden_tolerance(option.file) if option.file else None
     if option.precision == BF16:
-        bound = min(bound or manifest.golden_min_cosine, ov_engine.BF16_GOLDEN_MIN_COSINE)
+        bound = min(bound or manifest.golden_min_cosine, mf.BF16_GOLDEN_MIN_COSINE)
     return bound
 
 
@@ -336,7 +340,8 @@ def open_engine(
         except BundleError as exc:
             opened.close()
             golden_failures += 1
-            _skip(skipped, tower, option, str(exc))
+            unsigned = f"; {option.file} is listed in {derived.DERIVED_NAME}, unsigned, and is not served"
+            _skip(skipped, tower, option, f"{exc}{unsigned if option.file in bundle.derived else ''}")
             continue
         except BaseException:
             opened.close()

@@ -37,8 +37,18 @@ class Gpu:
 
     @property
     def model(self) -> str:
-        """The GPU model as a file-name tag, e.g. "nvidia-h100-80gb-hbm3"."""
+        """The GPU model as a file-name tag, e.g. "nvidia-h100-80gb-hbm3": `product` in lower case
+        for ordinary names (a MIG profile's "." becomes "-" too)."""
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "unknown-gpu"
+
+    @property
+    def product(self) -> str:
+        """The GPU as GPU Feature Discovery labels its node (`nvidia.com/gpu.product`): the CUDA
+        device name with each space as "-", e.g. "NVIDIA-H100-80GB-HBM3", the key a Deployment
+        schedules by. GFD appends "-SHARED" under time-slicing (the device, and its plans, are the
+        same); a MIG profile changes the device name itself ("NVIDIA H100 80GB HBM3 MIG 1g.10gb"),
+        so plans are built per profile."""
+        return self.name.replace(" ", "-")
 
 
 def _cudart() -> Any:
@@ -106,6 +116,19 @@ def plan_mismatch(entry: FileEntry, gpu: Gpu | None, tensorrt_version: str | Non
     return None
 
 
+def plan_runtime(trt: Any) -> Any:
+    """A TensorRT runtime under which a plan can run no code of its own before the golden check
+    judges it: plans with host code refused (TensorRT 10+; also its default), no executable
+    temporary files (lean runtimes, embedded plugin libraries), no plugin lookup in parent
+    registries. Nothing here loads plugin libraries (init_libnvinfer_plugins is never called),
+    so a plan with plugin layers fails to deserialize."""
+    runtime = trt.Runtime(_Logger.get(trt))
+    runtime.engine_host_code_allowed = False
+    runtime.tempfile_control_flags = 0
+    trt.get_plugin_registry().parent_search_enabled = False
+    return runtime
+
+
 class _Logger:
     """TensorRT logger at WARNING, created lazily with the module."""
 
@@ -144,9 +167,9 @@ class TensorRTEngine(Engine):
               max_batch: int) -> None:
         """Deserialize the plan, create the context, allocate buffers and the stream."""
         _check(cudart.cudaSetDevice(gpu.index), "set device")
-        runtime = trt.Runtime(_Logger.get(trt))
-        # Plans are executable code: only ones whose sha256 the bundle's manifest vouches for get here.
-        self._engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        # Its sha256 was checked at load, but a plan from derived.json is unsigned until its golden check.
+        self._runtime = plan_runtime(trt)  # kept: TensorRT wants the runtime to outlive its engines
+        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialize {plan.name}")
         self._context = self._engine.create_execution_context()
@@ -199,5 +222,5 @@ class TensorRTEngine(Engine):
                 cudart.cudaFree(ptr)
         if getattr(self, "_stream", None) is not None:
             cudart.cudaStreamDestroy(self._stream)
-        self._context = self._engine = None
+        self._context = self._engine = self._runtime = None
         self._cudart = self._d_in = self._d_out = self._stream = None
