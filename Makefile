@@ -7,6 +7,7 @@ MODEL ?= demo
 WEIGHTS ?=
 BUNDLES ?= bundles
 PROTOS := $(wildcard protos/medvlm/v1/*.proto)
+WHEELHOUSE := .cache/wheelhouse
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
@@ -65,8 +66,18 @@ calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistic
 run: protos $(VENV)/.medvlm-installed  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
-test: protos $(VENV)/.medvlm-installed  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
+test: protos $(VENV)/.medvlm-installed $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
+
+# Wheels for tests/test_wheel.py, which installs the project's wheel into a new virtual environment
+# offline (pip --no-index): the imaging extra of pyproject.toml and the page's requirements, at the
+# pins of constraints.txt, fetched once here.
+$(WHEELHOUSE)/.downloaded: pyproject.toml requirements/web.txt requirements/client.txt requirements/constraints.txt $(VENV)/.installed
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["imaging"], sep="\n")' > $(WHEELHOUSE)/imaging.txt
+	$(PY) -m pip download -q --only-binary=:all: -d $(WHEELHOUSE) -c requirements/constraints.txt \
+		-r $(WHEELHOUSE)/imaging.txt -r requirements/web.txt
+	touch $@
 
 ENGINE ?=
 # The test files that start stacks (in process or as processes), for test-engine.

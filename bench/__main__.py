@@ -129,7 +129,7 @@ def decode_cost(ctx, rounds: int) -> dict[str, float]:
     """PNG decode + preprocessing alone, one thread, as the encoder does it: per-image percentiles in ms."""
     from bench.load import percentile
     from bench.systems import decode_limits
-    from services.vision.preprocess import PNG, decode_image, preprocess
+    from medvlm.imaging.preprocess import PNG, decode_image, preprocess
 
     spec, limits = ctx.bundle.manifest.image, decode_limits()
     times = []
@@ -153,8 +153,8 @@ def dicom_decode_cost(ctx, rounds: int) -> dict[str, dict[str, float]]:
 
     from bench.load import percentile
     from bench.systems import decode_limits
+    from medvlm.imaging.preprocess import decode, preprocess
     from scripts.make_dicom_samples import dicom_file
-    from services.vision.preprocess import decode, preprocess
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:512, 0:512]

@@ -29,7 +29,7 @@ from bench.systems import decode_limits
 from engines.runtime.bundle import load_bundle
 from engines.runtime.manifest import VISION_INPUT, VISION_OUTPUT
 from engines.runtime.onnx import OnnxRuntimeEngine
-from services.vision.preprocess import PNG, decode_image, preprocess
+from medvlm.imaging.preprocess import PNG, decode_image, preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 

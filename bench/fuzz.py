@@ -56,10 +56,11 @@ def _seeds(target: str) -> list[bytes]:
 
 def image_target():
     """One fuzz input -> the vision encoder's preparation of it."""
-    from engines.runtime.manifest import ImageSpec
+    from medvlm.imaging.limits import DecodeLimits
+    from medvlm.imaging.preprocess import configure_pillow
+    from medvlm.imaging.spec import ImageSpec
     from services.common.errors import InvalidInput
     from services.vision.encoder import ImagePreparer
-    from services.vision.preprocess import DecodeLimits, configure_pillow
 
     configure_pillow(4_000_000)
     preparer = ImagePreparer(ImageSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
@@ -133,7 +134,7 @@ def run_target(target: str, seconds: float, runs: int, out: Path) -> None:
     """Fuzz one target in this process (libFuzzer takes over argv and exits when done)."""
     import atheris
 
-    with atheris.instrument_imports(include=["services", "engines", "PIL", "pydicom"]):
+    with atheris.instrument_imports(include=["medvlm.imaging", "services", "engines", "PIL", "pydicom"]):
         if target == "text":
             from services.launch import ensure_bundle
 

@@ -3,7 +3,7 @@
 | key | what a request does |
 |---|---|
 | torch | open_clip `encode_image` in this process, on a tensor made by open_clip's own transform |
-| ort | OnnxRuntimeEngine.infer in this process, on a tensor made by services.vision.preprocess |
+| ort | OnnxRuntimeEngine.infer in this process, on a tensor made by medvlm.imaging |
 | ort-decode | the encoder's work in process, unbatched: PNG decode + preprocess (ImagePreparer) + engine |
 | vision-nobatch | EmbedImages on `python -m services.vision --max-batch 1` over gRPC, PNG bytes |
 | vision-batch | the same with the service's default batching settings |
@@ -48,9 +48,10 @@ from engines.runtime.manifest import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISI
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.select import ORT_CPU, open_engine
 from engines.runtime.text import TextTokenizer
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import PNG, configure_pillow, decode_image, preprocess
 from services.common.settings import Settings
 from services.vision.encoder import ImagePreparer
-from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, decode_image, preprocess
 
 log = logging.getLogger("bench.systems")
 
@@ -94,7 +95,7 @@ class Context:
     min_rounds: int = 1  # see bench.load.run_point
     request_timeout_s: float = 120.0
     server_start_timeout_s: float = 300.0
-    tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, services.vision.preprocess
+    tensors: np.ndarray = dataclasses.field(init=False)  # [K, 3, S, S] float32, medvlm.imaging.preprocess
     reference: np.ndarray = dataclasses.field(init=False)  # [K, D] in-process ORT outputs, not normalized
     _int8: bundles.Int8Bundle | Exception | None = dataclasses.field(init=False, default=None)
     _int8_reference: np.ndarray | None = dataclasses.field(init=False, default=None)
@@ -239,7 +240,7 @@ class TorchEager(System):
 class OrtEngine(System):
     key = "ort"
     title = "ONNX Runtime engine (in process)"
-    request = "preprocessed float32 tensor [1, 3, S, S] (services.vision.preprocess, before timing)"
+    request = "preprocessed float32 tensor [1, 3, S, S] (medvlm.imaging.preprocess, before timing)"
 
     def start(self) -> None:
         self.engine = open_vision_engine(self.ctx.bundle, self.ctx.threads)

@@ -2,7 +2,7 @@
 OpenVINO) in its Python backend, with its dynamic batcher. Runs in the Triton environment (nvidia-pytriton, numpy < 2), started by bench.triton.
 
 With --decode-bundle the model takes PNG bytes instead of tensors and decodes and preprocesses them in the
-Python backend with the vision encoder's own code (services.vision.preprocess), so both do the same work.
+Python backend with the vision encoder's own code (medvlm.imaging), so both do the same work.
 
 `python -m bench.triton_server --onnx vision.onnx --grpc-port P ...` prints one JSON line
 {"ready": true, ...} on stdout once the model is loaded, then serves until SIGTERM or SIGINT.
@@ -55,7 +55,8 @@ def png_decoder(args: argparse.Namespace):
     from pathlib import Path
 
     from engines.runtime.manifest import Manifest
-    from services.vision.preprocess import PNG, DecodeLimits, configure_pillow, decode_image, preprocess
+    from medvlm.imaging.limits import DecodeLimits
+    from medvlm.imaging.preprocess import PNG, configure_pillow, decode_image, preprocess
 
     spec = Manifest.read(Path(args.decode_bundle)).image
     limits = DecodeLimits(args.max_image_bytes, args.max_image_pixels)

@@ -3,7 +3,7 @@ and how often in-distribution and foreign images are flagged out of distribution
 
     python -m bench.trust [--bundle bundles/demo-synthetic-1] [--per-class 50] [--out FILE.json]
 
-Images take the vision encoder's own decoding and preprocessing (services.vision.preprocess) and
+Images take the vision encoder's own decoding and preprocessing (medvlm.imaging) and
 the fp32 ONNX graph in process; each answer is judged by the gateway's own code
 (services.gateway.trust) with the bundle's calibration.json (`make calibrate` first).
 Held-out images: generator seed 1000 (the demo's evaluation set), never used for training or
@@ -33,8 +33,8 @@ from engines.runtime.bundle import TOWER_TENSORS, load_bundle
 from engines.runtime.calibration import CALIBRATION_NAME, DEFAULT_SCOPE, nearest_distance
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.text import TextTokenizer
+from medvlm.imaging.preprocess import preprocess
 from services.gateway.trust import OUT_OF_DISTRIBUTION, Trust
-from services.vision.preprocess import preprocess
 
 EVAL_SEED = 1000
 MEDICAL_MODALITIES = ("CT", "MR", "US", "NM")

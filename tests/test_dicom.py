@@ -35,13 +35,14 @@ from pydicom.uid import (
 )
 
 from conftest import ROOT, health_status
-from engines.runtime.manifest import ImageSpec
+from medvlm.imaging import dicom as dicom_module
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import ImageOptions, configure_pillow, decode, preprocess
+from medvlm.imaging.spec import ImageSpec
+from medvlm.imaging.window import Window, WindowRequest, to_eight_bit
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, types_pb2
 from scripts.make_dicom_samples import PHI, dicom_file
-from services.common.errors import InvalidInput
-from services.vision import dicom as dicom_module
-from services.vision.preprocess import DecodeLimits, ImageOptions, configure_pillow, decode, preprocess
-from services.vision.window import Window, WindowRequest, to_eight_bit
 
 LIMITS = DecodeLimits(max_bytes=20 << 20, max_pixels=40_000_000)
 SPEC = ImageSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -67,7 +68,7 @@ def _outcome(data: bytes, options: ImageOptions = FIRST):
     """("ok", Decoded) or ("refused", message); anything else propagates and fails the test."""
     try:
         return "ok", decode(data, None, LIMITS, options, label="image 0")
-    except InvalidInput as exc:
+    except InvalidImage as exc:
         return "refused", exc.message
 
 
@@ -246,9 +247,9 @@ def test_multi_frame_needs_a_frame_and_decodes_only_that_one():
     frames = np.stack([np.full((16, 24), v, dtype=np.uint16) for v in (100, 2000, 4000)])
     frames[:, 0, 0] = 0  # each frame spans 0..v, so its min..max render is not constant
     data = dicom_file(frames, Modality="MR", BitsStored=12, HighBit=11)
-    with pytest.raises(InvalidInput, match="more than one frame; choose one with `frame`"):
+    with pytest.raises(InvalidImage, match="more than one frame; choose one with `frame`"):
         decode(data, None, LIMITS)
-    with pytest.raises(InvalidInput, match="frame 3 is beyond the last frame"):
+    with pytest.raises(InvalidImage, match="frame 3 is beyond the last frame"):
         decode(data, None, LIMITS, ImageOptions(frame=3))
     window = WindowRequest(window=Window(2048, 4096))
     levels = [int(np.asarray(decode(data, None, LIMITS, ImageOptions(window, frame=i)).image)[5, 5]) for i in range(3)]
@@ -290,7 +291,7 @@ def test_ybr_and_palette_colour_become_rgb():
     )
     got = decode(dicom_file(index, **palette), None, LIMITS)
     np.testing.assert_array_equal(np.asarray(got.image), colours[index])
-    with pytest.raises(InvalidInput, match="greyscale images only"):
+    with pytest.raises(InvalidImage, match="greyscale images only"):
         decode(dicom_file(rgb), None, LIMITS, ImageOptions(WindowRequest(window=Window(100, 50))))
 
 
@@ -358,7 +359,7 @@ def test_hostile_headers_are_refused_before_any_pixel_is_decoded(case, monkeypat
     make, needle = HOSTILE[case]
     data = make()
     _no_decoding(monkeypatch)
-    with pytest.raises(InvalidInput, match=needle):
+    with pytest.raises(InvalidImage, match=needle):
         decode(data, None, LIMITS)
 
 
@@ -375,19 +376,19 @@ def _with_syntax(data: bytes, syntax: str) -> bytes:
 
 def test_refusals_name_the_reason():
     mpeg = _with_syntax(_ct(), "1.2.840.10008.1.2.4.100")  # MPEG2 video
-    with pytest.raises(InvalidInput, match=r"transfer syntax 1\.2\.840\.10008\.1\.2\.4\.100 is not supported"):
+    with pytest.raises(InvalidImage, match=r"transfer syntax 1\.2\.840\.10008\.1\.2\.4\.100 is not supported"):
         decode(mpeg, None, LIMITS)
-    with pytest.raises(InvalidInput, match="without the 128-byte preamble"):
+    with pytest.raises(InvalidImage, match="without the 128-byte preamble"):
         decode(_ct()[132:], None, LIMITS)
-    with pytest.raises(InvalidInput, match="DICOMDIR"):
+    with pytest.raises(InvalidImage, match="DICOMDIR"):
         decode(_read(get_testdata_file("DICOMDIR")), None, LIMITS)
-    with pytest.raises(InvalidInput, match="no pixel data"):
+    with pytest.raises(InvalidImage, match="no pixel data"):
         decode(_read(get_testdata_file("rtplan.dcm")), None, LIMITS)
-    with pytest.raises(InvalidInput, match=r"could not be decoded \(JPEG Extended\)"):
+    with pytest.raises(InvalidImage, match=r"could not be decoded \(JPEG Extended\)"):
         decode(_read(get_testdata_file("JPEG-lossy.dcm")), None, LIMITS)  # pylibjpeg cannot read its data
-    with pytest.raises(InvalidInput, match="apply to CT objects only"):
+    with pytest.raises(InvalidImage, match="apply to CT objects only"):
         decode(_ct(Modality="MR"), None, LIMITS, ImageOptions(WindowRequest(preset="brain")))
-    with pytest.raises(InvalidInput, match="declared format PNG but the data is DICOM"):
+    with pytest.raises(InvalidImage, match="declared format PNG but the data is DICOM"):
         decode(_ct(), "PNG", LIMITS)
 
 
@@ -576,7 +577,7 @@ def test_fuzzed_dicom_raises_only_invalid_input(data, frame):
     configure_pillow(LIMITS.max_pixels)
     try:
         decoded = decode(data, None, LIMITS, ImageOptions(frame=frame))
-    except InvalidInput as exc:
+    except InvalidImage as exc:
         assert exc.message.startswith("image: ")
         return
     tensor = preprocess(decoded.image, SPEC)

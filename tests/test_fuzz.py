@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engines.runtime.manifest import ImageSpec
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import configure_pillow, decode_image, preprocess
+from medvlm.imaging.spec import ImageSpec
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
-from services.common.errors import InvalidInput
-from services.vision.preprocess import DecodeLimits, configure_pillow, decode_image, preprocess
 
 LIMITS = DecodeLimits(max_bytes=1 << 20, max_pixels=4_000_000)
 SPEC = ImageSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -56,7 +57,7 @@ def test_decoder_raises_only_invalid_input(data):
     configure_pillow(LIMITS.max_pixels)
     try:
         tensor = preprocess(decode_image(data, None, LIMITS), SPEC)
-    except InvalidInput:
+    except InvalidImage:
         return
     assert tensor.shape == (3, 224, 224) and np.isfinite(tensor).all()
 

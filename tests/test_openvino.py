@@ -30,8 +30,8 @@ from engines.runtime.bundle import load_bundle
 from engines.runtime.engine import EngineError
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.engine import l2_normalize
+from medvlm.imaging.preprocess import preprocess
 from services.common.settings import VISION
-from services.vision.preprocess import preprocess
 from services.vision.servicer import VisionApp
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\n"

@@ -9,10 +9,12 @@ import open_clip
 import pytest
 from PIL import Image
 
-from engines.runtime.manifest import ImageSpec
-from services.common.errors import InvalidInput
-from services.vision.preprocess import DecodeLimits, ImageOptions, configure_pillow, decode, decode_image, preprocess
-from services.vision.window import LINEAR_EXACT, SIGMOID, Window, WindowRequest, data_range, to_eight_bit
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.geometry import crop_box
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import ImageOptions, configure_pillow, decode, decode_image, preprocess
+from medvlm.imaging.spec import ImageSpec
+from medvlm.imaging.window import LINEAR_EXACT, SIGMOID, Window, WindowRequest, data_range, to_eight_bit
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,6 +91,32 @@ def test_greyscale_is_normalized_from_its_one_channel_exactly_as_its_rgb_copy(si
     assert not np.array_equal(got[0], got[1])  # each channel has its own mean and std
 
 
+def test_crop_box_is_the_resize_and_centre_crop_of_open_clip():
+    landscape = crop_box(400, 300, 224)
+    assert (landscape.resized, landscape.left, landscape.top) == ((298, 224), 37, 0)  # long side truncated
+    assert landscape.box == pytest.approx((37 * 400 / 298, 0.0, 261 * 400 / 298, 300.0))
+    portrait = crop_box(300, 400, 224)
+    assert (portrait.resized, portrait.left, portrait.top) == ((224, 298), 0, 37)
+    assert portrait.box == pytest.approx((0.0, 37 * 400 / 298, 300.0, 261 * 400 / 298))
+    assert crop_box(512, 512, 224).box == (0.0, 0.0, 512.0, 512.0)
+
+
+@pytest.mark.parametrize(("width", "height", "size"), [(250, 100, 50), (97, 203, 40), (256, 181, 64)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_crop_box_maps_each_model_pixel_back_to_where_preprocess_took_it(width, height, size, interpolation):
+    # red = x and green = y of each original pixel, so a model pixel's value says where it came from
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8))  # [H, W, 3]
+    spec = ImageSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation=interpolation)
+    got = preprocess(img, spec) * 255.0  # [3, S, S], original coordinates as values
+    crop = crop_box(width, height, size)
+    centres = np.arange(size) + 0.5  # model pixel centres; an original pixel's centre is at index + 0.5
+    x = np.array([crop.to_original(c, 0.0)[0] for c in centres]) - 0.5  # [S]
+    y = np.array([crop.to_original(0.0, c)[1] for c in centres]) - 0.5  # [S]
+    assert np.abs(got[0] - x[None, :]).max() <= 0.51  # within the resize's rounding to uint8
+    assert np.abs(got[1] - y[:, None]).max() <= 0.51
+
+
 def test_sixteen_bit_png_keeps_its_contrast():
     ramp = np.linspace(0, 65535, 300 * 300).reshape(300, 300).astype(np.uint16)  # [H, W]
     data = _png(Image.fromarray(ramp))
@@ -121,7 +149,7 @@ def test_bad_images_are_refused_with_a_named_problem(data, stated, needle):
         data = _truncated_png()
     elif data == "jpeg":
         data = _jpeg(_random_image("RGB", (32, 32), 2))
-    with pytest.raises(InvalidInput, match=needle):
+    with pytest.raises(InvalidImage, match=needle):
         decode(data, stated, LIMITS, label="image 0")
 
 
@@ -129,7 +157,7 @@ def test_oversized_payload_is_refused_before_decoding():
     small = DecodeLimits(max_bytes=1000, max_pixels=LIMITS.max_pixels)
     data = _png(_random_image("RGB", (64, 64), 3))
     assert len(data) > 1000
-    with pytest.raises(InvalidInput, match="exceeds the limit of 1000 bytes"):
+    with pytest.raises(InvalidImage, match="exceeds the limit of 1000 bytes"):
         decode_image(data, None, small)
 
 
@@ -137,17 +165,17 @@ def test_decompression_bomb_is_refused_without_decoding():
     # 3000 x 3000 of one colour compresses to a few KB but is 9 Mpx > the 4 Mpx limit
     data = _png(Image.new("L", (3000, 3000), 0))
     assert len(data) < 50_000
-    with pytest.raises(InvalidInput, match="exceeds the limit of 4000000 pixels"):
+    with pytest.raises(InvalidImage, match="exceeds the limit of 4000000 pixels"):
         decode_image(data, None, LIMITS)
     # far beyond 2x the limit, where Pillow itself raises at open
     huge = _png(Image.new("1", (10_000, 10_000), 0))
-    with pytest.raises(InvalidInput, match="pixels"):
+    with pytest.raises(InvalidImage, match="pixels"):
         decode_image(huge, None, LIMITS)
 
 
 def test_error_messages_carry_no_image_content():
     secret = b"PATIENT-NAME-DOE^JANE"
-    with pytest.raises(InvalidInput) as info:
+    with pytest.raises(InvalidImage) as info:
         decode_image(b"\x89PNG\r\n\x1a\n" + secret, None, LIMITS)
     assert "DOE" not in str(info.value)
 
@@ -193,7 +221,7 @@ def test_a_request_window_maps_greyscale_by_the_dicom_linear_function():
     ],
 )
 def test_colour_windows_presets_and_frames_on_png_are_refused(options, needle):
-    with pytest.raises(InvalidInput, match=needle):
+    with pytest.raises(InvalidImage, match=needle):
         decode(_png(_random_image("RGB", (40, 30), 4)), None, LIMITS, options)
 
 

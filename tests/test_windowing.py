@@ -11,9 +11,9 @@ from PIL import Image
 
 from conftest import ROOT, start_stack
 from engines.build.synthetic import CLASS_LABELS
+from medvlm.imaging.window import Window, to_eight_bit
 from medvlm.v1 import gateway_pb2, types_pb2
 from scripts.make_dicom_samples import sample_dicom
-from services.vision.window import Window, to_eight_bit
 
 SAMPLES = sorted((ROOT / "samples").glob("*.png"))
 CHEST = [p for p in SAMPLES if p.name.startswith("chest_")]

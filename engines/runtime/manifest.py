@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medvlm.imaging.spec import ImageSpec  # the manifest's `image` section
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -30,17 +32,6 @@ GOLDEN_KEYS = (VISION_INPUT, VISION_OUTPUT, TEXT_INPUT, TEXT_OUTPUT)
 
 class ManifestError(ValueError):
     """The manifest is missing, malformed, or does not describe the files beside it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSpec:
-    """open_clip preprocessing: resize shortest side, center crop, normalize."""
-
-    size: int  # square crop side in pixels
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
-    resize_mode: str = "shortest"  # open_clip's default resize mode
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -24,6 +25,11 @@ from medvlm.client import (
     WINDOW_PRESETS, AsyncClient, ClassifyResult, ConnectionSettings, LoadedImage, MedvlmError, ModelInfo,
     NotSupported, Window, load_image,
 )
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import ImageOptions, configure_pillow, decode, preprocess
+from medvlm.imaging.spec import ImageSpec
+from medvlm.imaging.window import PRESETS, WindowRequest, checked_window
 
 log = logging.getLogger("medvlm.web")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -175,27 +181,20 @@ def trust_json(result: ClassifyResult) -> dict:
 
 def render_preview(data: bytes, options: dict, settings: WebSettings, size: int) -> dict:
     """The image as the vision encoder sees it: decoded and windowed, resized and centre-cropped to
-    the model's input size by the encoder's own code, as a PNG data URL (nothing leaves memory).
-    Needs the project's services package beside the page (as `make run` has it)."""
-    from engines.runtime.manifest import ImageSpec
-    from services.common.errors import InvalidInput
-    from services.vision.preprocess import DecodeLimits, ImageOptions, decode, preprocess
-    from services.vision.window import PRESETS, WindowRequest, checked_window
-
+    the model's input size by the encoder's own code (medvlm.imaging), as a PNG data URL (nothing
+    leaves memory)."""
     window = options.get("window")
     limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     try:
         request = WindowRequest(checked_window(window.center, window.width, "image") if window else None,
                                 options.get("window_preset"))
         decoded = decode(data, None, limits, ImageOptions(request, options.get("frame")))
-    except InvalidInput as exc:
-        raise PageError("INVALID_ARGUMENT", str(exc)) from None
+    except InvalidImage as exc:
+        raise PageError("INVALID_ARGUMENT", exc.message) from None
     # mean 0, std 1: the encoder's resize and crop, unnormalized, in [0, 1]
     spec = ImageSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     pixels = preprocess(decoded.image, spec)  # [3, S, S]
     rgb = (pixels.transpose(1, 2, 0) * 255.0).round().clip(0, 255).astype("uint8")  # [S, S, 3]
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     info = decoded.dicom
@@ -219,10 +218,7 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        with contextlib.suppress(ImportError):  # the decoders' guards, and pydicom never logging header values
-            from services.vision.preprocess import configure_pillow
-
-            configure_pillow(settings.max_image_pixels)
+        configure_pillow(settings.max_image_pixels)  # the decoders' guards; pydicom never logs header values
         async with AsyncClient(settings=connection) as client:
             state["client"] = client
             yield
@@ -331,9 +327,6 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
             return error_response(exc.code, exc.message)
         except MedvlmError as exc:
             return error_response(exc.code, exc.message, exc.request_id)
-        except ImportError:
-            return error_response("NOT_SUPPORTED", "no preview: the project's decoders are not installed "
-                                                   "beside the page")
         return JSONResponse(body)
 
     @app.post("/api/similarity")

@@ -6,6 +6,11 @@ contain clinical data (image bytes, header values, free text).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+from medvlm.imaging.errors import InvalidImage
+
 
 class MedvlmError(Exception):
     """Base of errors whose message is safe to send to a client."""
@@ -18,6 +23,16 @@ class MedvlmError(Exception):
 
 class InvalidInput(MedvlmError):
     """The request is malformed, too large, or names something that does not exist."""
+
+
+@contextlib.contextmanager
+def image_refusals() -> Iterator[None]:
+    """The imaging package's refusals (InvalidImage) as InvalidInput, message unchanged: where a
+    service calls medvlm.imaging, so the error table and the per-item handlers see a domain error."""
+    try:
+        yield
+    except InvalidImage as exc:
+        raise InvalidInput(exc.message) from exc
 
 
 class NotReady(MedvlmError):

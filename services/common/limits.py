@@ -1,11 +1,13 @@
 """Limits on what one request may carry, each checked here once for the gateway and both
-encoders. The limits themselves are settings (services/common/settings.py)."""
+encoders (an image's bytes by medvlm.imaging.limits, the check its decoder makes too). The limits
+themselves are settings (services/common/settings.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.common.errors import InvalidInput
+from medvlm.imaging.limits import check_image_bytes
+from services.common.errors import InvalidInput, image_refusals
 from services.common.settings import Settings
 
 
@@ -17,17 +19,12 @@ def check_image_count(images: Sequence, max_images: int) -> None:
         raise InvalidInput(f"{len(images)} images exceeds the limit of {max_images} per request")
 
 
-def check_image_bytes(data: bytes, max_bytes: int, label: str) -> None:
-    """Encoded image bytes within `max_bytes`; the message names `label`, never the content."""
-    if len(data) > max_bytes:
-        raise InvalidInput(f"{label}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-
-
 def check_images(images: Sequence, settings: Settings) -> list:
     """Image messages within the count and byte limits, as a list."""
     check_image_count(images, settings.max_images)
-    for i, image in enumerate(images):
-        check_image_bytes(image.data, settings.max_image_bytes, f"image {i}")
+    with image_refusals():
+        for i, image in enumerate(images):
+            check_image_bytes(image.data, settings.max_image_bytes, f"image {i}")
     return list(images)
 
 

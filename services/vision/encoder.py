@@ -6,11 +6,13 @@ import dataclasses
 
 import numpy as np
 
-from engines.runtime.manifest import ImageSpec
+from medvlm.imaging.dicom import DicomInfo
+from medvlm.imaging.limits import DecodeLimits
+from medvlm.imaging.preprocess import DEFAULT_OPTIONS, ImageOptions, decode, preprocess
+from medvlm.imaging.spec import ImageSpec
 from services.common.encoder import LoadedTower
+from services.common.errors import image_refusals
 from services.common.settings import Settings
-from services.vision.preprocess import DEFAULT_OPTIONS, DecodeLimits, ImageOptions, decode, preprocess
-from services.vision.dicom import DicomInfo
 
 
 @dataclasses.dataclass
@@ -35,12 +37,13 @@ class ImagePreparer:
         """Images (or (bytes, declared format) pairs) -> one [3, S, S] float32 per image;
         InvalidInput names the bad one."""
         rows = []
-        for i, item in enumerate(items):
-            if not isinstance(item, ImageInput):
-                item = ImageInput(*item)
-            decoded = decode(item.data, item.format, self.limits, item.options, label=f"image {i}")
-            item.dicom = decoded.dicom
-            rows.append(preprocess(decoded.image, self.spec))
+        with image_refusals():
+            for i, item in enumerate(items):
+                if not isinstance(item, ImageInput):
+                    item = ImageInput(*item)
+                decoded = decode(item.data, item.format, self.limits, item.options, label=f"image {i}")
+                item.dicom = decoded.dicom
+                rows.append(preprocess(decoded.image, self.spec))
         return rows
 
     def collate(self, rows: list[np.ndarray]) -> np.ndarray:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import grpc
 import structlog
 
+from medvlm.imaging.preprocess import DICOM, JPEG, PNG, ImageOptions, configure_pillow
+from medvlm.imaging.window import WindowRequest, checked_window
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
 from services.common import convert
 from services.common.encoder import EncoderApp, Tower
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, image_refusals
 from services.common.limits import check_image_count
 from services.common.settings import VISION, Settings
 from services.vision.encoder import ImageInput, image_preparer
-from services.vision.preprocess import DICOM, JPEG, PNG, ImageOptions, configure_pillow
-from services.vision.window import WindowRequest, checked_window
 
 FORMATS = {
     types_pb2.IMAGE_FORMAT_UNSPECIFIED: None,
@@ -38,7 +38,8 @@ def image_options(image, label: str) -> ImageOptions:
     preset = PRESETS[image.window_preset]
     window = None
     if image.HasField("window"):
-        window = checked_window(image.window.center, image.window.width, label)
+        with image_refusals():
+            window = checked_window(image.window.center, image.window.width, label)
     if window is not None and preset is not None:
         raise InvalidInput(f"{label}: set either a window or a window preset, not both")
     frame = image.frame if image.HasField("frame") else None

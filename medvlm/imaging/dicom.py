@@ -27,8 +27,8 @@ from pydicom import uid as dcm_uid
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
-from services.common.errors import InvalidInput
-from services.vision.window import (
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.window import (
     LINEAR,
     LINEAR_EXACT,
     SIGMOID,
@@ -162,12 +162,12 @@ def _meta_end_and_syntax(data: bytes, label: str) -> tuple[int, str]:
             length = struct.unpack_from("<H", data, pos + 6)[0]
             start = pos + 8
         if length == 0xFFFFFFFF or start + length > len(data):
-            raise InvalidInput(f"{label}: DICOM file meta information is malformed")
+            raise InvalidImage(f"{label}: DICOM file meta information is malformed")
         if element == 0x0010:
             syntax = data[start : start + length].decode("ascii", "replace").strip("\x00 ")
         pos = start + length
     if syntax is None:
-        raise InvalidInput(f"{label}: DICOM file meta information has no transfer syntax")
+        raise InvalidImage(f"{label}: DICOM file meta information has no transfer syntax")
     return pos, syntax
 
 
@@ -188,9 +188,9 @@ def _check_inflated_size(data: bytes, meta_end: int, label: str) -> None:
             if not out:
                 break
     except zlib.error as exc:
-        raise InvalidInput(f"{label}: deflated DICOM dataset is corrupt") from exc
+        raise InvalidImage(f"{label}: deflated DICOM dataset is corrupt") from exc
     if total > bound:
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: deflated DICOM dataset inflates beyond {MAX_DEFLATE_RATIO} times its size "
             "(a decompression bomb)"
         )
@@ -205,7 +205,7 @@ def _check_declared_length(ds: pydicom.Dataset, label: str) -> None:
     declared = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
     if declared not in (None, 0xFFFFFFFF) and value is not None and len(value) < declared:
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: DICOM pixel data element is declared longer than the file (truncated or corrupt)"
         )
 
@@ -214,7 +214,7 @@ def _convert_all(ds: pydicom.Dataset, label: str, depth: int = 0) -> None:
     """Convert every parsed element now (pydicom converts lazily, on first access, and raises
     whatever a corrupt value makes it raise), refusing sequences nested deeper than MAX_DEPTH."""
     if depth > MAX_DEPTH:
-        raise InvalidInput(f"{label}: DICOM sequences are nested deeper than {MAX_DEPTH} levels")
+        raise InvalidImage(f"{label}: DICOM sequences are nested deeper than {MAX_DEPTH} levels")
     for tag in list(ds.keys()):
         element = ds[tag]
         if element.VR == "SQ":
@@ -227,11 +227,11 @@ def _int(ds: pydicom.Dataset, keyword: str, label: str, default: int | None = No
     if value is None or value == "":
         if default is not None:
             return default
-        raise InvalidInput(f"{label}: DICOM header lacks {keyword}")
+        raise InvalidImage(f"{label}: DICOM header lacks {keyword}")
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{label}: DICOM header has an invalid {keyword}") from exc
+        raise InvalidImage(f"{label}: DICOM header has an invalid {keyword}") from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,34 +266,34 @@ def _check_geometry(ds: pydicom.Dataset, max_pixels: int, label: str) -> _Geomet
     bits_stored = _int(ds, "BitsStored", label, default=bits_allocated)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if not (1 <= rows <= MAX_SIDE and 1 <= columns <= MAX_SIDE):
-        raise InvalidInput(f"{label}: DICOM Rows and Columns must each be between 1 and {MAX_SIDE}")
+        raise InvalidImage(f"{label}: DICOM Rows and Columns must each be between 1 and {MAX_SIDE}")
     if rows * columns > max_pixels:
-        raise InvalidInput(f"{label}: DICOM frame exceeds the limit of {max_pixels} pixels")
+        raise InvalidImage(f"{label}: DICOM frame exceeds the limit of {max_pixels} pixels")
     if not 1 <= frames <= MAX_FRAMES:
-        raise InvalidInput(f"{label}: DICOM Number of Frames must be between 1 and {MAX_FRAMES}")
+        raise InvalidImage(f"{label}: DICOM Number of Frames must be between 1 and {MAX_FRAMES}")
     if bits_allocated not in (8, 16):
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: DICOM Bits Allocated must be 8 or 16 (1-bit and 32-bit data are not images here)"
         )
     if not 1 <= bits_stored <= bits_allocated:
-        raise InvalidInput(f"{label}: DICOM Bits Stored must be between 1 and Bits Allocated")
+        raise InvalidImage(f"{label}: DICOM Bits Stored must be between 1 and Bits Allocated")
     if samples == 1 and photometric not in (*_GREY, _PALETTE):
-        raise InvalidInput(f"{label}: DICOM photometric interpretation unsupported for one sample per pixel")
+        raise InvalidImage(f"{label}: DICOM photometric interpretation unsupported for one sample per pixel")
     if samples == 3 and photometric not in _COLOUR:
-        raise InvalidInput(f"{label}: DICOM photometric interpretation unsupported for 3 samples per pixel")
+        raise InvalidImage(f"{label}: DICOM photometric interpretation unsupported for 3 samples per pixel")
     if samples not in (1, 3):
-        raise InvalidInput(f"{label}: DICOM Samples per Pixel must be 1 or 3")
+        raise InvalidImage(f"{label}: DICOM Samples per Pixel must be 1 or 3")
     geometry = _Geometry(rows, columns, frames, samples, bits_allocated, bits_stored, photometric)
     if geometry.frame_bytes > MAX_DECODED_BYTES:
-        raise InvalidInput(f"{label}: DICOM frame would decode to more than {MAX_DECODED_BYTES} bytes")
+        raise InvalidImage(f"{label}: DICOM frame would decode to more than {MAX_DECODED_BYTES} bytes")
     return geometry
 
 
 def _check_has_pixels(ds: pydicom.Dataset, label: str) -> None:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise InvalidInput(f"{label}: DICOM float pixel data is not supported")
-        raise InvalidInput(
+            raise InvalidImage(f"{label}: DICOM float pixel data is not supported")
+        raise InvalidImage(
             f"{label}: DICOM object has no pixel data "
             "(e.g. a structured report, RT plan or presentation state)"
         )
@@ -302,9 +302,9 @@ def _check_has_pixels(ds: pydicom.Dataset, label: str) -> None:
 def _check_pixel_length(ds: pydicom.Dataset, syntax: str, geometry: _Geometry, label: str) -> None:
     length = len(ds.PixelData or b"")
     if length == 0:
-        raise InvalidInput(f"{label}: DICOM pixel data element is empty")
+        raise InvalidImage(f"{label}: DICOM pixel data element is empty")
     if syntax in _NATIVE and length < geometry.stored_frame_bytes * geometry.frames:
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: DICOM pixel data is shorter than Rows x Columns x Frames require (truncated)"
         )
 
@@ -355,11 +355,11 @@ def _greyscale(arr: np.ndarray, ds: pydicom.Dataset, geometry: _Geometry, reques
     try:
         values = apply_modality_lut(arr, ds)  # [H, W], e.g. Hounsfield units for CT
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"{label}: DICOM modality LUT or rescale values are invalid") from exc
+        raise InvalidImage(f"{label}: DICOM modality LUT or rescale values are invalid") from exc
     if not np.isfinite(values).all():
-        raise InvalidInput(f"{label}: DICOM modality LUT or rescale values are invalid")
+        raise InvalidImage(f"{label}: DICOM modality LUT or rescale values are invalid")
     if request.preset and _modality(ds) != "CT":
-        raise InvalidInput(f"{label}: window presets are in Hounsfield units and apply to CT objects only")
+        raise InvalidImage(f"{label}: window presets are in Hounsfield units and apply to CT objects only")
     # request window -> preset -> first file window -> VOI LUT sequence -> min..max of the frame
     window, source = request.resolve(), ("request" if request.window is not None else "preset")
     out = None
@@ -384,10 +384,10 @@ def _colour(arr: np.ndarray, ds: pydicom.Dataset, geometry: _Geometry, label: st
             arr = apply_color_lut(arr, ds)  # [H, W, 3], 8- or 16-bit entries
             bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
-            raise InvalidInput(f"{label}: DICOM palette colour lookup table is missing or invalid") from exc
+            raise InvalidImage(f"{label}: DICOM palette colour lookup table is missing or invalid") from exc
         bits = 16 if bits not in (8, 16) else bits
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise InvalidInput(f"{label}: DICOM colour pixel data did not decode to three channels")
+        raise InvalidImage(f"{label}: DICOM colour pixel data did not decode to three channels")
     if arr.dtype == np.uint8 and bits <= 8:
         return arr
     scaled = arr.astype(np.float64) / float(2**bits - 1)
@@ -400,13 +400,13 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
 
     Greyscale: modality LUT, then the window (request, preset, first file window, VOI LUT
     sequence, or the frame's min..max), then MONOCHROME1 inversion. Colour: palette LUT or
-    YBR -> RGB, scaled to 8 bits. Every refusal is InvalidInput naming the reason.
+    YBR -> RGB, scaled to 8 bits. Every refusal is InvalidImage naming the reason.
     """
     if data[128:132] != b"DICM":
-        raise InvalidInput(f"{label}: not a DICOM Part-10 file (no 'DICM' after the 128-byte preamble)")
+        raise InvalidImage(f"{label}: not a DICOM Part-10 file (no 'DICM' after the 128-byte preamble)")
     meta_end, syntax = _meta_end_and_syntax(data, label)
     if syntax not in TRANSFER_SYNTAXES:
-        raise InvalidInput(f"{label}: DICOM transfer syntax {_uid_text(syntax)} is not supported")
+        raise InvalidImage(f"{label}: DICOM transfer syntax {_uid_text(syntax)} is not supported")
     if syntax == dcm_uid.DeflatedExplicitVRLittleEndian:
         _check_inflated_size(data, meta_end, label)
     try:
@@ -414,36 +414,36 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
         _check_declared_length(ds, label)
         _convert_all(ds.file_meta, label)
         _convert_all(ds, label)
-    except InvalidInput:
+    except InvalidImage:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure of these bytes is the caller's bad input
-        raise InvalidInput(f"{label}: DICOM file could not be parsed (malformed header)") from exc
+        raise InvalidImage(f"{label}: DICOM file could not be parsed (malformed header)") from exc
     meta = ds.file_meta
     if str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR or "DirectoryRecordSequence" in ds:
-        raise InvalidInput(f"{label}: a DICOMDIR is an index of files, not an image; send the image files")
+        raise InvalidImage(f"{label}: a DICOMDIR is an index of files, not an image; send the image files")
     _check_has_pixels(ds, label)
     geometry = _check_geometry(ds, max_pixels, label)
     _check_pixel_length(ds, syntax, geometry, label)
     if geometry.frames > 1 and frame is None:
-        raise InvalidInput(f"{label}: DICOM object has more than one frame; choose one with `frame`")
+        raise InvalidImage(f"{label}: DICOM object has more than one frame; choose one with `frame`")
     index = frame or 0
     if index >= geometry.frames:
-        raise InvalidInput(f"{label}: frame {index} is beyond the last frame of the DICOM object")
+        raise InvalidImage(f"{label}: frame {index} is beyond the last frame of the DICOM object")
     colour = geometry.samples == 3 or geometry.photometric == _PALETTE
     if colour and (request.window is not None or request.preset):
-        raise InvalidInput(f"{label}: a window applies to greyscale images only")
+        raise InvalidImage(f"{label}: a window applies to greyscale images only")
     try:
         arr = pixel_array(ds, index=index)  # [H, W] or [H, W, 3]
     except BaseException as exc:  # noqa: BLE001 - decoder plugins raise anything on broken data
         # including pylibjpeg-rle's Rust panics, which derive from BaseException
         if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
             raise
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: DICOM pixel data could not be decoded ({TRANSFER_SYNTAXES[syntax]}): "
             "broken or unsupported data"
         ) from exc
     if arr.shape[:2] != (geometry.rows, geometry.columns):
-        raise InvalidInput(f"{label}: DICOM pixel data does not match Rows and Columns")
+        raise InvalidImage(f"{label}: DICOM pixel data does not match Rows and Columns")
     if colour:
         image, source = Image.fromarray(_colour(arr, ds, geometry, label)), "colour"
     else:

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from services.common.errors import InvalidInput
+from medvlm.imaging.errors import InvalidImage
 
 LINEAR, LINEAR_EXACT, SIGMOID = "LINEAR", "LINEAR_EXACT", "SIGMOID"
 
@@ -55,10 +55,10 @@ NO_WINDOW = WindowRequest()
 
 
 def checked_window(center: float, width: float, label: str) -> Window:
-    """A caller's window, refused (InvalidInput) unless finite with width >= 1."""
+    """A caller's window, refused (InvalidImage) unless finite with width >= 1."""
     window = Window(float(center), float(width))
     if not window.valid():
-        raise InvalidInput(f"{label}: window width must be at least 1 and both values finite")
+        raise InvalidImage(f"{label}: window width must be at least 1 and both values finite")
     return window
 
 

@@ -9,24 +9,17 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from engines.runtime.manifest import ImageSpec
-from services.common.errors import InvalidInput
-from services.common.limits import check_image_bytes
-from services.vision.dicom import DicomInfo, configure_pydicom, decode_dicom, looks_like_raw_dataset
-from services.vision.window import NO_WINDOW, WindowRequest, bit_depth_range, to_eight_bit
+from medvlm.imaging.dicom import DicomInfo, configure_pydicom, decode_dicom, looks_like_raw_dataset
+from medvlm.imaging.errors import InvalidImage
+from medvlm.imaging.geometry import crop_box
+from medvlm.imaging.limits import DecodeLimits, check_image_bytes
+from medvlm.imaging.spec import ImageSpec
+from medvlm.imaging.window import NO_WINDOW, WindowRequest, bit_depth_range, to_eight_bit
 
 PNG, JPEG, DICOM = "PNG", "JPEG", "DICOM"
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", PNG), (b"\xff\xd8\xff", JPEG))
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeLimits:
-    """What one image may cost."""
-
-    max_bytes: int
-    max_pixels: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +64,18 @@ def _detect(data: bytes, stated: str | None, limits: DecodeLimits, label: str) -
     """The format of the bytes after the checks every format shares: not empty, not too large,
     a known signature that agrees with the declared format."""
     if not data:
-        raise InvalidInput(f"{label}: empty image data")
+        raise InvalidImage(f"{label}: empty image data")
     check_image_bytes(data, limits.max_bytes, label)
     detected = sniff_format(data)
     if detected is None and looks_like_raw_dataset(data):
-        raise InvalidInput(
+        raise InvalidImage(
             f"{label}: looks like a DICOM dataset without the 128-byte preamble and 'DICM' prefix; "
             "send a DICOM Part-10 file"
         )
     if detected is None:
-        raise InvalidInput(f"{label}: not a PNG or JPEG image or a DICOM file (unrecognised file signature)")
+        raise InvalidImage(f"{label}: not a PNG or JPEG image or a DICOM file (unrecognised file signature)")
     if stated is not None and stated != detected:
-        raise InvalidInput(f"{label}: declared format {stated} but the data is {detected}")
+        raise InvalidImage(f"{label}: declared format {stated} but the data is {detected}")
     return detected
 
 
@@ -99,7 +92,7 @@ def decode(data: bytes, stated: str | None, limits: DecodeLimits, options: Image
         image, info = decode_dicom(data, limits.max_pixels, options.window, options.frame, label)
         return Decoded(image, info)
     if options.frame:
-        raise InvalidInput(f"{label}: `frame` applies to multi-frame DICOM objects only")
+        raise InvalidImage(f"{label}: `frame` applies to multi-frame DICOM objects only")
     return Decoded(to_display(decode_image(data, detected, limits, label), options.window, label))
 
 
@@ -108,7 +101,7 @@ def to_display(img: Image.Image, request: WindowRequest, label: str = "image") -
     bit depth's range (bit_depth_range); 8-bit greyscale through the request's window if one
     is set; anything else as it is."""
     if request.preset:
-        raise InvalidInput(f"{label}: window presets are in Hounsfield units and apply to DICOM CT only")
+        raise InvalidImage(f"{label}: window presets are in Hounsfield units and apply to DICOM CT only")
     window = request.resolve()
     if img.mode in _SIXTEEN_BIT:
         values = np.asarray(img)  # [H, W]
@@ -116,7 +109,7 @@ def to_display(img: Image.Image, request: WindowRequest, label: str = "image") -
     if window is None:
         return img
     if img.mode not in ("L", "LA", "1"):
-        raise InvalidInput(f"{label}: a window applies to greyscale images only")
+        raise InvalidImage(f"{label}: a window applies to greyscale images only")
     return Image.fromarray(to_eight_bit(np.asarray(img.convert("L")), window))
 
 
@@ -125,23 +118,23 @@ def decode_image(data: bytes, stated: str | None, limits: DecodeLimits, label: s
     16-bit), refusing anything else or anything too big. DICOM goes through decode()."""
     detected = _detect(data, stated, limits, label)
     if detected == DICOM:
-        raise InvalidInput(f"{label}: DICOM must be decoded with its window and frame (decode())")
+        raise InvalidImage(f"{label}: DICOM must be decoded with its window and frame (decode())")
     try:
         img = Image.open(io.BytesIO(data), formats=[detected])
         width, height = img.size
         if width < 1 or height < 1:
-            raise InvalidInput(f"{label}: image has no pixels")
+            raise InvalidImage(f"{label}: image has no pixels")
         if width * height > limits.max_pixels:
-            raise InvalidInput(
+            raise InvalidImage(
                 f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels"
             )
         img.load()
-    except InvalidInput:
+    except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"{label}: image exceeds the limit of {limits.max_pixels} pixels") from exc
+        raise InvalidImage(f"{label}: image exceeds the limit of {limits.max_pixels} pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise InvalidInput(f"{label}: truncated or corrupt {detected} data") from exc
+        raise InvalidImage(f"{label}: truncated or corrupt {detected} data") from exc
     return img
 
 
@@ -159,16 +152,10 @@ def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     if img.mode in _SIXTEEN_BIT:
         values = np.asarray(img)  # [H, W]
         img = Image.fromarray(to_eight_bit(values, bit_depth_range(values)))
-    size = spec.size
-    width, height = img.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    crop = crop_box(*img.size, spec.size)
+    if crop.resized != img.size:
+        img = img.resize(crop.resized, _RESAMPLE[spec.interpolation])
+    img = img.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size))
     if img.mode != "L":  # 8-bit greyscale is normalized from its one channel, which RGB would copy thrice
         img = img.convert("RGB")
     return normalize(np.asarray(img), spec.mean, spec.std)
