@@ -11,7 +11,7 @@ WHEELHOUSE := .cache/wheelhouse
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test test-engine mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv checkov protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test test-engine mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -66,7 +66,7 @@ calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistic
 run: protos $(VENV)/.medvlm-installed  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
-test: protos $(VENV)/.medvlm-installed $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
+test: protos $(VENV)/.medvlm-installed $(VENV)/bin/checkov $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
 
 # Wheels for tests/test_wheel.py, which installs the project's wheel into a new virtual environment
@@ -78,6 +78,17 @@ $(WHEELHOUSE)/.downloaded: pyproject.toml requirements/web.txt requirements/clie
 	$(PY) -m pip download -q --only-binary=:all: -d $(WHEELHOUSE) -c requirements/constraints.txt \
 		-r $(WHEELHOUSE)/imaging.txt -r requirements/web.txt
 	touch $@
+
+# checkov, for the scan of the rendered manifests (tests/test_k8s_operations.py), in a virtual
+# environment of its own (its pins would fight the serving ones), linked into $(VENV)/bin.
+CHECKOV_VENV := .cache/checkov
+
+checkov: $(VENV)/bin/checkov  ## install checkov (requirements/checkov.txt) into .cache/checkov, linked as $(VENV)/bin/checkov
+
+$(VENV)/bin/checkov: requirements/checkov.txt $(VENV)/.installed
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r requirements/checkov.txt
+	ln -sf $(CURDIR)/$(CHECKOV_VENV)/bin/checkov $@
 
 ENGINE ?=
 # The test files that start stacks (in process or as processes), for test-engine.
