@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from engines.runtime import derived
 from engines.runtime import manifest as mf
@@ -32,12 +32,12 @@ def bundle_lock(bundle_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` beside `path` under a temporary name, flush it, then rename it over `path`."""
+def _replace(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write beside `path` under a temporary name with `write`, flush it, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
@@ -47,19 +47,15 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`, atomically."""
+    _replace(path, lambda out: out.write(text.encode()))
+
+
 def _place(src: Path, dst: Path) -> None:
-    """Copy `src` next to `dst` under a temporary name, flush it, then rename it over `dst`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `dst` with a copy of `src`, atomically."""
+    with open(src, "rb") as inp:
+        _replace(dst, lambda out: shutil.copyfileobj(inp, out, 1 << 20))
 
 
 def amend_bundle(
