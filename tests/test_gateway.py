@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import structlog
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from conftest import eventually, gateway_settings, health_status, start_server, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
@@ -300,14 +301,16 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
 
 
 def test_cache_round_trip_and_bundle_isolation():
-    cache = TextEmbeddingCache(16)
+    cache = TextEmbeddingCache(16, name="round-trip")
     vectors = unit(3, 16, 0)
     keys = [("bundle-a", "{}", t) for t in ("x", "y", "z")]
     cache.put(keys, vectors)
     got = cache.get(keys + [("bundle-b", "{}", "x"), ("bundle-a", "a {}", "x")])
     np.testing.assert_array_equal(np.stack(got[:3]), vectors)
     assert got[3] is None and got[4] is None  # another bundle or template never matches
-    assert (cache.hits, cache.misses) == (3, 2)
+    counted = {r: REGISTRY.get_sample_value("medvlm_label_cache_total", {"cache": "round-trip", "result": r})
+               for r in ("hit", "miss")}
+    assert counted == {"hit": 3, "miss": 2}
     cache.put(keys[:1], unit(1, 16, 9))  # existing keys keep their first vector
     np.testing.assert_array_equal(cache.get(keys[:1], count=False)[0], vectors[0])
     assert len(cache) == 3

@@ -30,8 +30,6 @@ class TextEmbeddingCache:
         self._slab = np.empty((min(self.capacity, 1024), dim), dtype=np.float32)  # [rows, D]
         self._rows: collections.OrderedDict[CacheKey, int] = collections.OrderedDict()
         self._free: list[int] = list(range(len(self._slab) - 1, -1, -1))
-        self.hits = 0
-        self.misses = 0
         self.evictions = 0
         self._lookups = {r: metrics.LABEL_CACHE.labels(name, r) for r in ("hit", "miss")}
         self._evicted = metrics.LABEL_CACHE_EVICTIONS.labels(name)
@@ -57,8 +55,6 @@ class TextEmbeddingCache:
                 self._rows.move_to_end(key)
             if count:
                 result = "miss" if row is None else "hit"
-                self.hits += row is not None
-                self.misses += row is None
                 metrics.TEXT_CACHE.labels(result).inc()
                 self._lookups[result].inc()
             out.append(None if row is None else self._slab[row].copy())

@@ -63,13 +63,6 @@ def index_key(text_tower: str, content_sha256: str) -> str:
     return hashlib.sha256(f"{text_tower}\n{content_sha256}".encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
