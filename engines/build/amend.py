@@ -122,8 +122,8 @@ def amend_bundle(
 
 def _unsigned_refusal(root: Path, index: derived.DerivedIndex, name: str) -> str | None:
     """Why `name` cannot be added to an unsigned bundle's manifest (None: it can)."""
-    target = (root / name).resolve()
-    if root not in target.parents:
+    target = mf.inside(root, name)
+    if target is None:
         return "outside the bundle"
     if target in {(root / n).resolve() for n in (*derived.RESERVED_NAMES, *index.files)}:
         return f"that name is the bundle's own index, or a file of its {derived.DERIVED_NAME}"

@@ -20,6 +20,7 @@ from engines.runtime.manifest import (
     FileEntry,
     Manifest,
     ManifestError,
+    inside,
     sha256_file,
 )
 
@@ -119,8 +120,8 @@ def load_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bu
 def _check_files(root: Path, files: dict[str, FileEntry], listed_in: str) -> None:
     """Every file of an index is inside the bundle, present, and matches its sha256."""
     for name, entry in files.items():
-        target = (root / name).resolve()
-        if root not in target.parents:
+        target = inside(root, name)
+        if target is None:
             raise BundleError(f"{listed_in} names a file outside the bundle: {name!r}")
         if not target.is_file():
             raise BundleError(f"bundle file {name} (listed in {listed_in}) is missing")

@@ -28,6 +28,7 @@ from engines.runtime.manifest import (
     FileEntry,
     Manifest,
     ManifestError,
+    inside,
 )
 from engines.runtime.signature import SIGNATURE_NAME
 
@@ -75,8 +76,8 @@ class DerivedIndex:
 def refusal(root: Path, manifest: Manifest, name: str, entry: FileEntry) -> str | None:
     """Why `name` cannot be a derived file of the bundle at `root` (None: it can). Checked where a
     file is added (amend_bundle) and again at every load."""
-    target = (root / name).resolve()
-    if root not in target.parents:
+    target = inside(root, name)
+    if target is None:
         return f"{DERIVED_NAME} names a file outside the bundle: {name!r}"
     signed = {(root / n).resolve() for n in (*RESERVED_NAMES, *manifest.files)}
     if target in signed:
@@ -94,7 +95,7 @@ def golden_floor(manifest: Manifest, entry: FileEntry) -> float:
 
     fp16/int8: the signed precision gate's golden_floor, the lowest tolerance the build lets any
     gated reduced-precision engine carry. fp32 (plans): BF16_GOLDEN_MIN_COSINE, since TensorRT may
-    compute fp32 layers in TF32 (10 mantissa bits), at least as precise as bf16 (8).
+    compute fp32 layers in TF32 (10 explicit mantissa bits), more precise than bf16 (7).
     """
     return manifest.precision_gate.golden_floor if entry.precision in (FP16, INT8) else BF16_GOLDEN_MIN_COSINE
 

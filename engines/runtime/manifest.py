@@ -237,6 +237,12 @@ class Manifest:
         return cls.from_dict(data)
 
 
+def inside(root: Path, name: str) -> Path | None:
+    """`root / name` resolved, or None when it leads out of `root` (an absolute name, `..`, a link)."""
+    target = (root / name).resolve()
+    return target if root in target.parents else None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
