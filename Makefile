@@ -64,7 +64,7 @@ calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistic
 	$(PY) -m engines.build calibrate --bundle $(or $(BUNDLE),$(BUNDLES)/demo-synthetic-1) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 run: protos $(VENV)/.medvlm-installed  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
-	$(PY) -m services.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
+	$(PY) -m devtools.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
 test: protos $(VENV)/.medvlm-installed $(VENV)/bin/checkov $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
 	$(PY) -m pytest -q
@@ -92,7 +92,7 @@ $(VENV)/bin/checkov: requirements/checkov.txt $(VENV)/.installed
 
 ENGINE ?=
 # The test files that start stacks (in process or as processes), for test-engine.
-ENGINE_TESTS ?= $(shell grep -l 'start_stack\|start_server\|spawn_service\|tiny_stack\|services.launch' tests/test_*.py)
+ENGINE_TESTS ?= $(shell grep -l 'start_stack\|start_server\|spawn_service\|tiny_stack\|devtools.launch' tests/test_*.py)
 
 test-engine: protos $(VENV)/.medvlm-installed  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
 	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(ENGINE_TESTS)

@@ -26,8 +26,8 @@ import grpc
 
 from bench.machine import cpu_info
 from bench.stress import CHEST, ROOT, MixedLoad, Stack, Tally, sample_images
+from devtools.launch import ensure_bundle
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.launch import ensure_bundle
 
 STEADY = (("classify", 70), ("stream", 30))
 # The loads the faults run under besides the flood; each stays within the stack's default bounds

@@ -59,7 +59,7 @@ def image_target():
     from medvlm.imaging.limits import DecodeLimits
     from medvlm.imaging.preprocess import configure_pillow
     from medvlm.imaging.spec import ImageSpec
-    from services.common.errors import InvalidInput
+    from services.domain import InvalidInput
     from services.vision.encoder import ImagePreparer
 
     configure_pillow(4_000_000)
@@ -80,9 +80,9 @@ def text_target(bundle_dir: Path):
     """One fuzz input (labels, then a template, one per line) -> the gateway's checks and the tokenizer."""
     from engines.runtime.bundle import load_bundle
     from engines.runtime.text import TextTokenizer
-    from services.common.errors import InvalidInput
-    from services.common.limits import check_texts
-    from services.common.settings import Settings
+    from services.domain import InvalidInput
+    from services.plumbing.limits import check_texts
+    from services.plumbing.settings import Settings
     from services.gateway.zeroshot import apply_template, check_template
 
     bundle = load_bundle(bundle_dir)
@@ -108,9 +108,9 @@ def request_target():
     from google.protobuf.message import DecodeError
 
     from medvlm.v1 import gateway_pb2
-    from services.common.errors import InvalidInput
-    from services.common.limits import check_images, check_texts
-    from services.common.settings import Settings
+    from services.domain import InvalidInput
+    from services.plumbing.limits import check_images, check_texts
+    from services.plumbing.settings import Settings
     from services.gateway.zeroshot import check_template
 
     settings = Settings()
@@ -136,7 +136,7 @@ def run_target(target: str, seconds: float, runs: int, out: Path) -> None:
 
     with atheris.instrument_imports(include=["medvlm.imaging", "services", "engines", "PIL", "pydicom"]):
         if target == "text":
-            from services.launch import ensure_bundle
+            from devtools.launch import ensure_bundle
 
             one = text_target(ensure_bundle(ROOT / "bundles", "demo"))
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.health import wait_for_health
+from services.plumbing.health import wait_for_health
 
 HOST = "127.0.0.1"
 

@@ -23,7 +23,7 @@ import psutil
 
 from bench.machine import cpu_info
 from bench.stress import ROOT, MixedLoad, Stack
-from services.launch import ensure_bundle
+from devtools.launch import ensure_bundle
 
 
 class Sampler(threading.Thread):

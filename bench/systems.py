@@ -50,7 +50,7 @@ from engines.runtime.select import ORT_CPU, open_engine
 from engines.runtime.text import TextTokenizer
 from medvlm.imaging.limits import DecodeLimits
 from medvlm.imaging.preprocess import PNG, configure_pillow, decode_image, preprocess
-from services.common.settings import Settings
+from services.plumbing.settings import Settings
 from services.vision.encoder import ImagePreparer
 
 log = logging.getLogger("bench.systems")
@@ -521,7 +521,7 @@ class GatewayTLS(GatewayClassify):
              "checked on every call, mutual TLS to the encoders; labels cached")
 
     def security(self) -> tuple[list[str], list[str], grpc.ChannelCredentials | None]:
-        from services.launch import make_local_tls
+        from devtools.launch import make_local_tls
 
         tls = make_local_tls(self.ctx.workdir / "tls", [HOST])
         self.credentials = tls.channel_credentials()

@@ -51,13 +51,13 @@ MUTATIONS = (
         "one request's images embedded by replicas of different bundles, mixed into one answer",
     ),
     Mutation(
-        "benchmark-served-without-flag", "services/common/encoder.py",
+        "benchmark-served-without-flag", "services/encoder/app.py",
         "    if manifest.kind == KIND_BENCHMARK and not settings.allow_benchmark:", "    if False:",
         (C + "test_a_benchmark_bundle_is_served_only_when_allowed",),
         "a random-weight benchmark bundle served without --allow-benchmark",
     ),
     Mutation(
-        "engine-error-not-delivered", "services/common/batching.py",
+        "engine-error-not-delivered", "services/encoder/batching.py",
         '                        item.request.settle(error=MedvlmError("the engine failed on this batch"))',
         "                        pass",
         (C + "test_an_engine_failure_reaches_every_waiting_caller_and_the_server_recovers",),
@@ -92,7 +92,7 @@ MUTATIONS = (
         "the centred half of the golden check removed",
     ),
     Mutation(
-        "gateway-image-count-unchecked", "services/common/limits.py",
+        "gateway-image-count-unchecked", "services/plumbing/limits.py",
         "    if len(images) > max_images:", "    if False:",
         (C + "test_the_gateway_enforces_its_own_image_count_limit",),
         "the image-count limit removed (the gateway's and the vision encoder's one check)",
@@ -111,7 +111,7 @@ MUTATIONS = (
         "the gateway's retry policy switched off",
     ),
     Mutation(
-        "headers-before-work", "services/common/interceptors.py",
+        "headers-before-work", "services/plumbing/interceptors.py",
         "                call.admit()\n                response = await behavior(",
         "                call.admit()\n                await call.send_headers()\n                response = await behavior(",
         (C + "test_a_replica_answering_unavailable_costs_no_failed_call",),
@@ -137,20 +137,20 @@ MUTATIONS = (
         "Classify's top_k ignored",
     ),
     Mutation(
-        "expired-deadline-computed", "services/common/batching.py",
+        "expired-deadline-computed", "services/encoder/batching.py",
         "            if self._dropped_expired(request, now):", "            if False:",
         ("tests/test_batching.py::test_an_expired_deadline_never_reaches_the_engine",),
         "work whose deadline passed still reaches the engine",
     ),
     Mutation(
-        "routine-never-ages", "services/common/batching.py",
+        "routine-never-ages", "services/encoder/batching.py",
         "        aged = [p for p, h in heads.items() if now - h.enqueued >= self._aging_s]",
         "        aged = []",
         ("tests/test_batching.py::test_routine_work_is_not_starved_by_a_stream_of_stat",),
         "routine work starved by a stream of STAT (priority aging removed)",
     ),
     Mutation(
-        "queue-unbounded", "services/common/batching.py",
+        "queue-unbounded", "services/encoder/batching.py",
         "            if self._admitted + ticket.count > self._max_admitted:", "            if False:",
         ("tests/test_batching.py::test_full_queue_is_resource_exhausted_in_waves_and_the_server_keeps_serving",),
         "the batcher's queue bound removed",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from services.common.settings import ALL, Settings, _env_name, _flag_name
+from services.plumbing.settings import ALL, Settings, _env_name, _flag_name
 
 TABLE_MARKER = "<!-- settings table: python -m scripts.settings_table README.md -->"
 

@@ -23,16 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from devtools.localca import signing_key  # noqa: E402
 from engines.runtime import select  # noqa: E402
-from engines.runtime.engine import Engine  # noqa: E402
 from engines.runtime.bundle import load_bundle  # noqa: E402
+from engines.runtime.engine import Engine  # noqa: E402
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2_grpc, types_pb2  # noqa: E402
-from services.common.convert import PRECISION, TOWER  # noqa: E402
-from services.common.health import wait_for_health  # noqa: E402
-from services.common.localca import signing_key  # noqa: E402
-from services.common.server import Server  # noqa: E402
-from services.common.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
 from services.gateway.app import GatewayApp  # noqa: E402
+from services.plumbing.convert import PRECISION, TOWER  # noqa: E402
+from services.plumbing.health import wait_for_health  # noqa: E402
+from services.plumbing.server import Server  # noqa: E402
+from services.plumbing.settings import GATEWAY, TEXT, VISION, Settings  # noqa: E402
 from services.text.servicer import TextApp  # noqa: E402
 from services.vision.servicer import VisionApp  # noqa: E402
 
@@ -352,7 +352,7 @@ async def eventually(predicate, timeout_s: float = 60, what: str = "the conditio
 
 async def wait_health(port: int, want: int, within_s: float = 10.0, service: str = "") -> float:
     """Seconds until the health of `service` on the local `port` is `want` (bounded polling through
-    services.common.health, off the event loop); fails after within_s."""
+    services.plumbing.health, off the event loop); fails after within_s."""
     start = time.monotonic()
     reached = await asyncio.to_thread(wait_for_health, f"127.0.0.1:{port}", within_s, want=want, service=service,
                                       interval_s=0.05)

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import encoder_settings, gateway_settings, spawn_service, start_server, wait_for_serving
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common.settings import TEXT
 from services.gateway.app import GatewayApp
+from services.plumbing.settings import TEXT
 from services.text.servicer import TextApp
 from test_gateway import png_bytes
 

@@ -14,11 +14,13 @@ from conftest import encoder_settings, eventually, start_server
 from engines.runtime.bundle import load_bundle
 from engines.runtime.select import ORT_CPU, open_engine
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
-from services.common import batching, metrics
-from services.common.batching import ROUTINE, STAT, URGENT, Batcher, Priority
-from services.common.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
-from services.common.interceptors import RETRY_AFTER_KEY
-from services.common.settings import VISION
+from services.domain import ROUTINE, STAT, URGENT, Priority
+from services.domain import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from services.encoder import batching
+from services.encoder.batching import Batcher
+from services.plumbing import metrics
+from services.plumbing.interceptors import RETRY_AFTER_KEY
+from services.plumbing.settings import VISION
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes
 

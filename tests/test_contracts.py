@@ -22,12 +22,12 @@ from conftest import (
 )
 from engines.runtime.manifest import sha256_file
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import errors
-from services.common.batching import ROUTINE, STAT, URGENT
-from services.common.interceptors import REQUEST_ID_KEY, status_of
-from services.common.server import NOT_SERVING, SERVING
-from services.common.settings import TEXT, VISION
+from services import domain
+from services.domain import ROUTINE, STAT, URGENT
 from services.gateway.app import GatewayApp
+from services.plumbing.interceptors import REQUEST_ID_KEY, status_of
+from services.plumbing.server import NOT_SERVING, SERVING
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import classify_request, expect_status, png_bytes
@@ -410,10 +410,10 @@ async def test_a_replica_answering_unavailable_costs_no_failed_call(tiny_bundle,
 
 
 def test_every_domain_error_has_its_status():
-    assert status_of(errors.InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_of(errors.NotReady("x")) == grpc.StatusCode.UNAVAILABLE
-    assert status_of(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
-    assert status_of(errors.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert status_of(errors.DeadlineExpired("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert status_of(errors.Inconsistent("x")) == grpc.StatusCode.FAILED_PRECONDITION
-    assert status_of(errors.MedvlmError("x")) == grpc.StatusCode.INTERNAL
+    assert status_of(domain.InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(domain.NotReady("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_of(domain.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_of(domain.Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(domain.DeadlineExpired("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_of(domain.Inconsistent("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(domain.MedvlmError("x")) == grpc.StatusCode.INTERNAL

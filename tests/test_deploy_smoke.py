@@ -13,10 +13,10 @@ import subprocess
 import pytest
 
 from conftest import ROOT, encoder_settings, find_tool, gateway_settings, start_server
-from services.common.auth import hash_api_key
-from services.common.localca import LocalCA
-from services.common.settings import TEXT, VISION
+from devtools.localca import LocalCA
 from services.gateway.app import GatewayApp
+from services.plumbing.settings import TEXT, VISION
+from services.security.auth import hash_api_key
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 

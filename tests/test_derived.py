@@ -28,13 +28,11 @@ from engines.build.amend import amend_bundle
 from engines.build.plans import plan_key, plan_name
 from engines.build.quantize import prepare_graph, quantize_dynamic_graph
 from engines.build.sign import sign_bundle
-from engines.runtime import manifest as mf
-from engines.runtime import select
-from engines.runtime import tensorrt as trt_engine
+from engines.runtime import manifest as mf, select, tensorrt as trt_engine
 from engines.runtime.bundle import BundleError, golden_cosine, load_bundle
 from engines.runtime.derived import DERIVED_NAME, DerivedIndex
 from engines.runtime.signature import SIGNATURE_NAME
-from services.common.settings import TEXT, VISION
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 

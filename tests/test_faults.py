@@ -7,7 +7,7 @@ import pytest
 
 from bench import faults
 from bench.stress import MixedLoad
-from services.common.settings import GATEWAY, TEXT, VISION, Settings
+from services.plumbing.settings import GATEWAY, TEXT, VISION, Settings
 
 
 @pytest.mark.parametrize("load", [faults.STEADY_LOAD, faults.CACHED_LOAD, faults.STREAMS_LOAD],

@@ -17,12 +17,12 @@ from prometheus_client import REGISTRY
 
 from conftest import eventually, gateway_settings, health_status, start_server, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
-from services.common import errors
-from services.common.interceptors import REQUEST_ID_KEY
-from services.common.server import NOT_SERVING, SERVING
+from services import domain
 from services.gateway.app import GatewayApp
 from services.gateway.cache import TextEmbeddingCache
 from services.gateway.zeroshot import apply_template, check_template, softmax_rows
+from services.plumbing.interceptors import REQUEST_ID_KEY
+from services.plumbing.server import NOT_SERVING, SERVING
 
 TEXT_RPC = "/medvlm.v1.TextEncoderService/EmbedTexts"
 
@@ -214,7 +214,7 @@ async def test_gateway_refuses_to_serve_encoders_of_different_bundles(tiny_bundl
     manifest["version"] = manifest["version"] + "-other"
     (other / "manifest.json").write_text(json.dumps(manifest))
     from conftest import encoder_settings
-    from services.common.settings import TEXT
+    from services.plumbing.settings import TEXT
     from services.text.servicer import TextApp
 
     from medvlm.v1 import gateway_pb2_grpc
@@ -320,9 +320,9 @@ def test_templates_are_replaced_not_formatted():
     assert check_template("", ["a"], 100) == "{}"
     assert apply_template("a photo of {}", "{0.__class__}") == "a photo of {0.__class__}"
     for bad in ("none", "{} {}", "{0}"):
-        with pytest.raises(errors.InvalidInput):
+        with pytest.raises(domain.InvalidInput):
             check_template(bad, ["a"], 100)
-    with pytest.raises(errors.InvalidInput, match="prompt 1"):
+    with pytest.raises(domain.InvalidInput, match="prompt 1"):
         check_template("x" * 50 + "{}", ["a", "b" * 60], 100)
 
 

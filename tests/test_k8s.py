@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.server import LIVENESS
 from conftest import ORT_FP32, find_tool, served_engines, start_stack
-from services.common.settings import Settings
+from services.plumbing.server import LIVENESS
+from services.plumbing.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -474,11 +474,11 @@ def check_network(docs: list[dict]) -> list[str]:
 
 @functools.cache
 def exposed_metrics() -> frozenset[str]:
-    """Every series name the services expose (services/common/metrics.py): counters with _total,
+    """Every series name the services expose (services/plumbing/metrics.py): counters with _total,
     histograms with _bucket, _sum and _count."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from services.common import metrics
+    from services.plumbing import metrics
 
     names = set()
     for value in vars(metrics).values():

@@ -17,13 +17,13 @@ import yaml
 
 from conftest import ROOT, encoder_settings, gateway_settings, start_server
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import metrics
-from services.common.settings import TEXT, VISION
 from services.gateway import labelsets
-from services.gateway.cache import TextEmbeddingCache
 from services.gateway.app import GatewayApp
+from services.gateway.cache import TextEmbeddingCache
 from services.gateway.sets import ensemble
 from services.gateway.store import EmbeddingStore, index_key
+from services.plumbing import metrics
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import expect_status, png_bytes

@@ -13,8 +13,8 @@ import structlog
 
 from conftest import encoder_settings, eventually, health_status, spawn_service, start_server, wait_for_serving
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
-from services.common.server import NOT_SERVING, SERVING
-from services.common.settings import TEXT, VISION
+from services.plumbing.server import NOT_SERVING, SERVING
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes

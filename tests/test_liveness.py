@@ -9,8 +9,8 @@ import grpc
 
 from conftest import encoder_settings, health_status, start_server, wait_health
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
-from services.common.server import LIVENESS, NOT_SERVING, SERVING
-from services.common.settings import VISION
+from services.plumbing.server import LIVENESS, NOT_SERVING, SERVING
+from services.plumbing.settings import VISION
 from test_gateway import png_bytes
 from test_lifecycle import GatedVisionApp
 from services.vision.servicer import VisionApp

@@ -20,13 +20,13 @@ from conftest import (
     encoder_settings, gateway_settings, health_status, spawn_service, start_server, start_stack,
     wait_for_serving, wait_health,
 )
+from devtools.launch import how_it_ended
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import metrics
-from services.common.interceptors import RETRY_AFTER_KEY
-from services.common.server import NOT_SERVING, SERVING
-from services.common.settings import TEXT, VISION
 from services.gateway.app import GatewayApp
-from services.launch import how_it_ended
+from services.plumbing import metrics
+from services.plumbing.interceptors import RETRY_AFTER_KEY
+from services.plumbing.server import NOT_SERVING, SERVING
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes

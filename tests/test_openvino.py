@@ -23,15 +23,12 @@ from test_gateway import png_bytes
 from engines.build import openvino_int8
 from engines.build.amend import amend_bundle
 from engines.build.quantize import prepare_graph, quantize_dynamic_graph
-from engines.runtime import manifest as mf
-from engines.runtime import openvino as ov_engine
-from engines.runtime import select
+from engines.runtime import manifest as mf, openvino as ov_engine, select
 from engines.runtime.bundle import load_bundle
-from engines.runtime.engine import EngineError
+from engines.runtime.engine import EngineError, l2_normalize
 from engines.runtime.onnx import OnnxRuntimeEngine
-from engines.runtime.engine import l2_normalize
 from medvlm.imaging.preprocess import preprocess
-from services.common.settings import VISION
+from services.plumbing.settings import VISION
 from services.vision.servicer import VisionApp
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\n"

@@ -28,11 +28,10 @@ from PIL import Image
 from engines.build import demo, gate, quantize, synthetic
 from engines.build.__main__ import main as build_main
 from engines.build.localdir import WEIGHTS_NAME
-from engines.runtime import manifest as mf
-from engines.runtime import select
+from engines.runtime import manifest as mf, select
 from engines.runtime.bundle import BundleError, load_bundle
-from services.common.settings import TEXT, VISION
 from services.gateway.app import GatewayApp
+from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 

@@ -19,9 +19,9 @@ import pytest
 from conftest import (encoder_settings, eventually, gateway_settings, health_status, spawn_service,
                       start_server, wait_for_serving)
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common.server import SERVING
-from services.common.settings import TEXT
 from services.gateway.app import GatewayApp
+from services.plumbing.server import SERVING
+from services.plumbing.settings import TEXT
 from services.text.servicer import TextApp
 from test_gateway import png_bytes
 

@@ -27,17 +27,17 @@ from conftest import (
     PYTHON, ROOT, encoder_settings, find_tool, gateway_settings, service_env, spawn_service, start_server,
     wait_for_serving,
 )
+from devtools.localca import LocalCA, token_key
 from engines.build.sign import sign_bundle
 from engines.runtime.bundle import BundleError, load_bundle
 from engines.runtime.signature import SIGNATURE_NAME
 from medvlm.v1 import encoders_pb2_grpc, gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import errors
-from services.common.auth import hash_api_key
-from services.common.localca import LocalCA, token_key
-from services.common.settings import GATEWAY, TEXT, VISION, Settings, parse_settings
-from services.common.tls import ClientCertificateFiles, check_listen
-from services.gateway.clients import VisionClient
+from services import domain
 from services.gateway.app import GatewayApp
+from services.gateway.clients import VisionClient
+from services.plumbing.settings import GATEWAY, TEXT, VISION, Settings, parse_settings
+from services.security.auth import hash_api_key
+from services.security.tls import ClientCertificateFiles, check_listen
 from services.text.servicer import TextApp
 from services.vision.servicer import VisionApp
 from test_gateway import png_bytes
@@ -175,7 +175,7 @@ async def test_encoders_accept_only_the_gateways_certificate(pki, tiny_bundle):
             if expected is None:
                 assert (await client.model_info(5)).bundle_id
             else:
-                with pytest.raises(errors.MedvlmError, match=expected):
+                with pytest.raises(domain.MedvlmError, match=expected):
                     await client.model_info(5)
 
         # the gateway with its certificate, balancing with dns:/// + round_robin over a name its
@@ -579,7 +579,7 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(PYTHON).parent)) or shutil.which
 def test_launcher_with_tls_prints_a_grpcurl_line_that_answers(tiny_bundle, tmp_path):
     gateway_port, vision_port, text_port, web_port = free_ports(4)
     proc = subprocess.Popen(
-        [PYTHON, "-m", "services.launch", "--model", "tiny", "--bundles", str(tiny_bundle.parent), "--tls",
+        [PYTHON, "-m", "devtools.launch", "--model", "tiny", "--bundles", str(tiny_bundle.parent), "--tls",
          "--tls-dir", str(tmp_path / "tls"), "--gateway-port", str(gateway_port), "--vision-port",
          str(vision_port), "--text-port", str(text_port), "--web-port", str(web_port), "--timeout-s", "120"],
         cwd=ROOT, env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

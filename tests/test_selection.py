@@ -18,16 +18,14 @@ import structlog
 from conftest import ROOT, encoder_settings, start_server
 from medvlm.v1 import encoders_pb2_grpc, types_pb2
 
-import engines.build.torch_engine  # noqa: F401 - registers the torch reference engines
 from engines.build.amend import amend_bundle
 from engines.build.quantize import prepare_graph, quantize_dynamic_graph
-from engines.runtime import manifest as mf
-from engines.runtime import select
-from engines.runtime import tensorrt as trt_engine
+import engines.build.torch_engine  # noqa: F401 - registers the torch reference engines
+from engines.runtime import manifest as mf, select, tensorrt as trt_engine
 from engines.runtime.bundle import BundleError, load_bundle
 from engines.runtime.engine import EngineError
-from services.common import metrics
-from services.common.settings import VISION
+from services.plumbing import metrics
+from services.plumbing.settings import VISION
 from services.vision.servicer import VisionApp
 
 CPU_ONLY = select.Environment(ort_providers=("CPUExecutionProvider",), gpu_reason="no CUDA device 0 (0 visible)",

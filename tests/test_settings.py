@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT
-from services.common.settings import TEXT, VISION, parse_settings
+from services.plumbing.settings import TEXT, VISION, parse_settings
 
 
 def test_settings_flags_beat_variables_and_defaults():

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from conftest import eventually, start_stack
 from medvlm.v1 import gateway_pb2, types_pb2
-from services.common.interceptors import REQUEST_ID_KEY
+from services.plumbing.interceptors import REQUEST_ID_KEY
 from test_gateway import classify_request, fresh_labels, png_bytes
 
 

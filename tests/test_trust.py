@@ -17,9 +17,9 @@ from PIL import Image
 from conftest import CALIBRATION_PER_CLASS, gateway_settings, health_status, start_server, start_stack
 from engines.runtime.calibration import DEFAULT_SCOPE, Calibration, CalibrationError, Scope
 from medvlm.v1 import gateway_pb2, types_pb2
-from services.common.server import NOT_SERVING
 from services.gateway.app import GatewayApp
 from services.gateway.trust import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Trust
+from services.plumbing.server import NOT_SERVING
 
 CHEST = "chest"
 PER_CLASS = CALIBRATION_PER_CLASS  # demo calibration images per class (conftest's demo_calibration)

@@ -23,7 +23,7 @@ import pytest
 from conftest import ORT_FP32, ROOT, precision_name, served_engines, start_stack
 from medvlm.client import AsyncClient
 from medvlm.web import WebSettings
-from services.common.settings import GATEWAY, VISION, Settings
+from services.plumbing.settings import GATEWAY, VISION, Settings
 
 SAMPLES = ROOT / "samples"
 CHEST = ["normal chest radiograph", "left pleural effusion", "right pleural effusion", "cardiomegaly",

@@ -8,16 +8,16 @@ import grpc
 import structlog
 
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import metrics
-from services.common.errors import DeadlineExpired, Inconsistent, MedvlmError, NotReady
-from services.common.settings import Settings
-from services.common.tls import encoder_certificates
+from services.domain import DeadlineExpired, Inconsistent, MedvlmError, NotReady
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sets import LabelSets
 from services.gateway.store import EmbeddingStore
 from services.gateway.trust import Trust
 from services.gateway.zeroshot import ModelIdentity, ZeroShot
+from services.plumbing import metrics
+from services.plumbing.settings import Settings
+from services.security.tls import encoder_certificates
 
 log = structlog.get_logger("medvlm.gateway")
 

@@ -6,7 +6,7 @@ import collections
 
 import numpy as np
 
-from services.common import metrics
+from services.plumbing import metrics
 
 CacheKey = tuple[str, str, str]  # (text tower: bundle id, precision, engine; template; text)
 

@@ -12,9 +12,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
-from services.common import convert, errors
-from services.common.interceptors import REQUEST_ID_KEY, RETRY_AFTER_KEY, current_request_id
-from services.common.tls import ClientCertificateFiles
+from services import domain
+from services.plumbing import convert
+from services.plumbing.interceptors import REQUEST_ID_KEY, RETRY_AFTER_KEY, current_request_id
+from services.security.tls import ClientCertificateFiles
 
 _VISION_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["VisionEncoderService"].full_name
 _TEXT_SERVICE = encoders_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
@@ -67,19 +68,19 @@ class Embedded:
     bundle_id: str
 
 
-def _domain_error(name: str, exc: grpc.aio.AioRpcError) -> errors.MedvlmError:
+def _domain_error(name: str, exc: grpc.aio.AioRpcError) -> domain.MedvlmError:
     """The one conversion of an encoder's status into a domain error. Encoders' messages for
     bad input are our own and safe to pass on; everything else gets a message of ours."""
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return errors.InvalidInput(exc.details() or f"{name} refused the input")
+        return domain.InvalidInput(exc.details() or f"{name} refused the input")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.Overloaded(f"{name} encoder is overloaded; retry shortly", retry_after_s=_retry_after_s(exc))
+        return domain.Overloaded(f"{name} encoder is overloaded; retry shortly", retry_after_s=_retry_after_s(exc))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return errors.DeadlineExpired(f"{name} encoder did not answer within the deadline")
+        return domain.DeadlineExpired(f"{name} encoder did not answer within the deadline")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return errors.Unavailable(f"{name} encoder is unavailable")
-    return errors.MedvlmError(f"{name} encoder failed ({code.name})")
+        return domain.Unavailable(f"{name} encoder is unavailable")
+    return domain.MedvlmError(f"{name} encoder failed ({code.name})")
 
 
 def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
@@ -200,10 +201,10 @@ class VisionClient(EncoderClient):
         parts = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         done = [_embedded(reply, len(reply.embeddings)) for reply in parts]
         if len({d.bundle_id for d in done}) != 1:
-            raise errors.BundleChanged("vision encoder replicas serve different bundles; retry shortly")
+            raise domain.BundleChanged("vision encoder replicas serve different bundles; retry shortly")
         vectors = np.concatenate([d.vectors for d in done])
         if len(vectors) != len(images):
-            raise errors.MedvlmError(f"vision encoder returned {len(vectors)} embeddings for {len(images)} images")
+            raise domain.MedvlmError(f"vision encoder returned {len(vectors)} embeddings for {len(images)} images")
         return Embedded(vectors, [x for d in done for x in d.digests], done[0].bundle_id)
 
 
@@ -219,7 +220,7 @@ class TextClient(EncoderClient):
 
 def _embedded(response, expected: int) -> Embedded:
     if len(response.embeddings) != expected:
-        raise errors.MedvlmError(f"encoder returned {len(response.embeddings)} embeddings for {expected} inputs")
+        raise domain.MedvlmError(f"encoder returned {len(response.embeddings)} embeddings for {expected} inputs")
     return Embedded(
         vectors=convert.vectors(response.embeddings),
         digests=[e.input_sha256 for e in response.embeddings],

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from services.common.errors import InvalidInput
+from services.domain import InvalidInput
 
 PLACEHOLDER = "{}"
 MAX_LABELS = 100_000

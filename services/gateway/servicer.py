@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.common import convert
-from services.common.errors import MedvlmError
-from services.common.interceptors import status_of
+from services.domain import MedvlmError, Priority
 from services.gateway.labelsets import LabelSet
 from services.gateway.stream import carry_questions, map_unordered
 from services.gateway.zeroshot import Answer, Question
+from services.plumbing import convert
+from services.plumbing.interceptors import status_of
 
 if TYPE_CHECKING:
     from services.gateway.app import GatewayApp
@@ -58,7 +58,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if self.app.retained is not None:
             self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
         image = request.image if request.HasField("image") else None
-        answer = await core.classify(image, question, self.app.timeout(context), convert.priority(request.priority))
+        answer = await core.classify(image, question, self.app.timeout(context), Priority.of(request.priority))
         return _classify_response(answer, core.model.bundle_id)
 
     async def ClassifyStream(self, request_iterator, context):
@@ -80,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Similarity(self, request, context):
         core = self.app.core
         scores = await core.similarity(list(request.images), list(request.texts), request.template,
-                                       self.app.timeout(context), convert.priority(request.priority))
+                                       self.app.timeout(context), Priority.of(request.priority))
         rows = [
             gateway_pb2.SimilarityRow(cosine=c.tolist(), probabilities=p.tolist(), image_sha256=d)
             for c, p, d in zip(scores.cosine, scores.probabilities, scores.image_digests, strict=True)
@@ -89,7 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def EmbedImages(self, request, context):
         result = await self.app.core.embed_images(list(request.images), self.app.timeout(context),
-                                                  convert.priority(request.priority))
+                                                  Priority.of(request.priority))
         return types_pb2.EmbedImagesResponse(
             embeddings=convert.embeddings(result.vectors, result.digests), bundle_id=result.bundle_id
         )
@@ -97,7 +97,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def EmbedTexts(self, request, context):
         core = self.app.core
         texts = list(request.texts)
-        vectors = await core.embed_texts(texts, self.app.timeout(context), convert.priority(request.priority))
+        vectors = await core.embed_texts(texts, self.app.timeout(context), Priority.of(request.priority))
         digests = [convert.sha256_hex(t.encode("utf-8")) for t in texts]
         return types_pb2.EmbedTextsResponse(
             embeddings=convert.embeddings(vectors, digests), bundle_id=core.model.bundle_id

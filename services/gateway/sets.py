@@ -14,11 +14,11 @@ import faiss
 import numpy as np
 import structlog
 
-from services.common import metrics
-from services.common.errors import DeadlineExpired, MedvlmError
+from services.domain import DeadlineExpired, MedvlmError
 from services.gateway import labelsets
 from services.gateway.labelsets import LabelSet
 from services.gateway.store import EmbeddingStore, index_key
+from services.plumbing import metrics
 
 log = structlog.get_logger("medvlm.gateway")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.runtime.calibration import Calibration, CalibrationError, Scope, nearest_distance
-from services.common.errors import Inconsistent
+from services.domain import Inconsistent
 
 # Why an answer is withheld ("" when it is not).
 OUT_OF_DISTRIBUTION = "out_of_distribution"

@@ -13,15 +13,14 @@ from typing import TypeVar
 import numpy as np
 import structlog
 
-from services.common.batching import ROUTINE
-from services.common.errors import BundleChanged, DeadlineExpired, InvalidInput
-from services.common.limits import check_images, check_texts
-from services.common.logs import text_digest
-from services.common.settings import Settings
+from services.domain import BundleChanged, DeadlineExpired, InvalidInput, ROUTINE
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
 from services.gateway.sets import LabelSets
 from services.gateway.trust import Trust, Verdict
+from services.plumbing.limits import check_images, check_texts
+from services.plumbing.logs import text_digest
+from services.plumbing.settings import Settings
 
 log = structlog.get_logger("medvlm.gateway")
 

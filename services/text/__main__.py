@@ -1,7 +1,7 @@
 """Run the text encoder: python -m services.text --help."""
 
-from services.common.server import main
-from services.common.settings import TEXT
+from services.plumbing.server import main
+from services.plumbing.settings import TEXT
 from services.text.servicer import TextApp
 
 if __name__ == "__main__":

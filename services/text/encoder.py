@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from engines.runtime.text import TextTokenizer
-from services.common.encoder import LoadedTower
-from services.common.settings import Settings
+from services.encoder.app import LoadedTower
+from services.plumbing.settings import Settings
 
 
 class TextPreparer:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import grpc
 
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
-from services.common import convert
-from services.common.encoder import EncoderApp, Tower
-from services.common.limits import check_texts
-from services.common.settings import TEXT, Settings
+from services.domain import Priority, deadline_of
+from services.encoder.app import EncoderApp, Tower
+from services.plumbing import convert
+from services.plumbing.limits import check_texts
+from services.plumbing.settings import TEXT, Settings
 from services.text.encoder import text_preparer
 
 
@@ -21,7 +22,7 @@ class TextServicer(encoders_pb2_grpc.TextEncoderServiceServicer):
     async def EmbedTexts(self, request, context):
         loaded = self.app.loaded
         texts = check_texts(list(request.texts), self.app.settings, what="text")
-        vectors = await self.app.embed(texts, convert.priority(request.priority), convert.deadline_of(context))
+        vectors = await self.app.embed(texts, Priority.of(request.priority), deadline_of(context))
         digests = [convert.sha256_hex(t.encode("utf-8")) for t in texts]
         return types_pb2.EmbedTextsResponse(
             embeddings=convert.embeddings(vectors, digests), bundle_id=loaded.bundle.bundle_id

@@ -1,7 +1,7 @@
 """Run the vision encoder: python -m services.vision --help."""
 
-from services.common.server import main
-from services.common.settings import VISION
+from services.plumbing.server import main
+from services.plumbing.settings import VISION
 from services.vision.servicer import VisionApp
 
 if __name__ == "__main__":

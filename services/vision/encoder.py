@@ -10,9 +10,9 @@ from medvlm.imaging.dicom import DicomInfo
 from medvlm.imaging.limits import DecodeLimits
 from medvlm.imaging.preprocess import DEFAULT_OPTIONS, ImageOptions, decode, preprocess
 from medvlm.imaging.spec import ImageSpec
-from services.common.encoder import LoadedTower
-from services.common.errors import image_refusals
-from services.common.settings import Settings
+from services.domain import image_refusals
+from services.encoder.app import LoadedTower
+from services.plumbing.settings import Settings
 
 
 @dataclasses.dataclass

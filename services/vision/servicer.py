@@ -8,11 +8,11 @@ import structlog
 from medvlm.imaging.preprocess import DICOM, JPEG, PNG, ImageOptions, configure_pillow
 from medvlm.imaging.window import WindowRequest, checked_window
 from medvlm.v1 import encoders_pb2, encoders_pb2_grpc, types_pb2
-from services.common import convert
-from services.common.encoder import EncoderApp, Tower
-from services.common.errors import InvalidInput, image_refusals
-from services.common.limits import check_image_count
-from services.common.settings import VISION, Settings
+from services.domain import InvalidInput, Priority, deadline_of, image_refusals
+from services.encoder.app import EncoderApp, Tower
+from services.plumbing import convert
+from services.plumbing.limits import check_image_count
+from services.plumbing.settings import VISION, Settings
 from services.vision.encoder import ImageInput, image_preparer
 
 FORMATS = {
@@ -79,7 +79,7 @@ class VisionServicer(encoders_pb2_grpc.VisionEncoderServiceServicer):
     async def EmbedImages(self, request, context):
         loaded = self.app.loaded
         items = image_items(request.images, self.app.settings.max_images)
-        vectors = await self.app.embed(items, convert.priority(request.priority), convert.deadline_of(context))
+        vectors = await self.app.embed(items, Priority.of(request.priority), deadline_of(context))
         bind_dicom_audit(items)
         digests = [convert.sha256_hex(item.data) for item in items]
         return types_pb2.EmbedImagesResponse(

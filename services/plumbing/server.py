@@ -15,12 +15,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from engines.runtime.engine import EngineError
-from services.common.auth import Guard
-from services.common.interceptors import Admission, ServerInterceptor
-from services.common.metrics import serve_metrics
-from services.common.logs import configure_logging
-from services.common.settings import Settings, parse_settings
-from services.common.tls import check_listen, server_credentials
+from services.plumbing.interceptors import Admission, ServerInterceptor
+from services.plumbing.logs import configure_logging
+from services.plumbing.metrics import serve_metrics
+from services.plumbing.settings import Settings, parse_settings
+from services.security.auth import Guard
+from services.security.tls import check_listen, server_credentials
 
 log = structlog.get_logger("medvlm.server")
 

@@ -22,8 +22,9 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from services.common import errors, metrics
-from services.common.settings import Settings
+from services import domain
+from services.plumbing import metrics
+from services.plumbing.settings import Settings
 
 log = structlog.get_logger("medvlm.auth")
 
@@ -282,7 +283,7 @@ class Quotas:
             wait = bucket.take(cost)
         if wait > 0:
             metrics.QUOTA_REJECTED.labels(identity, kind).inc()
-            raise errors.Overloaded(
+            raise domain.Overloaded(
                 f"quota of caller {identity} exceeded: {limit.rate:g} {kind} per second", retry_after_s=wait
             )
 
@@ -317,14 +318,14 @@ class Guard:
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise errors.Unauthenticated("authorization metadata must be 'Bearer <token>'")
+                raise domain.Unauthenticated("authorization metadata must be 'Bearer <token>'")
             caller = self._bearer(token.strip())
         elif api_key:
             caller = self._api_key(api_key)
         elif peer.cert_names:
             caller = self._certificate(peer.cert_names)
         elif self.required:
-            raise errors.Unauthenticated("no credential: send a client certificate, a bearer token or an API key")
+            raise domain.Unauthenticated("no credential: send a client certificate, a bearer token or an API key")
         else:
             return ANONYMOUS
         if not self.required:
@@ -333,7 +334,7 @@ class Guard:
 
     def _certificate(self, names: tuple[str, ...]) -> Caller:
         if self.allowed_clients and not self.allowed_clients.intersection(names):
-            raise errors.PermissionDenied(f"client certificate {names[0]} is not among the allowed clients")
+            raise domain.PermissionDenied(f"client certificate {names[0]} is not among the allowed clients")
         roles: frozenset[str] = frozenset()
         if self._access is not None:
             table = self._access.get().cert_roles
@@ -342,26 +343,26 @@ class Guard:
 
     def _api_key(self, key: str) -> Caller:
         if self._api_keys is None:
-            raise errors.Unauthenticated("API keys are not accepted by this server")
+            raise domain.Unauthenticated("API keys are not accepted by this server")
         caller = self._api_keys.get().get(hash_api_key(key))
         if caller is None:
-            raise errors.Unauthenticated("unknown or revoked API key")
+            raise domain.Unauthenticated("unknown or revoked API key")
         return caller
 
     def _bearer(self, token: str) -> Caller:
         if self._jwt_keys is None:
-            raise errors.Unauthenticated("bearer tokens are not accepted by this server")
+            raise domain.Unauthenticated("bearer tokens are not accepted by this server")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise errors.Unauthenticated("bearer token is not a JWT") from exc
+            raise domain.Unauthenticated("bearer token is not a JWT") from exc
         if header.get("alg") not in JWT_ALGORITHMS:
-            raise errors.Unauthenticated(f"bearer token algorithm must be one of {', '.join(JWT_ALGORITHMS)}")
+            raise domain.Unauthenticated(f"bearer token algorithm must be one of {', '.join(JWT_ALGORITHMS)}")
         kid, kind = header.get("kid"), _KEY_TYPES[header["alg"]]
         keys = [key for key_id, key in self._jwt_keys()
                 if isinstance(key, kind) and (kid is None or key_id in (None, kid))]
         if not keys:
-            raise errors.Unauthenticated("bearer token signed by an unknown key")
+            raise domain.Unauthenticated("bearer token signed by an unknown key")
         for key in keys:
             try:
                 claims = jwt.decode(
@@ -371,25 +372,25 @@ class Guard:
             except jwt.InvalidSignatureError:
                 continue
             except jwt.ExpiredSignatureError as exc:
-                raise errors.Unauthenticated("bearer token expired") from exc
+                raise domain.Unauthenticated("bearer token expired") from exc
             except jwt.ImmatureSignatureError as exc:
-                raise errors.Unauthenticated("bearer token not yet valid") from exc
+                raise domain.Unauthenticated("bearer token not yet valid") from exc
             except jwt.InvalidAudienceError as exc:
-                raise errors.Unauthenticated("bearer token is for another audience") from exc
+                raise domain.Unauthenticated("bearer token is for another audience") from exc
             except jwt.InvalidIssuerError as exc:
-                raise errors.Unauthenticated("bearer token is from another issuer") from exc
+                raise domain.Unauthenticated("bearer token is from another issuer") from exc
             except jwt.MissingRequiredClaimError as exc:
-                raise errors.Unauthenticated(f"bearer token lacks the {exc.claim!r} claim") from exc
+                raise domain.Unauthenticated(f"bearer token lacks the {exc.claim!r} claim") from exc
             except (jwt.PyJWTError, ValueError, TypeError) as exc:
-                raise errors.Unauthenticated("bearer token is malformed") from exc
+                raise domain.Unauthenticated("bearer token is malformed") from exc
             return Caller(str(claims["sub"]), JWT, _roles(claims.get(self.roles_claim, ())))
-        raise errors.Unauthenticated("bearer token has a bad signature")
+        raise domain.Unauthenticated("bearer token has a bad signature")
 
     def authorize(self, caller: Caller, method: str) -> str:
         """The role used for `method`, or PermissionDenied."""
         role = role_of(method)
         if role != ANY and role not in caller.roles:
-            raise errors.PermissionDenied(f"caller {caller.identity} lacks the {role!r} role this RPC needs")
+            raise domain.PermissionDenied(f"caller {caller.identity} lacks the {role!r} role this RPC needs")
         return role
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,29 +14,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from services.common import metrics
-from services.common.errors import DeadlineExpired, MedvlmError, NotReady, Overloaded
+from services.domain import ROUTINE, SERVED, STAT, URGENT, DeadlineExpired, MedvlmError, NotReady, Overloaded, Priority
+from services.plumbing import metrics
 
 log = structlog.get_logger("medvlm.batcher")
-
-
-class Priority(enum.IntEnum):
-    """Priority of a request; the values are those of medvlm.v1.Priority on the wire, and a higher
-    value is served first."""
-
-    UNSPECIFIED = 0
-    ROUTINE = 1
-    URGENT = 2
-    STAT = 3
-
-    @classmethod
-    def of(cls, value: int) -> Priority:
-        """A wire value as served: UNSPECIFIED and values this build does not know are ROUTINE."""
-        return cls(value) if value in (cls.URGENT, cls.STAT) else cls.ROUTINE
-
-
-ROUTINE, URGENT, STAT = Priority.ROUTINE, Priority.URGENT, Priority.STAT
-SERVED = (STAT, URGENT, ROUTINE)  # the priorities work is queued at, first served first
 
 
 @dataclasses.dataclass(frozen=True)

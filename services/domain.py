@@ -1,4 +1,5 @@
-"""Domain errors raised by services; one interceptor turns them into gRPC status codes.
+"""What the gateway and the encoders both speak of: a request's priority and deadline, and the domain
+errors services raise; one interceptor turns those into gRPC status codes.
 
 Messages of these errors are sent to clients: they name the problem and never
 contain clinical data (image bytes, header values, free text).
@@ -7,9 +8,36 @@ contain clinical data (image bytes, header values, free text).
 from __future__ import annotations
 
 import contextlib
+import enum
+import time
 from collections.abc import Iterator
 
 from medvlm.imaging.errors import InvalidImage
+
+
+class Priority(enum.IntEnum):
+    """Priority of a request; the values are those of medvlm.v1.Priority on the wire, and a higher
+    value is served first."""
+
+    UNSPECIFIED = 0
+    ROUTINE = 1
+    URGENT = 2
+    STAT = 3
+
+    @classmethod
+    def of(cls, value: int) -> Priority:
+        """A wire value as served: UNSPECIFIED and values this build does not know are ROUTINE."""
+        return cls(value) if value in (cls.URGENT, cls.STAT) else cls.ROUTINE
+
+
+ROUTINE, URGENT, STAT = Priority.ROUTINE, Priority.URGENT, Priority.STAT
+SERVED = (STAT, URGENT, ROUTINE)  # the priorities work is queued at, first served first
+
+
+def deadline_of(context: object) -> float | None:
+    """A call's deadline as a time.monotonic() instant, or None if the caller set none."""
+    remaining = context.time_remaining()  # type: ignore[attr-defined]
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class MedvlmError(Exception):

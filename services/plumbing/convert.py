@@ -10,7 +10,6 @@ import numpy as np
 from engines.runtime.engine import Engine
 from engines.runtime.manifest import Manifest
 from medvlm.v1 import types_pb2
-from services.common import batching
 
 KIND = {
     "clinical": types_pb2.MODEL_KIND_CLINICAL,
@@ -25,17 +24,6 @@ PRECISION = {
     "bf16": types_pb2.PRECISION_BF16,
 }
 TOWER = {"vision": types_pb2.TOWER_VISION, "text": types_pb2.TOWER_TEXT}
-
-
-def priority(value: int) -> batching.Priority:
-    """A request's priority as served: the wire value, UNSPECIFIED or unknown ones as ROUTINE."""
-    return batching.Priority.of(value)
-
-
-def deadline_of(context: object) -> float | None:
-    """A call's deadline as a time.monotonic() instant, or None if the caller set none."""
-    remaining = context.time_remaining()  # type: ignore[attr-defined]
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def engine_info(tower: str, engine: Engine) -> types_pb2.EngineInfo:

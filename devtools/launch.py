@@ -1,7 +1,7 @@
 """Local stack: build the bundle if missing, start vision, text, gateway and the web page, wait for health,
 print a grpcurl line and the page's URL, stop them all on Ctrl-C. With --tls: a local CA, certificates
 and a token, TLS on every port, mTLS to the encoders and callers authenticated (the page uses the token).
-`python -m services.launch --help`."""
+`python -m devtools.launch --help`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import grpc
 from engines.runtime.bundle import find_bundle
 from engines.runtime.calibration import CALIBRATION_NAME, Calibration, CalibrationError
 from engines.runtime.manifest import Manifest
-from services.common.health import wait_for_health
+from services.plumbing.health import wait_for_health
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL_SETS = ROOT / "labelsets"  # the sample sets: chest, skin and fundus findings of the demo model
@@ -76,7 +76,7 @@ def make_local_tls(folder: Path, hosts: list[str], token_hours: float = 12) -> L
     """A fresh local CA and everything the stack and a caller need, written to `folder`."""
     import jwt
 
-    from services.common.localca import LocalCA, token_key
+    from devtools.localca import LocalCA, token_key
 
     ca = LocalCA("medvlm local CA (make run TLS=1)")
     folder.mkdir(parents=True, exist_ok=True)

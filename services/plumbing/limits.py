@@ -1,14 +1,14 @@
 """Limits on what one request may carry, each checked here once for the gateway and both
 encoders (an image's bytes by medvlm.imaging.limits, the check its decoder makes too). The limits
-themselves are settings (services/common/settings.py)."""
+themselves are settings (services/plumbing/settings.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from medvlm.imaging.limits import check_image_bytes
-from services.common.errors import InvalidInput, image_refusals
-from services.common.settings import Settings
+from services.domain import InvalidInput, image_refusals
+from services.plumbing.settings import Settings
 
 
 def check_image_count(images: Sequence, max_images: int) -> None:

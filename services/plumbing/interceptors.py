@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 import structlog
 
-from services.common import auth, errors, metrics
+from services import domain
+from services.plumbing import metrics
+from services.security import auth
 
 log = structlog.get_logger("medvlm.rpc")
 
@@ -24,15 +26,15 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # The one table from domain errors to status codes. Subclasses map like their base.
-STATUS_OF: dict[type[errors.MedvlmError], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Inconsistent: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+STATUS_OF: dict[type[domain.MedvlmError], grpc.StatusCode] = {
+    domain.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    domain.NotReady: grpc.StatusCode.UNAVAILABLE,
+    domain.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    domain.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    domain.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    domain.Inconsistent: grpc.StatusCode.FAILED_PRECONDITION,
+    domain.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    domain.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Health and reflection are never refused for load: probes must answer during a flood.
@@ -44,7 +46,7 @@ def current_request_id() -> str:
     return _request_id.get()
 
 
-def status_of(exc: errors.MedvlmError) -> grpc.StatusCode:
+def status_of(exc: domain.MedvlmError) -> grpc.StatusCode:
     """Status code of a domain error (INTERNAL for one the table does not know)."""
     for klass in type(exc).__mro__:
         if klass in STATUS_OF:
@@ -75,7 +77,7 @@ class Admission:
         with self._lock:
             if self._inflight >= self.limit:
                 metrics.ADMISSION_REJECTED.inc()
-                raise errors.Overloaded(
+                raise domain.Overloaded(
                     f"server busy: {self.limit} calls in progress; retry shortly",
                     retry_after_s=max(0.05, min(1.0, 0.002 * self.limit)),
                 )
@@ -183,7 +185,7 @@ def _checked(request: Any, call: _Call) -> Any:
     """The request, or for a client stream an iterator over it, refusing malformed messages and
     charging its images to the caller's quota."""
     if request is _MALFORMED:
-        raise errors.InvalidInput("request is not a valid protobuf message of this method's type")
+        raise domain.InvalidInput("request is not a valid protobuf message of this method's type")
     if hasattr(request, "__aiter__"):
         return _checked_stream(request, call)
     call.charge(request)
@@ -241,14 +243,14 @@ class _Call:
             try:
                 self.caller = self.guard.authenticate(self.peer_auth)
                 self.role = self.guard.authorize(self.caller, self.method)
-            except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+            except (domain.Unauthenticated, domain.PermissionDenied) as exc:
                 self.refusal = exc.message
                 metrics.AUTH_REFUSED.labels(status_of(exc).name).inc()
                 raise
             if self.quotas is not None:
                 try:
                     self.quotas.charge(self.caller.identity, "requests", 1)
-                except errors.Overloaded as exc:
+                except domain.Overloaded as exc:
                     self.refusal = exc.message
                     raise
         if self.admission is not None:
@@ -275,7 +277,7 @@ class _Call:
         if self.caller is not None and self.quotas is not None:
             try:
                 self.quotas.charge(self.caller.identity, "images", auth.count_images(request))
-            except errors.Overloaded as exc:
+            except domain.Overloaded as exc:
                 self.refusal = exc.message
                 raise
 
@@ -292,7 +294,7 @@ class _Call:
             self.code = grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
             return
         trailers = [(REQUEST_ID_KEY, self.request_id)]
-        if isinstance(exc, errors.MedvlmError):
+        if isinstance(exc, domain.MedvlmError):
             self.code = status_of(exc)
             message = exc.message
             if exc.retry_after_s is not None:

@@ -14,7 +14,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from services.common.settings import Settings
+from services.plumbing.settings import Settings
 
 log = structlog.get_logger("medvlm.tls")
 

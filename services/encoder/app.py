@@ -14,10 +14,10 @@ from engines.runtime.bundle import TOWER_TENSORS, Bundle, BundleError, load_bund
 from engines.runtime.engine import Engine
 from engines.runtime.manifest import KIND_BENCHMARK
 from engines.runtime.select import open_engine
-from services.common import convert, metrics
-from services.common.batching import Batcher, BatchLimit, Priority, measure_batch_limit
-from services.common.errors import MedvlmError, NotReady
-from services.common.settings import Settings
+from services.domain import MedvlmError, NotReady, Priority
+from services.encoder.batching import Batcher, BatchLimit, measure_batch_limit
+from services.plumbing import convert, metrics
+from services.plumbing.settings import Settings
 
 log = structlog.get_logger("medvlm.encoder")
 

@@ -1,1 +1,0 @@
-"""Server plumbing shared by the three services: settings, logs, errors, start-up."""
