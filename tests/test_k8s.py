@@ -1925,7 +1925,7 @@ def test_the_walk_catches_a_guide_that_does_not_work(monkeypatch, tmp_path):
     broken = {
         "kubectl apply -k k8s/overlays/gpu\nkubectl apply -k k8s/volume": "not made yet",
         "kubectl apply -k k8s/overlays/gpu-l4": "not a kustomization",
-        "docker build -f services/gateway/Dockerfile -t x/medvlm-gateway:1 .\n"
+        "docker build -f services/Dockerfile --target gateway -t x/medvlm-gateway:1 .\n"
         "kind load docker-image x/medvlm-gateway:2": "which no command built",
         "make bundle MODEL=tiny\nkubectl apply -k k8s/volume\nkubectl apply -k k8s/bundle-loader\n"
         "tar -C bundles -c tiny-1 | kubectl -n medvlm exec -i job/medvlm-bundle-loader -- tar -x -C /bundles":
