@@ -346,6 +346,8 @@ def test_display_options_go_on_the_wire_and_are_checked():
 
     assert WINDOW_PRESETS == ("lung", "mediastinum", "bone", "brain", "abdomen")
     plain = load_image(DICOM_SAMPLE).to_proto()
+    assert plain.format == types_pb2.IMAGE_FORMAT_DICOM
+    assert load_image(SAMPLES / "chest_normal.png").to_proto().format == types_pb2.IMAGE_FORMAT_PNG
     assert not plain.HasField("window") and plain.window_preset == 0 and not plain.HasField("frame")
     lung = load_image(DICOM_SAMPLE, window_preset="lung", frame=0)
     wire = lung.to_proto()

@@ -17,6 +17,8 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, "LoadedImage"]
 LoadedImage (load_image's result, with its display window and frame)."""
 
 PNG, JPEG, DICOM = "png", "jpeg", "dicom"
+_WIRE_FORMAT = {PNG: types_pb2.IMAGE_FORMAT_PNG, JPEG: types_pb2.IMAGE_FORMAT_JPEG,
+                DICOM: types_pb2.IMAGE_FORMAT_DICOM}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DICOM_PREAMBLE = 128  # a Part 10 file: 128-byte preamble, then "DICM"
@@ -32,15 +34,6 @@ def sniff(data: bytes) -> str | None:
     if data[_DICOM_PREAMBLE:_DICOM_PREAMBLE + len(_DICOM_MAGIC)] == _DICOM_MAGIC:
         return DICOM
     return None
-
-
-def _wire_format(kind: str) -> int:
-    """The ImageFormat sent for a file type. DICOM is sent as UNSPECIFIED (the server sniffs it)
-    while the contract has no IMAGE_FORMAT_DICOM value."""
-    names = {PNG: "IMAGE_FORMAT_PNG", JPEG: "IMAGE_FORMAT_JPEG", DICOM: "IMAGE_FORMAT_DICOM"}
-    values = types_pb2.ImageFormat.DESCRIPTOR.values_by_name
-    value = values.get(names[kind])
-    return value.number if value is not None else types_pb2.IMAGE_FORMAT_UNSPECIFIED
 
 
 WINDOW_PRESETS: tuple[str, ...] = tuple(
@@ -96,7 +89,7 @@ class LoadedImage:
 
     def to_proto(self) -> types_pb2.Image:
         """The wire message; the bytes go as read, the server decodes and windows them."""
-        image = types_pb2.Image(data=self.data, format=_wire_format(self.kind))
+        image = types_pb2.Image(data=self.data, format=_WIRE_FORMAT[self.kind])
         if self.window is not None:
             image.window.center, image.window.width = self.window.center, self.window.width
         if self.window_preset:

@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from medvlm.client import (
     WINDOW_PRESETS, AsyncClient, ClassifyResult, ConnectionSettings, LoadedImage, MedvlmError, ModelInfo,
-    NotSupported, Window, load_image,
+    Window, load_image,
 )
 from medvlm.imaging.errors import InvalidImage
 from medvlm.imaging.limits import DecodeLimits
@@ -36,7 +36,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 FORM_OVERHEAD = 256 << 10  # multipart headers and the text fields beside the file(s)
 MAX_SHOWN = 50  # labels listed on the page; a large label set is cut to its most probable
 _HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400, "UNRECOGNIZED_FILE": 400, "NOT_SUPPORTED": 400, "BAD_FORM": 400,
+    "INVALID_ARGUMENT": 400, "UNRECOGNIZED_FILE": 400, "BAD_FORM": 400,
     "TOO_LARGE": 413, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
     "UNAUTHENTICATED": 502, "PERMISSION_DENIED": 502,
 }
@@ -248,11 +248,9 @@ def create_app(connection: ConnectionSettings, settings: WebSettings = WebSettin
         return state["info"]
 
     async def label_sets() -> tuple[list[str] | None, str]:
-        """The gateway's label sets, or None and why not (older contract or gateway)."""
+        """The gateway's label sets, or None and why not (a gateway without them, or a failure)."""
         try:
             return list(await state["client"].label_sets()), ""
-        except NotSupported:
-            return None, "the contract this page was built with has no label sets yet"
         except MedvlmError as exc:
             if exc.code == "UNIMPLEMENTED":
                 return None, "the gateway does not serve label sets"
