@@ -83,7 +83,8 @@ def text_target(bundle_dir: Path):
     from services.domain import InvalidInput
     from services.plumbing.limits import check_texts
     from services.plumbing.settings import Settings
-    from services.gateway.zeroshot import apply_template, check_template
+    from services.gateway.labels import apply_template
+    from services.gateway.questions import check_template
 
     bundle = load_bundle(bundle_dir)
     tokenizer = TextTokenizer(bundle.path, bundle.manifest.text)
@@ -104,14 +105,15 @@ def text_target(bundle_dir: Path):
 
 
 def request_target():
-    """One fuzz input as ClassifyRequest bytes -> every check the gateway makes before the encoders."""
+    """One fuzz input as ClassifyRequest bytes -> every check the gateway makes before the encoders
+    (the servicer's conversion, then the gateway's own pure check of the question)."""
     from google.protobuf.message import DecodeError
 
     from medvlm.v1 import gateway_pb2
     from services.domain import InvalidInput
-    from services.plumbing.limits import check_images, check_texts
+    from services.gateway.questions import check_question
+    from services.gateway.servicer import image_of, question_of
     from services.plumbing.settings import Settings
-    from services.gateway.zeroshot import check_template
 
     settings = Settings()
 
@@ -120,12 +122,17 @@ def request_target():
             request = gateway_pb2.ClassifyRequest.FromString(data)
         except DecodeError:
             return
+        question = question_of(request)
         try:
-            check_images([request.image], settings)
-            labels = check_texts(list(request.labels), settings, what="label", minimum=2)
-            check_template(request.template, labels, settings.max_text_chars)
+            images, asked = check_question(image_of(request), question, settings)
         except InvalidInput:
             return
+        assert len(images) == 1
+        if asked is None:
+            assert question.label_set and not question.labels and not question.template
+        else:
+            assert [label.name for label in asked.labels] == list(question.labels)
+            assert len(asked.templates) == 1 and asked.templates[0].count("{}") == 1
 
     return one
 

@@ -34,6 +34,7 @@ from engines.runtime.calibration import CALIBRATION_NAME, DEFAULT_SCOPE, nearest
 from engines.runtime.onnx import OnnxRuntimeEngine
 from engines.runtime.text import TextTokenizer
 from medvlm.imaging.preprocess import preprocess
+from services.gateway.labels import transient_set
 from services.gateway.trust import OUT_OF_DISTRIBUTION, Trust
 
 EVAL_SEED = 1000
@@ -136,7 +137,7 @@ def measure(bundle_dir: Path, per_class: int) -> dict:
         targets = np.array([list(rows).index(y) for y in labels[mine]])
 
         def verdicts(vectors: np.ndarray, scope=scope, rows=rows):
-            return [trust.judge(v @ prompts[rows].T, v, list(scope.labels), "{}", manifest.logit_scale)
+            return [trust.judge(v @ prompts[rows].T, v, transient_set(scope.labels, "{}"), manifest.logit_scale)
                     for v in vectors]
 
         inside = verdicts(held[mine])

@@ -20,7 +20,8 @@ from medvlm.v1 import gateway_pb2, types_pb2
 from services import domain
 from services.gateway.app import GatewayApp
 from services.gateway.cache import TextEmbeddingCache
-from services.gateway.zeroshot import apply_template, check_template, softmax_rows
+from services.gateway.labels import apply_template, softmax
+from services.gateway.questions import check_template
 from services.plumbing.interceptors import REQUEST_ID_KEY
 from services.plumbing.server import NOT_SERVING, SERVING
 
@@ -326,12 +327,13 @@ def test_templates_are_replaced_not_formatted():
         check_template("x" * 50 + "{}", ["a", "b" * 60], 100)
 
 
-def test_softmax_rows_is_stable_and_normalized():
+def test_softmax_is_stable_and_normalized():
     logits = np.array([[1000.0, 1000.0, 0.0], [-5.0, 0.0, 5.0]])
-    p = softmax_rows(logits)
+    p = softmax(logits)
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     np.testing.assert_allclose(p[0], [0.5, 0.5, 0.0], atol=1e-12)
     assert np.all(np.diff(p[1]) > 0)
+    np.testing.assert_array_equal(softmax(logits[1]), p[1])  # a vector is one row
 
 
 def test_images_are_split_by_bytes_in_order():

@@ -17,11 +17,9 @@ import yaml
 
 from conftest import ROOT, encoder_settings, gateway_settings, start_server
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
-from services.gateway import labelsets
 from services.gateway.app import GatewayApp
 from services.gateway.cache import TextEmbeddingCache
-from services.gateway.sets import ensemble
-from services.gateway.store import EmbeddingStore, index_key
+from services.gateway.labels import EmbeddingStore, ensemble, files, index_key
 from services.plumbing import metrics
 from services.plumbing.settings import TEXT, VISION
 from services.text.servicer import TextApp
@@ -40,7 +38,7 @@ def write_set(directory: Path, file: str, **fields) -> Path:
 
 
 def refused_problem(directory: Path, file: str) -> str:
-    catalogue = labelsets.load(directory, labelsets.EMPTY, 1024)
+    catalogue = files.load(directory, files.EMPTY, 1024)
     problems = {r.file: r.problem for r in catalogue.refused}
     assert file in problems, problems
     return problems[file]
@@ -51,7 +49,7 @@ def refused_problem(directory: Path, file: str) -> str:
 def test_shipped_sets_cover_every_demo_finding():
     from engines.build import synthetic
 
-    catalogue = labelsets.load(SHIPPED, labelsets.EMPTY, 1024)
+    catalogue = files.load(SHIPPED, files.EMPTY, 1024)
     assert not catalogue.refused
     assert {"chest-findings@1", "skin-findings@1", "fundus-findings@1"} <= set(catalogue.sets)
     names = {label.name for s in catalogue.sets.values() for label in s.labels}
@@ -75,7 +73,7 @@ def test_shipped_sets_cover_every_demo_finding():
 def test_a_malformed_file_is_refused_naming_file_and_field(tmp_path, fields, needle):
     write_set(tmp_path, "bad.yaml", **{"name": "bad", **fields})
     write_set(tmp_path, "good.json", name="good")
-    catalogue = labelsets.load(tmp_path, labelsets.EMPTY, 1024)
+    catalogue = files.load(tmp_path, files.EMPTY, 1024)
     assert list(catalogue.sets) == ["good@1"]  # the other files keep serving
     assert [(r.file, needle in r.problem) for r in catalogue.refused] == [("bad.yaml", True)], catalogue.refused
 
@@ -89,25 +87,25 @@ def test_unparseable_files_are_refused_with_their_line(tmp_path):
 
 def test_versions_are_immutable_and_a_broken_update_keeps_the_old_set(tmp_path):
     path = write_set(tmp_path, "chest.yaml")
-    first = labelsets.load(tmp_path, labelsets.EMPTY, 1024)
+    first = files.load(tmp_path, files.EMPTY, 1024)
     assert list(first.sets) == ["chest@1"]
     write_set(tmp_path, "chest.yaml", labels=["effusion", "pneumothorax"])  # same version, new content
-    second = labelsets.load(tmp_path, first, 1024)
+    second = files.load(tmp_path, first, 1024)
     assert second.sets["chest@1"] is first.sets["chest@1"]
     assert "already served with other content" in second.refused[0].problem
     path.write_text("labels: [")  # a broken edit
-    third = labelsets.load(tmp_path, second, 1024)
+    third = files.load(tmp_path, second, 1024)
     assert third.sets["chest@1"] is first.sets["chest@1"] and third.refused[0].file == "chest.yaml"
     write_set(tmp_path, "chest.yaml", version=2, labels=["effusion", "pneumothorax"])
-    fourth = labelsets.load(tmp_path, third, 1024)
+    fourth = files.load(tmp_path, third, 1024)
     assert list(fourth.sets) == ["chest@2"] and not fourth.refused
     assert fourth.resolve("chest").version == 2
     path.unlink()
-    assert labelsets.load(tmp_path, fourth, 1024).sets == {}
+    assert files.load(tmp_path, fourth, 1024).sets == {}
 
 
 def test_ensemble_is_the_normalised_mean_of_each_labels_prompts():
-    label_set = labelsets.parse("x.yaml", {
+    label_set = files.parse("x.yaml", {
         "name": "x", "version": 1, "templates": ["{}", "a photo of {}"],
         "labels": [{"name": "a", "synonyms": ["b"]}, "c"],
     }, 1024)
@@ -176,7 +174,7 @@ def test_store_round_trip_checksum_and_keys(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from services.gateway.store import EmbeddingStore
+    from services.gateway.labels.store import EmbeddingStore
     store = EmbeddingStore(sys.argv[1])
     start = int(sys.argv[2])
     print("ready", flush=True)

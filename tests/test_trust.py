@@ -18,6 +18,7 @@ from conftest import CALIBRATION_PER_CLASS, gateway_settings, health_status, sta
 from engines.runtime.calibration import DEFAULT_SCOPE, Calibration, CalibrationError, Scope
 from medvlm.v1 import gateway_pb2, types_pb2
 from services.gateway.app import GatewayApp
+from services.gateway.labels import transient_set
 from services.gateway.trust import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Trust
 from services.plumbing.server import NOT_SERVING
 
@@ -58,17 +59,18 @@ def test_calibration_round_trips_and_refuses_tampering_and_other_bundles(tmp_pat
 def test_judge_abstains_out_of_distribution_and_on_low_confidence():
     trust = Trust(small_calibration())
     near_a = np.array([0.9, 0.1, 0.0], np.float32)
-    confident = trust.judge(np.array([0.9, 0.1]), near_a, ["a", "b"], "{}", logit_scale=10.0)
+    pair = transient_set(["a", "b"], "{}")
+    confident = trust.judge(np.array([0.9, 0.1]), near_a, pair, logit_scale=10.0)
     assert (confident.abstain, confident.reason, confident.scope) == (False, "", "pair")
     assert confident.calibrated.sum() == pytest.approx(1.0)
     assert confident.calibrated[0] == pytest.approx(1 / (1 + np.exp(-10.0 * 0.8 / 2.0)))
-    unsure = trust.judge(np.array([0.5, 0.45]), near_a, ["a", "b"], "{}", logit_scale=10.0)
+    unsure = trust.judge(np.array([0.5, 0.45]), near_a, pair, logit_scale=10.0)
     assert (unsure.abstain, unsure.reason) == (True, LOW_CONFIDENCE)
     # near class "c": inside the bundle's classes, but not near the label set's
     near_c = np.array([0.0, 0.1, 0.9], np.float32)
-    foreign = trust.judge(np.array([0.9, 0.1]), near_c, ["a", "b"], "{}", logit_scale=10.0)
+    foreign = trust.judge(np.array([0.9, 0.1]), near_c, pair, logit_scale=10.0)
     assert (foreign.abstain, foreign.reason) == (True, OUT_OF_DISTRIBUTION)
-    anywhere = trust.judge(np.array([0.9, 0.1]), near_c, ["a", "x"], "{}", logit_scale=10.0)
+    anywhere = trust.judge(np.array([0.9, 0.1]), near_c, transient_set(["a", "x"], "{}"), logit_scale=10.0)
     assert (anywhere.scope, anywhere.reason) == (DEFAULT_SCOPE, "")
 
 

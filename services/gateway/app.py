@@ -11,8 +11,7 @@ from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.domain import DeadlineExpired, Inconsistent, MedvlmError, NotReady
 from services.gateway.clients import TextClient, VisionClient
 from services.gateway.servicer import GatewayServicer
-from services.gateway.sets import LabelSets
-from services.gateway.store import EmbeddingStore
+from services.gateway.labels import EmbeddingStore, LabelSets
 from services.gateway.trust import Trust
 from services.gateway.zeroshot import ModelIdentity, ZeroShot
 from services.plumbing import metrics

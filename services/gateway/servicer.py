@@ -6,17 +6,24 @@ from typing import TYPE_CHECKING
 
 from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 from services.domain import MedvlmError, Priority
-from services.gateway.labelsets import LabelSet
+from services.gateway.labels import LabelSet
+from services.gateway.questions import Question
 from services.gateway.stream import carry_questions, map_unordered
-from services.gateway.zeroshot import Answer, Question
+from services.gateway.zeroshot import Answer
 from services.plumbing import convert
 from services.plumbing.interceptors import status_of
 
 if TYPE_CHECKING:
     from services.gateway.app import GatewayApp
 
-def _question(request: gateway_pb2.ClassifyRequest) -> Question:
+def question_of(request: gateway_pb2.ClassifyRequest) -> Question:
+    """What a ClassifyRequest asks (its image apart: see image_of)."""
     return Question(tuple(request.labels), request.label_set, request.template, request.top_k)
+
+
+def image_of(request: gateway_pb2.ClassifyRequest) -> types_pb2.Image | None:
+    """The request's image message; None when none was sent."""
+    return request.image if request.HasField("image") else None
 
 
 def _classify_response(answer: Answer, bundle_id: str) -> gateway_pb2.ClassifyResponse:
@@ -51,14 +58,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.app = app
 
     async def Classify(self, request, context):
-        return await self._classify(request, _question(request), context)
+        return await self._classify(request, question_of(request), context)
 
     async def _classify(self, request, question: Question, context) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
         if self.app.retained is not None:
             self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
-        image = request.image if request.HasField("image") else None
-        answer = await core.classify(image, question, self.app.timeout(context), Priority.of(request.priority))
+        answer = await core.classify(image_of(request), question, self.app.timeout(context),
+                                     Priority.of(request.priority))
         return _classify_response(answer, core.model.bundle_id)
 
     async def ClassifyStream(self, request_iterator, context):
@@ -73,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 error = gateway_pb2.ItemError(code=status_of(exc).name, message=exc.message)
                 return gateway_pb2.ClassifyStreamResponse(correlation_id=correlation_id, error=error)
 
-        items = (((m.correlation_id, m.request), _question(m.request)) async for m in request_iterator)
+        items = (((m.correlation_id, m.request), question_of(m.request)) async for m in request_iterator)
         async for response in map_unordered(carry_questions(items), one, self.app.settings.stream_window):
             yield response
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from services.gateway.zeroshot import Question
+from services.gateway.questions import Question
 
 T = TypeVar("T")
 R = TypeVar("R")

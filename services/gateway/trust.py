@@ -10,6 +10,8 @@ import numpy as np
 
 from engines.runtime.calibration import Calibration, CalibrationError, Scope, nearest_distance
 from services.domain import Inconsistent
+from services.gateway.labels.files import LabelSet
+from services.gateway.labels.search import softmax
 
 # Why an answer is withheld ("" when it is not).
 OUT_OF_DISTRIBUTION = "out_of_distribution"
@@ -31,13 +33,6 @@ class Verdict:
     reason: str  # OUT_OF_DISTRIBUTION, LOW_CONFIDENCE or ""
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax of a vector, in float64."""
-    z = logits.astype(np.float64) - logits.max()
-    e = np.exp(z)
-    return e / e.sum()
-
-
 class Trust:
     """Judges answers with one bundle's calibration."""
 
@@ -53,11 +48,18 @@ class Trust:
         except CalibrationError as exc:
             raise Inconsistent(str(exc)) from exc
 
-    def judge(self, cosine: np.ndarray, vector: np.ndarray, labels: list[str], template: str,
-              logit_scale: float, scope: Scope | None = None) -> Verdict:
+    def scope(self, label_set: LabelSet) -> Scope:
+        """The scope that judges answers over a set: for the labels of a request, the one fitted on
+        exactly these labels (any order) and this template; for a served set, its own by
+        name@version; else the bundle's."""
+        if label_set.transient:
+            return self.calibration.scope_for([label.name for label in label_set.labels], label_set.templates[0])
+        return self.calibration.scope_named(label_set.ref) or self.calibration.default()
+
+    def judge(self, cosine: np.ndarray, vector: np.ndarray, label_set: LabelSet, logit_scale: float) -> Verdict:
         """Assess one answer: `cosine` [N_labels] of the unit image embedding `vector` [D] against
-        the prompted labels. `scope` overrides the one found for these labels and template."""
-        scope = scope or self.calibration.scope_for(labels, template)
+        the labels of `label_set`, judged by its scope."""
+        scope = self.scope(label_set)
         rows = self._rows[scope.name]
         score = float(nearest_distance(vector[None, :], self.calibration.centroids[rows], self.calibration.precision)[0])
         calibrated = softmax(logit_scale * cosine / scope.temperature)

@@ -16,7 +16,8 @@ import structlog
 from services.domain import BundleChanged, DeadlineExpired, InvalidInput, ROUTINE
 from services.gateway.cache import CacheKey, TextEmbeddingCache
 from services.gateway.clients import Embedded, TextClient, VisionClient
-from services.gateway.sets import LabelSets
+from services.gateway.labels import DEFAULT_TEMPLATE, LabelSet, LabelSets, SetEmbeddings, apply_template, softmax
+from services.gateway.questions import Question, check_question, check_template, top_count
 from services.gateway.trust import Trust, Verdict
 from services.plumbing.limits import check_images, check_texts
 from services.plumbing.logs import text_digest
@@ -24,39 +25,7 @@ from services.plumbing.settings import Settings
 
 log = structlog.get_logger("medvlm.gateway")
 
-DEFAULT_TEMPLATE = "{}"
-PLACEHOLDER = "{}"
 T = TypeVar("T")
-
-
-def check_template(template: str, labels: list[str], max_chars: int) -> str:
-    """The template to use ("" means "{}"): exactly one "{}", and every prompt within max_chars."""
-    template = template or DEFAULT_TEMPLATE
-    if template.count(PLACEHOLDER) != 1:
-        raise InvalidInput('template must contain exactly one "{}"')
-    extra = len(template) - len(PLACEHOLDER)
-    for i, label in enumerate(labels):
-        if len(label) + extra > max_chars:
-            raise InvalidInput(f"prompt {i} (template + label) exceeds {max_chars} characters")
-    return template
-
-
-def apply_template(template: str, label: str) -> str:
-    """Plain replacement of "{}", never str.format(): labels may contain braces."""
-    return template.replace(PLACEHOLDER, label)
-
-
-def top_count(top_k: int, count: int) -> int:
-    """How many labels an answer lists: top_k, or all `count` when top_k is 0 or more than that."""
-    return top_k if 0 < top_k <= count else count
-
-
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of [N, M], computed in float64."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +35,6 @@ class Scores:
     cosine: np.ndarray  # [N_images, N_texts]
     probabilities: np.ndarray  # [N_images, N_texts], rows sum to 1
     image_digests: list[str]
-    image_vectors: np.ndarray | None = None  # [N_images, D] unit embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,17 +51,6 @@ class ModelIdentity:
     @property
     def text_key(self) -> str:
         return self.text_tower or self.bundle_id
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    """What a Classify asks of its image: labels (prompted through `template`) or a label set,
-    and how many of the best labels to list (0: all)."""
-
-    labels: tuple[str, ...] = ()
-    label_set: str = ""
-    template: str = ""
-    top_k: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,60 +186,48 @@ class ZeroShot:
 
     async def classify(self, image, question: Question, timeout: float, priority: int = ROUTINE) -> Answer:
         """One image message (None: none sent) against labels or a label set: checked (limits, question
-        rules), scored, the best top_k listed and, with a calibration, judged."""
-        if image is None:
-            raise InvalidInput("no image in the request")
-        images = check_images([image], self.settings)
-        if question.label_set:
-            return await self._classify_set(images, question, timeout, priority)
-        labels = check_texts(list(question.labels), self.settings, what="label", minimum=2)
-        if len(set(labels)) != len(labels):
-            raise InvalidInput("labels must be distinct")
-        scores = await self.scores(images, labels, question.template, timeout, priority)
-        probabilities, cosine = scores.probabilities[0], scores.cosine[0]  # [N_labels]
-        verdict = self.trust and self.trust.judge(cosine, scores.image_vectors[0], labels,
-                                                  question.template or DEFAULT_TEMPLATE, self.model.logit_scale)
-        calibrated = probabilities if verdict is None else verdict.calibrated
-        every = [LabelScore(label, i, float(probabilities[i]), float(cosine[i]), float(calibrated[i]))
-                 for i, label in enumerate(labels)]
-        order = np.argsort(-probabilities, kind="stable")[:top_count(question.top_k, len(labels))]
-        return Answer(every, [every[i] for i in order], scores.image_digests[0], "", verdict)
+        rules), scored, the best top_k listed and, with a calibration, judged. Labels sent in the
+        request are a transient set, scored as a served set is."""
+        images, asked = check_question(image, question, self.settings)
+        if asked is None:
+            if self.sets is None:
+                raise InvalidInput("unknown label set (see ListLabelSets)")
+            served = self.sets.catalogue.resolve(question.label_set)  # refused before any encoder call
+            embeddings = self.sets.embeddings(served.ref, timeout)
+        else:
+            embeddings = self._transient(asked, timeout, priority)
+        embedded, found = await self._alongside_images(images, embeddings, timeout, priority)
+        return self._answer(found, embedded, question.top_k)
 
-    async def _classify_set(self, images: list, question: Question, timeout: float, priority: int) -> Answer:
-        """The best top_k labels of a served label set for one image, by exact FAISS search; judged
-        by the set's own calibrated scope, else the bundle's (no per-call label list)."""
-        if question.labels:
-            raise InvalidInput("send labels or a label_set, not both")
-        if question.template:
-            raise InvalidInput("a label set brings its own templates: leave template empty")
-        if self.sets is None:
-            raise InvalidInput("unknown label set (see ListLabelSets)")
-        self.sets.catalogue.resolve(question.label_set)  # an unknown set is refused before any encoder call
-        embedded, found = await self._alongside_images(images, self.sets.embeddings(question.label_set, timeout),
-                                                       timeout, priority)
-        labels, vector = found.label_set.labels, embedded.vectors[0]  # vector: [D]
-        indexes, cosine, probabilities, every = found.top(vector, top_count(question.top_k, len(labels)),
-                                                          self.model.logit_scale)
-        verdict = self.trust and self.trust.judge(every, vector, [], "", self.model.logit_scale, scope=(
-            self.trust.calibration.scope_named(found.label_set.ref) or self.trust.calibration.default()))
-        top = [LabelScore(labels[i].name, int(i), float(p), float(c),
-                          float(p if verdict is None else verdict.calibrated[i]), labels[i].code)
-               for i, c, p in zip(indexes, cosine, probabilities, strict=True)]
-        return Answer([], top, embedded.digests[0], found.label_set.ref, verdict)
+    async def _transient(self, asked: LabelSet, timeout: float, priority: int) -> SetEmbeddings:
+        """A request's labels with their cached (or just encoded) embeddings in its one template."""
+        labels = [label.name for label in asked.labels]
+        return SetEmbeddings(asked, await self._texts(labels, timeout, asked.templates[0], priority))
+
+    def _answer(self, found: SetEmbeddings, embedded: Embedded, top_k: int) -> Answer:
+        """Score one image against a set; a transient set lists every label in `scores` as well."""
+        label_set, vector = found.label_set, embedded.vectors[0]  # vector: [D]
+        ranked = found.rank(vector, top_count(top_k, len(label_set.labels)), self.model.logit_scale)
+        verdict = self.trust and self.trust.judge(ranked.cosine, vector, label_set, self.model.logit_scale)
+        calibrated = ranked.probabilities if verdict is None else verdict.calibrated
+
+        def score(i: int) -> LabelScore:
+            label = label_set.labels[i]
+            return LabelScore(label.name, int(i), float(ranked.probabilities[i]), float(ranked.cosine[i]),
+                              float(calibrated[i]), label.code)
+
+        every = [score(i) for i in range(len(label_set.labels))] if label_set.transient else []
+        top = [every[i] if every else score(i) for i in ranked.order]
+        return Answer(every, top, embedded.digests[0], label_set.ref, verdict)
 
     async def similarity(self, images: list, texts: list[str], template: str, timeout: float,
                          priority: int = ROUTINE) -> Scores:
-        """Every image against every prompted text, both checked against the limits."""
-        return await self.scores(check_images(images, self.settings), check_texts(texts, self.settings), template,
-                                 timeout, priority)
-
-    async def scores(self, images: list, texts: list[str], template: str, timeout: float,
-                     priority: int = ROUTINE) -> Scores:
-        """Cosine and softmax(logit_scale * cosine) of every (checked) image against every prompted text."""
+        """Cosine and softmax(logit_scale * cosine) of every image against every prompted text, both
+        checked against the limits."""
+        images, texts = check_images(images, self.settings), check_texts(texts, self.settings)
         template = check_template(template, texts, self.settings.max_text_chars)
         embedded, text_vectors = await self._alongside_images(
             images, self._texts(texts, timeout, template, priority), timeout, priority)
         cosine = embedded.vectors @ text_vectors.T  # [N_images, N_texts]
-        probabilities = softmax_rows(self.model.logit_scale * cosine)
-        return Scores(cosine=cosine, probabilities=probabilities, image_digests=embedded.digests,
-                      image_vectors=embedded.vectors)
+        return Scores(cosine=cosine, probabilities=softmax(self.model.logit_scale * cosine),
+                      image_digests=embedded.digests)

@@ -1,4 +1,4 @@
-"""Label sets: versioned vocabularies of findings declared as YAML or JSON files in a directory.
+"""Label set files: versioned vocabularies of findings declared as YAML or JSON files in a directory.
 
 A file declares one set:
 
@@ -14,6 +14,9 @@ A file declares one set:
 
 Parsing is strict: an unknown field, a duplicate label, a template without exactly one "{}"
 or too many labels refuses the whole file with a message naming the file and the field.
+
+Labels sent in a request become a transient set (`transient_set`): no name, one template, no synonyms,
+scored exactly as a served set is.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import yaml
@@ -32,6 +35,7 @@ import yaml
 from services.domain import InvalidInput
 
 PLACEHOLDER = "{}"
+DEFAULT_TEMPLATE = PLACEHOLDER  # the label alone
 MAX_LABELS = 100_000
 MAX_TEMPLATES = 64
 MAX_SYNONYMS = 64
@@ -53,6 +57,11 @@ class LabelSetError(InvalidInput):
         self.problem = problem
 
 
+def apply_template(template: str, label: str) -> str:
+    """Plain replacement of "{}", never str.format(): labels may contain braces."""
+    return template.replace(PLACEHOLDER, label)
+
+
 @dataclasses.dataclass(frozen=True)
 class Label:
     """One finding of a set: its name, optional code and synonyms."""
@@ -69,7 +78,7 @@ class Label:
 
 @dataclasses.dataclass(frozen=True)
 class LabelSet:
-    """One immutable version of a vocabulary."""
+    """One immutable version of a vocabulary, or the labels of one request (`transient`)."""
 
     name: str
     version: int
@@ -79,8 +88,14 @@ class LabelSet:
     file: str = ""  # where it was read from (a file name, not a path)
 
     @property
+    def transient(self) -> bool:
+        """Labels sent in a request rather than a served set."""
+        return not self.name
+
+    @property
     def ref(self) -> str:
-        return f"{self.name}@{self.version}"
+        """"name@version"; "" for a transient set."""
+        return f"{self.name}@{self.version}" if self.name else ""
 
     @functools.cached_property
     def content_sha256(self) -> str:
@@ -98,9 +113,14 @@ class LabelSet:
         for i, label in enumerate(self.labels):
             for name in label.names:
                 for template in self.templates:
-                    texts.append(template.replace(PLACEHOLDER, name))
+                    texts.append(apply_template(template, name))
                     owner.append(i)
         return texts, owner
+
+
+def transient_set(labels: Sequence[str], template: str) -> LabelSet:
+    """Checked labels of a request in a checked template, as a set: no name, no codes or synonyms."""
+    return LabelSet("", 0, "", (template,), tuple(Label(name) for name in labels))
 
 
 def _text(file: str, field: str, value: object, max_chars: int, *, blank_ok: bool = False) -> str:

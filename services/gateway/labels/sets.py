@@ -1,4 +1,4 @@
-"""Served label sets: their embeddings (prompt ensembles) in FAISS indexes, from disk or the encoder.
+"""Served label sets: their embeddings (prompt ensembles), from disk or the encoder, for one text tower.
 
 Plain objects: they take a time budget, not a gRPC context, and raise domain errors.
 """
@@ -6,18 +6,17 @@ Plain objects: they take a time budget, not a gRPC context, and raise domain err
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import faiss
 import numpy as np
 import structlog
 
 from services.domain import DeadlineExpired, MedvlmError
-from services.gateway import labelsets
-from services.gateway.labelsets import LabelSet
-from services.gateway.store import EmbeddingStore, index_key
+from services.gateway.labels import files
+from services.gateway.labels.files import LabelSet
+from services.gateway.labels.search import SetEmbeddings
+from services.gateway.labels.store import EmbeddingStore, index_key
 from services.plumbing import metrics
 
 log = structlog.get_logger("medvlm.gateway")
@@ -26,51 +25,12 @@ log = structlog.get_logger("medvlm.gateway")
 Encode = Callable[[list[str]], Awaitable[np.ndarray]]
 
 
-@dataclasses.dataclass(frozen=True)
-class SetEmbeddings:
-    """A set's label embeddings in an exact inner-product FAISS index."""
-
-    label_set: LabelSet
-    index: faiss.IndexFlatIP
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """[N, D] view of the index's vectors (no copy)."""
-        n, d = self.index.ntotal, self.index.d
-        return faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d)
-
-    def top(self, image: np.ndarray, k: int,
-            logit_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Indexes, cosines and probabilities of the k best labels for one unit-length image
-        embedding [D], and the cosine of every label [N]; probabilities are
-        softmax(logit_scale * cosine) over every label."""
-        query = np.ascontiguousarray(image[None, :], dtype=np.float32)  # [1, D]
-        cosine, index = self.index.search(query, k)  # [1, k] each, best first (exact)
-        # The softmax needs every label's cosine [N]: FAISS's SIMD kernel in this thread. numpy's
-        # matrix-vector product goes to a multi-threaded BLAS that took 4-13 ms instead of 0.2 for
-        # 5,000 x 128 on 2 shared cores.
-        every = np.empty(self.index.ntotal, dtype=np.float32)
-        faiss.fvec_inner_products_ny(faiss.swig_ptr(every), faiss.swig_ptr(query), self.index.get_xb(),
-                                     self.index.d, self.index.ntotal)
-        logits = logit_scale * every.astype(np.float64)
-        top_logit = logits.max()
-        log_norm = top_logit + np.log(np.exp(logits - top_logit).sum())
-        probabilities = np.exp(logit_scale * cosine[0].astype(np.float64) - log_norm)
-        return index[0], cosine[0], probabilities, every
-
-
 def ensemble(vectors: np.ndarray, owner: list[int], count: int) -> np.ndarray:
     """The normalised mean of each label's prompt embeddings: [P, D] prompts -> [count, D]."""
     sums = np.zeros((count, vectors.shape[1]), dtype=np.float64)
     np.add.at(sums, np.asarray(owner), vectors)
     sums /= np.linalg.norm(sums, axis=1, keepdims=True)
     return sums.astype(np.float32)
-
-
-def flat_index(vectors: np.ndarray) -> faiss.IndexFlatIP:
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
 
 
 class LabelSets:
@@ -83,17 +43,13 @@ class LabelSets:
 
     def __init__(self, directory: str, store: EmbeddingStore | None, text_tower: str, encode: Encode,
                  max_text_chars: int, chunk: int) -> None:
-        # One query per call: FAISS's OpenMP threads only add waiting on shared cores (a 50,000-label
-        # search took 45 ms on 2 threads, 1.3 ms on 1, on a loaded 2-core machine); concurrent
-        # calls are the parallelism.
-        faiss.omp_set_num_threads(1)
         self.directory = Path(directory) if directory else None
         self.store = store
         self.text_tower = text_tower
         self.encode = encode
         self.max_text_chars = max_text_chars
         self.chunk = chunk
-        self.catalogue = labelsets.EMPTY
+        self.catalogue = files.EMPTY
         self._signature: tuple | None = None
         self._ready: dict[str, SetEmbeddings] = {}
         self._preparing: dict[str, asyncio.Task[SetEmbeddings]] = {}
@@ -105,13 +61,13 @@ class LabelSets:
         """Read the directory if it changed; start preparing new sets. True when it was read."""
         if self.directory is None:
             return False
-        signature = await asyncio.to_thread(labelsets.signature, self.directory)
+        signature = await asyncio.to_thread(files.signature, self.directory)
         if signature == self._signature:
             return False
         if not self.directory.is_dir():
             log.error("label_sets_dir_missing", directory=str(self.directory))
         before = self.catalogue
-        self.catalogue = await asyncio.to_thread(labelsets.load, self.directory, before, self.max_text_chars)
+        self.catalogue = await asyncio.to_thread(files.load, self.directory, before, self.max_text_chars)
         self._signature = signature
         for refused in self.catalogue.refused:
             log.error("label_set_refused", file=refused.file, problem=refused.problem)
@@ -122,7 +78,7 @@ class LabelSets:
                 metrics.LABEL_CACHE_ENTRIES.labels(ref).set(0)
                 metrics.LABEL_CACHE_BYTES.labels(ref).set(0)
         log.info("label_sets_read", served=list(self.catalogue.sets), refused=len(self.catalogue.refused))
-        for ref in labelsets.changed(before, self.catalogue):
+        for ref in files.changed(before, self.catalogue):
             # stored embeddings are ready before this returns (at start: before serving, without
             # the text encoder); the others are encoded in the background
             label_set = self.catalogue.sets[ref]
@@ -193,7 +149,7 @@ class LabelSets:
             return None
         metrics.LABEL_SET_LOADS.labels("disk").inc()
         log.info("label_set_ready", label_set=label_set.ref, source="disk", labels=len(vectors))
-        return self._publish(label_set, flat_index(vectors))
+        return self._publish(label_set, vectors)
 
     async def _prepare(self, label_set: LabelSet, text_tower: str) -> SetEmbeddings:
         if self.store is not None:
@@ -210,13 +166,14 @@ class LabelSets:
         metrics.LABEL_SET_LOADS.labels("encoder").inc()
         log.info("label_set_ready", label_set=label_set.ref, source="encoder", labels=len(vectors),
                  prompts=len(texts))
-        found = self._publish(label_set, flat_index(vectors))
+        found = self._publish(label_set, vectors)
         if text_tower == self.text_tower and label_set.ref in self.catalogue.sets:
             self._ready[label_set.ref] = found
         return found
 
     @staticmethod
-    def _publish(label_set: LabelSet, index: faiss.IndexFlatIP) -> SetEmbeddings:
-        metrics.LABEL_CACHE_ENTRIES.labels(label_set.ref).set(index.ntotal)
-        metrics.LABEL_CACHE_BYTES.labels(label_set.ref).set(4 * index.ntotal * index.d)
-        return SetEmbeddings(label_set, index)
+    def _publish(label_set: LabelSet, vectors: np.ndarray) -> SetEmbeddings:
+        found = SetEmbeddings(label_set, vectors)
+        metrics.LABEL_CACHE_ENTRIES.labels(label_set.ref).set(len(found.vectors))
+        metrics.LABEL_CACHE_BYTES.labels(label_set.ref).set(found.vectors.nbytes)
+        return found
