@@ -4,8 +4,8 @@ python -m bench.soak --minutes 10 [--leak]   (make soak MINUTES=10 [LEAK=1])
 
 Samples each process's resident memory, open descriptors and threads; after a warm-up the
 verdict fails on more than --max-rss-growth-mb of memory growth or a growth trend in
-descriptors or threads. --leak turns on the gateway's test-only fault setting that retains
-every request: that run must fail, which shows the detector works.
+descriptors or threads. --leak starts the gateway of bench/leaky_gateway.py, which retains every
+request: that run must fail, which shows the detector works.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--leak", action="store_true", help="turn on the gateway's retain-every-request fault")
+    parser.add_argument("--leak", action="store_true", help="start the gateway of bench/leaky_gateway.py, which retains every request")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--bundles", type=Path, default=ROOT / "bundles")
     parser.add_argument("--workers", type=int, default=8, help="concurrent callers (enough to saturate 2 cores)")
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     duration = args.minutes * 60
     warmup = max(60.0, 0.2 * duration) if duration >= 180 else 0.3 * duration
-    env = {"MEDVLM_FAULT_RETAIN_REQUESTS": "1"} if args.leak else {}
-    stack = Stack(bundle, args.out / f"{name}-logs", gateway_env=env)
+    gateway = "bench.leaky_gateway" if args.leak else "services.gateway"
+    stack = Stack(bundle, args.out / f"{name}-logs", gateway_module=gateway)
     try:
         sampler = Sampler({n: s.proc.pid for n, s in stack.processes().items()}, args.sample_s)
         sampler.start()

@@ -31,7 +31,8 @@ class Stack:
     """vision (one or more replicas), text and gateway, each a process on a free loopback port."""
 
     def __init__(self, bundle: Path, log_dir: Path, *, vision_replicas: int = 1,
-                 gateway_env: dict[str, str] | None = None, encoder_env: dict[str, str] | None = None) -> None:
+                 gateway_env: dict[str, str] | None = None, encoder_env: dict[str, str] | None = None,
+                 gateway_module: str = "services.gateway") -> None:
         self.bundle = bundle
         self.log_dir = log_dir
         self.encoder_env = encoder_env or {}
@@ -45,20 +46,20 @@ class Stack:
         for server, port in [*zip(self.vision, self.vision_ports), (self.text, self.text_port)]:
             server.wait_serving(f"{HOST}:{port}", 120)
         vision_target = "ipv4:" + ",".join(f"{HOST}:{p}" for p in self.vision_ports)
-        self.gateway = Server("gateway", self._argv("gateway", self.gateway_port) + [
+        self.gateway = Server("gateway", self._argv(gateway_module, self.gateway_port) + [
             "--vision-target", vision_target, "--text-target", f"{HOST}:{self.text_port}"],
             cwd=ROOT, env=service_env(ROOT, self.gateway_env), log_dir=log_dir)
         self.gateway.wait_serving(self.target, 120)
 
     @staticmethod
-    def _argv(service: str, port: int) -> list[str]:
+    def _argv(module: str, port: int) -> list[str]:
         import sys
 
-        return [sys.executable, "-m", f"services.{service}", "--host", HOST, "--port", str(port),
+        return [sys.executable, "-m", module, "--host", HOST, "--port", str(port),
                 "--metrics-port", "0", "--grace-s", "10"]
 
     def _encoder(self, service: str, port: int, index: int) -> Server:
-        return Server(f"{service}-{index}", self._argv(service, port) + ["--bundle", str(self.bundle)],
+        return Server(f"{service}-{index}", self._argv(f"services.{service}", port) + ["--bundle", str(self.bundle)],
                       cwd=ROOT, env=service_env(ROOT, self.encoder_env), log_dir=self.log_dir)
 
     def restart(self, old: Server, service: str, port: int) -> Server:

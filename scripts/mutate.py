@@ -125,13 +125,13 @@ MUTATIONS = (
         "embeddings left un-normalised",
     ),
     Mutation(
-        "logit-scale-ignored", "services/gateway/zeroshot.py",
-        "softmax_rows(self.model.logit_scale * cosine)", "softmax_rows(cosine)",
+        "logit-scale-ignored", "services/gateway/labels/search.py",
+        "softmax(logit_scale * cosine.astype(np.float64))", "softmax(cosine.astype(np.float64))",
         ("tests/test_end_to_end.py",),
         "probabilities computed without the model's logit scale",
     ),
     Mutation(
-        "top-k-ignored", "services/gateway/zeroshot.py",
+        "top-k-ignored", "services/gateway/questions.py",
         "    return top_k if 0 < top_k <= count else count", "    return count",
         ("tests/test_gateway.py::test_classify_probabilities_and_top_k",),
         "Classify's top_k ignored",

@@ -229,3 +229,36 @@ def test_batching_on_vs_off_is_reported_side_by_side_beside_the_separate_points(
     result["interleaved"]["engine-calls"] = {"base": "vision-batch", "other": "vision-calls", "error": "boom"}
     lines = report.ratio_lines("demo", report.ratios(result, [1, 16]))
     assert "[demo] one engine call per core vs the default, side by side: failed: boom" in lines
+
+
+async def test_the_soaks_leaky_gateway_retains_every_request_and_serving_has_no_switch(tiny_bundle):
+    """make soak LEAK=1 must fail: its gateway (bench/leaky_gateway.py) keeps each Classify it
+    answers. The stock gateway keeps none and has no setting that would make it."""
+    import dataclasses
+
+    import grpc
+
+    from bench.leaky_gateway import LeakyGatewayApp
+    from conftest import ROOT, gateway_settings, start_server, start_stack
+    from medvlm.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
+    from services.gateway.app import GatewayApp
+    from services.plumbing.settings import Settings
+
+    assert not [f.name for f in dataclasses.fields(Settings) if "retain" in f.name or "fault" in f.name]
+    stack = await start_stack(tiny_bundle)
+    try:
+        settings = gateway_settings(stack.vision.port, stack.text.port)
+        leaky = await start_server(settings, app := LeakyGatewayApp(settings))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{leaky.port}") as channel:
+                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+                request = gateway_pb2.ClassifyRequest(image=types_pb2.Image(data=(ROOT / "samples/chest_normal.png").read_bytes()), labels=["a", "b"])
+                for _ in range(3):
+                    await stub.Classify(request, timeout=30)
+            assert app.retained == [request] * 3
+        finally:
+            await leaky.stop(0)
+        await stack.gateway_stub.Classify(request, timeout=30)
+        assert type(stack.gateway.app) is GatewayApp and not hasattr(stack.gateway.app, "retained")
+    finally:
+        await stack.stop()

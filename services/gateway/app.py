@@ -63,11 +63,11 @@ class GatewayApp:
     """
 
     service_names = (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)
+    servicer: type[GatewayServicer] = GatewayServicer  # what register() serves; bench.leaky_gateway swaps it
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.admission_limit = settings.inflight_limit
-        self.retained: list | None = [] if settings.fault_retain_requests else None
         certificates = encoder_certificates(settings)
         self.vision = VisionClient(settings.vision_target, settings.max_message_bytes, certificates)
         self.text = TextClient(settings.text_target, settings.max_message_bytes, certificates)
@@ -80,7 +80,7 @@ class GatewayApp:
         self._sets_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self), server)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer(self), server)
 
     async def start(self) -> None:
         """Wait, as long as it takes, until both encoders answer and agree (or, with stored label

@@ -58,12 +58,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.app = app
 
     async def Classify(self, request, context):
-        return await self._classify(request, question_of(request), context)
+        return await self.classify_one(request, question_of(request), context)
 
-    async def _classify(self, request, question: Question, context) -> gateway_pb2.ClassifyResponse:
+    async def classify_one(self, request, question: Question, context) -> gateway_pb2.ClassifyResponse:
         core = self.app.core
-        if self.app.retained is not None:
-            self.app.retained.append(request)  # the soak's leaking control (fault_retain_requests)
         answer = await core.classify(image_of(request), question, self.app.timeout(context),
                                      Priority.of(request.priority))
         return _classify_response(answer, core.model.bundle_id)
@@ -74,7 +72,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         async def one(item):
             (correlation_id, request), question = item
             try:
-                result = await self._classify(request, question, context)
+                result = await self.classify_one(request, question, context)
                 return gateway_pb2.ClassifyStreamResponse(correlation_id=correlation_id, result=result)
             except MedvlmError as exc:
                 error = gateway_pb2.ItemError(code=status_of(exc).name, message=exc.message)

@@ -244,12 +244,6 @@ class Settings:
         "beyond it. Larger saves text-encoder calls for varied labels.",
         (GATEWAY,),
     )
-    fault_retain_requests: bool = _opt(
-        False,
-        "Test only: the gateway keeps every Classify request in memory, a deliberate leak that "
-        "the soak's leak detector must catch. Never enable it in service.",
-        (GATEWAY,),
-    )
     calibration: str = _opt(
         "",
         "Calibration file of the served bundle (calibration.json, made by `make calibrate`). With it, "
