@@ -11,7 +11,7 @@ WHEELHOUSE := .cache/wheelhouse
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help venv checkov protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test test-engine mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
+.PHONY: help venv checkov protos lint-protos proto-baseline bundle quantize quantize-openvino calibrate run test test-quick test-engine mutate smoke bench bench-compare bench-labelsets gpu-check gpu-wheels soak faults fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -66,8 +66,24 @@ calibrate: $(VENV)/.installed  ## fit temperature, out-of-distribution statistic
 run: protos $(VENV)/.medvlm-installed  ## start the local stack (vision, text, gateway, web page on :8050) on the default bundle, offline; TLS=1: local CA, TLS, mTLS, auth
 	$(PY) -m devtools.launch --model $(MODEL) --bundles $(BUNDLES) $(if $(TLS),--tls)
 
-test: protos $(VENV)/.medvlm-installed $(VENV)/bin/checkov $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
-	$(PY) -m pytest -q
+# Parallel workers (pytest-xdist), one per CPU unless TEST_WORKERS says otherwise (TEST_WORKERS=0: one
+# process). A file's tests stay on one worker, so a server its module shares starts once; every
+# worker has its own bundles and data directories (tmp_path_factory) and the same random-order seed.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+
+test: protos $(VENV)/.medvlm-installed $(VENV)/bin/checkov $(WHEELHOUSE)/.downloaded  ## run the test suite in a random order on parallel workers (pytest-randomly prints the seed; --randomly-seed=N repeats an order)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_PARALLEL)
+
+# The inner loop while coding: unit and contract tests with in-process servers; no browser, no
+# soak or load, no spawned stacks, no manifest scan, no bundle builds beyond tiny and demo.
+QUICK_TESTS ?= tests/test_imports.py tests/test_settings.py tests/test_batching.py tests/test_contracts.py \
+	tests/test_gateway.py tests/test_scoring.py tests/test_stream.py tests/test_trust.py tests/test_preprocess.py \
+	tests/test_dicom.py tests/test_windowing.py tests/test_text_tokenizer.py tests/test_derived.py \
+	tests/test_dockerfiles.py tests/test_fuzz.py tests/test_client.py
+
+test-quick: protos $(VENV)/.medvlm-installed  ## unit and contract tests only (no browser, soak, load or manifests): under 2 minutes on 2 cores
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(QUICK_TESTS)
 
 # Wheels for tests/test_wheel.py, which installs the project's wheel into a new virtual environment
 # offline (pip --no-index): the imaging extra of pyproject.toml and the page's requirements, at the
@@ -95,7 +111,7 @@ ENGINE ?=
 ENGINE_TESTS ?= $(shell grep -l 'start_stack\|start_server\|spawn_service\|tiny_stack\|devtools.launch' tests/test_*.py)
 
 test-engine: protos $(VENV)/.medvlm-installed  ## the tests that start stacks, every stack's engine forced to ENGINE (default openvino) unless a test pins its own
-	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(ENGINE_TESTS)
+	MEDVLM_TEST_ENGINE=$(or $(ENGINE),openvino) $(PY) -m pytest -q $(PYTEST_PARALLEL) $(ENGINE_TESTS)
 
 mutate: protos  ## break the serving path on purpose, one named mutation at a time, and report which the tests miss (about 10 min; not in CI)
 	$(PY) scripts/mutate.py $(MUTATIONS)

@@ -110,8 +110,11 @@ async def test_labels_are_one_prompt_each_in_the_request_template_every_label_li
     np.testing.assert_allclose([s.probability for s in reply.scores], softmax(info.model.logit_scale * cosine),
                                atol=1e-5)
     assert [s.index for s in reply.top] == [int(np.argmax(cosine))]
-    plain, _ = await encoder_embeddings(tiny_stack, labels, image)  # the labels alone are another answer
-    assert not np.allclose(plain @ image_vector, cosine, atol=1e-4)
+    # the labels alone are another answer, and the reply is nearer the templated one (tiny's random
+    # text tower puts every text nearly parallel, so the two can differ by less than 1e-4)
+    plain, _ = await encoder_embeddings(tiny_stack, labels, image)
+    got = np.array([s.cosine for s in reply.scores])
+    assert np.abs(got - cosine).max() < np.abs(got - plain @ image_vector).max()
 
 
 async def test_tied_labels_are_listed_in_request_order_at_the_top_k_cut_too(tiny_stack):
