@@ -137,6 +137,21 @@ MUTATIONS = (
         "Classify's top_k ignored",
     ),
     Mutation(
+        "ties-at-the-cut-not-in-label-order", "services/gateway/labels/search.py",
+        "        tied = np.flatnonzero(scores == kth)[: k - len(above)]",
+        "        tied = np.flatnonzero(scores == kth)[::-1][: k - len(above)]",
+        ("tests/test_scoring.py::test_best_is_the_k_highest_with_ties_in_label_order_at_every_place",
+         "tests/test_scoring.py::test_tied_labels_are_listed_in_request_order_at_the_top_k_cut_too"),
+        "equal scores at the top_k cut: a later label listed instead of an earlier one",
+    ),
+    Mutation(
+        "calibration-scope-ignores-template", "services/gateway/trust.py",
+        "scope_for([label.name for label in label_set.labels], label_set.templates[0])",
+        'scope_for([label.name for label in label_set.labels], "{}")',
+        ("tests/test_scoring.py::test_the_calibration_scope_is_chosen_by_the_labels_and_the_template",),
+        "labels sent with another template judged by the scope fitted on the plain one",
+    ),
+    Mutation(
         "expired-deadline-computed", "services/encoder/batching.py",
         "            if self._dropped_expired(request, now):", "            if False:",
         ("tests/test_batching.py::test_an_expired_deadline_never_reaches_the_engine",),
