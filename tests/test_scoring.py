@@ -115,6 +115,11 @@ async def test_labels_are_one_prompt_each_in_the_request_template_every_label_li
     plain, _ = await encoder_embeddings(tiny_stack, labels, image)
     got = np.array([s.cosine for s in reply.scores])
     assert np.abs(got - cosine).max() < np.abs(got - plain @ image_vector).max()
+    # what the gateway holds: one embedding per label, of the templated prompt, and none of the label alone
+    core = tiny_stack.gateway.app.core
+    cached = core.cache.get([(core.model.text_key, template, x) for x in labels], count=False)
+    np.testing.assert_allclose(np.stack(cached), prompts, atol=1e-5)
+    assert core.cache.get([(core.model.text_key, "{}", x) for x in labels], count=False) == [None] * 3
 
 
 async def test_tied_labels_are_listed_in_request_order_at_the_top_k_cut_too(tiny_stack):
