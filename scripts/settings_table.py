@@ -1,40 +1,59 @@
-"""The README's settings table, generated from the Settings dataclass:
-`python -m scripts.settings_table README.md` rewrites it in place; without a file it prints it."""
+"""The README's settings tables, generated from the declared settings (medvlm.settings) of the
+services, the client's connection and the page: `python -m scripts.settings_table README.md`
+rewrites each table in place, after its marker; without a file it prints them."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from services.plumbing.settings import ALL, Settings, _env_name, _flag_name
+from medvlm.client import ConnectionSettings
+from medvlm.settings import declared
+from medvlm.web import WebSettings
+from services.plumbing.settings import ALL, Settings
 
-TABLE_MARKER = "<!-- settings table: python -m scripts.settings_table README.md -->"
+MARKER = "<!-- {name} settings table: python -m scripts.settings_table README.md -->"
 
 
-def markdown_table() -> str:
-    """The settings as the README's table: flag, variable, default, services, what it trades."""
+def services_table() -> str:
+    """The services' settings: flag, variable, default, services, what it trades."""
     rows = ["| flag | variable | default | services | what it does |", "|---|---|---|---|---|"]
-    for f in dataclasses.fields(Settings):
-        if "help" not in f.metadata:
-            continue
-        services = ", ".join(f.metadata["services"]) if f.metadata["services"] != ALL else "all"
-        default = "per service" if f.name in ("port", "metrics_port") else f"`{f.default!r}`"
-        rows.append(f"| `{_flag_name(f.name)}` | `{_env_name(f.name)}` | {default} | {services} | {f.metadata['help']} |")
+    for s in declared(Settings):
+        services = ", ".join(s.scope) if s.scope != ALL else "all"
+        default = "per service" if s.name in ("port", "metrics_port") else f"`{s.default!r}`"
+        rows.append(f"| `{s.flag}` | `{s.env}` | {default} | {services} | {s.help} |")
     return "\n".join(rows)
 
 
+def program_table(cls: type) -> str:
+    """One program's settings (the client's connection, the page): flag, variable, default, what it trades."""
+    rows = ["| flag | variable | default | what it does |", "|---|---|---|---|"]
+    rows += [f"| `{s.flag}` | `{s.env}` | `{s.default!r}` | {s.help} |" for s in declared(cls)]
+    return "\n".join(rows)
+
+
+def tables() -> dict[str, str]:
+    """Each table by the marker it follows in the README."""
+    return {
+        MARKER.format(name="services"): services_table(),
+        MARKER.format(name="connection"): program_table(ConnectionSettings),
+        MARKER.format(name="page"): program_table(WebSettings),
+    }
+
+
 def update_readme(path: str) -> None:
-    """Rewrite the table that follows TABLE_MARKER in a markdown file."""
+    """Rewrite the table that follows each marker in a markdown file."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    start = text.index(TABLE_MARKER) + len(TABLE_MARKER) + 1
-    end = text.index("\n\n", start)
+    for marker, table in tables().items():
+        start = text.index(marker) + len(marker) + 1
+        end = text.index("\n\n", start)
+        text = text[:start] + table + text[end:]
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text[:start] + markdown_table() + text[end:])
+        f.write(text)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
         update_readme(sys.argv[1])
     else:
-        print(markdown_table())
+        print("\n\n".join(f"{marker}\n{table}" for marker, table in tables().items()))

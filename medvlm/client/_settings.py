@@ -1,18 +1,19 @@
-"""Connection settings: flags and MEDVLM_* variables (the flag wins), parsed once into a frozen dataclass,
-and the channel options and credentials they make."""
+"""Connection settings: flags and MEDVLM_* variables (the flag wins), parsed once into a frozen dataclass
+(declared and parsed with medvlm.settings, as the services' are), and the channel options and
+credentials they make."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from medvlm.settings import add_flags, parse, setting
 from medvlm.v1 import gateway_pb2
 
 _GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
@@ -23,33 +24,29 @@ _RETRIED = [{"service": _GATEWAY.full_name, "method": m.name} for m in _GATEWAY.
 _RETRIED.append({"service": "grpc.health.v1.Health", "method": "Check"})
 
 
-def _opt(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass(frozen=True)
 class ConnectionSettings:
     """How to reach a medvlm gateway. Each field is a flag (--ca-cert) and a variable
     (MEDVLM_CA_CERT); the flag wins over the variable."""
 
-    target: str = _opt("127.0.0.1:50050", "gRPC target of the gateway: host:port or dns:///name:port.")
-    timeout_s: float = _opt(
+    target: str = setting("127.0.0.1:50050", "gRPC target of the gateway: host:port or dns:///name:port.")
+    timeout_s: float = setting(
         30.0, "Deadline of one call in seconds (a worklist stream has none: its items each answer as "
               "they finish). Shorter fails faster when a server hangs.")
-    retry_attempts: int = _opt(
+    retry_attempts: int = setting(
         3, "Most attempts of a call that failed with UNAVAILABLE, with backoff, always inside the "
            "call's deadline (gRPC retry policy). 1 turns retries off.")
-    tls: bool = _opt(False, "Use TLS. Implied by --ca-cert and --client-cert.")
-    ca_cert: str = _opt("", "PEM file of the CA that signed the gateway's certificate; empty: the "
-                            "system's roots.")
-    client_cert: str = _opt("", "PEM certificate chain of this client, for mutual TLS.")
-    client_key: str = _opt("", "PEM private key of --client-cert.")
-    server_name: str = _opt("", "Name expected in the gateway's certificate when it differs from the "
-                                "target's host (e.g. connecting by IP address).")
-    token: str = _opt("", "Bearer token sent with every call (TLS only). Prefer --token-file: a "
-                          "flag is visible to other users of the machine.")
-    token_file: str = _opt("", "File holding the bearer token (read once at start; TLS only).")
-    max_message_mb: int = _opt(0, "Largest message sent or received, in MiB; 0: 64, the gateway's default.")
+    tls: bool = setting(False, "Use TLS. Implied by --ca-cert and --client-cert.")
+    ca_cert: str = setting("", "PEM file of the CA that signed the gateway's certificate; empty: the "
+                               "system's roots.")
+    client_cert: str = setting("", "PEM certificate chain of this client, for mutual TLS.")
+    client_key: str = setting("", "PEM private key of --client-cert.")
+    server_name: str = setting("", "Name expected in the gateway's certificate when it differs from the "
+                                   "target's host (e.g. connecting by IP address).")
+    token: str = setting("", "Bearer token sent with every call (TLS only). Prefer --token-file: a "
+                             "flag is visible to other users of the machine.", secret=True)
+    token_file: str = setting("", "File holding the bearer token (read once at start; TLS only).")
+    max_message_mb: int = setting(0, "Largest message sent or received, in MiB; 0: 64, the gateway's default.")
 
     @property
     def uses_tls(self) -> bool:
@@ -123,54 +120,14 @@ class ConnectionSettings:
         return credentials
 
 
-def _env_name(field: str) -> str:
-    return "MEDVLM_" + field.upper()
-
-
-def _flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """Add a flag per ConnectionSettings field, with its variable in the help."""
-    group = parser.add_argument_group("connection (flags, or the MEDVLM_* variable shown)")
-    for f in dataclasses.fields(ConnectionSettings):
-        help_text = f"{f.metadata['help']} [{_env_name(f.name)}; default {f.default!r}]"
-        if type(f.default) is bool:
-            group.add_argument(_flag_name(f.name), dest=f.name, default=None,
-                               action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(_flag_name(f.name), dest=f.name, type=type(f.default), default=None,
-                               help=help_text)
+    add_flags(parser.add_argument_group("connection (flags, or the MEDVLM_* variable shown)"), ConnectionSettings)
 
 
 def settings_from(args: argparse.Namespace | None = None,
                   environ: Mapping[str, str] | None = None) -> ConnectionSettings:
     """Flags, then MEDVLM_* variables, then defaults. Raises ValueError naming a bad variable."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(ConnectionSettings):
-        flag_value = getattr(args, f.name, None) if args is not None else None
-        if flag_value is not None:
-            values[f.name] = flag_value
-            continue
-        raw = environ.get(_env_name(f.name))
-        if raw is None:
-            continue
-        kind = type(f.default)
-        try:
-            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
-        except ValueError as exc:
-            raise ValueError(f"{_env_name(f.name)}: {exc}") from exc
-    settings = ConnectionSettings(**values)
+    settings = parse(ConnectionSettings, args, environ)
     settings.validate()
     return settings

@@ -6,7 +6,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -14,19 +13,9 @@ from collections.abc import Sequence
 import uvicorn
 
 from medvlm.client._settings import add_connection_flags, settings_from
+from medvlm.settings import SettingError, add_flags
+from medvlm.settings import parse as parse_settings
 from medvlm.web.app import WebSettings, create_app
-
-_OWN = {  # field -> (variable, help)
-    "host": ("MEDVLM_WEB_HOST", "Address the page listens on: loopback only, since the page is plain HTTP "
-                                "without authentication (reach it remotely through an SSH tunnel)."),
-    "port": ("MEDVLM_WEB_PORT", "Port of the page; 0 picks a free one (the URL is logged)."),
-    "max_image_bytes": ("MEDVLM_MAX_IMAGE_BYTES", "Largest uploaded image in bytes; the same variable sets "
-                                                  "the gateway's limit, so both agree."),
-    "max_images": ("MEDVLM_MAX_IMAGES", "Most images in one similarity upload (the gateway's limit)."),
-    "max_image_pixels": ("MEDVLM_MAX_IMAGE_PIXELS", "Largest decoded image in pixels for the window preview "
-                                                    "(the vision encoder's limit, same variable)."),
-}
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, like the services' logs."""
@@ -38,31 +27,25 @@ class JsonFormatter(logging.Formatter):
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, WebSettings]:
+    """The page's settings and the namespace the connection's flags are in: flags, then MEDVLM_*
+    variables, then defaults."""
     parser = argparse.ArgumentParser(prog="python -m medvlm.web", description=__doc__)
-    defaults = WebSettings()
-    for field, (variable, help_text) in _OWN.items():
-        default = getattr(defaults, field)
-        raw = os.environ.get(variable)
-        try:
-            value = type(default)(raw) if raw else default
-        except ValueError:
-            parser.error(f"{variable}: not a {type(default).__name__}: {raw!r}")
-        parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=value,
-                            help=f"{help_text} [{variable}; default {default!r}]")
-    parser.add_argument("--log-level", default=os.environ.get("MEDVLM_LOG_LEVEL", "info"),
-                        help="debug, info, warning or error [MEDVLM_LOG_LEVEL]")
+    add_flags(parser, WebSettings)
     add_connection_flags(parser)
     args = parser.parse_args(argv)
     try:
-        loopback = args.host == "localhost" or ipaddress.ip_address(args.host.strip("[]")).is_loopback
+        settings = parse_settings(WebSettings, args)
+    except SettingError as exc:
+        parser.error(str(exc))
+    try:
+        loopback = settings.host == "localhost" or ipaddress.ip_address(settings.host.strip("[]")).is_loopback
     except ValueError:
         loopback = False
     if not loopback:
-        parser.error(f"--host {args.host}: the page listens on loopback only (127.0.0.1 or ::1)")
-    if args.max_image_bytes < 1 or args.max_images < 1 or args.max_image_pixels < 1:
+        parser.error(f"--host {settings.host}: the page listens on loopback only (127.0.0.1 or ::1)")
+    if settings.max_image_bytes < 1 or settings.max_images < 1 or settings.max_image_pixels < 1:
         parser.error("--max-image-bytes, --max-images and --max-image-pixels must be positive")
-    return args, WebSettings(host=args.host, port=args.port, max_image_bytes=args.max_image_bytes,
-                             max_images=args.max_images, max_image_pixels=args.max_image_pixels)
+    return args, settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

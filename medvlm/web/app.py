@@ -30,6 +30,7 @@ from medvlm.imaging.limits import DecodeLimits
 from medvlm.imaging.preprocess import ImageOptions, configure_pillow, decode, preprocess
 from medvlm.imaging.spec import ImageSpec
 from medvlm.imaging.window import PRESETS, WindowRequest, checked_window
+from medvlm.settings import setting
 
 log = logging.getLogger("medvlm.web")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -51,15 +52,21 @@ _SECURITY_HEADERS = {
 
 @dataclasses.dataclass(frozen=True)
 class WebSettings:
-    """How the page is served. Limits default to the gateway's own (MEDVLM_MAX_IMAGE_BYTES and
-    MEDVLM_MAX_IMAGES name the same limits there), so an upload the gateway would refuse is refused
-    here before it is read into memory."""
+    """How the page is served: each field a flag and a variable (medvlm.settings). Limits default
+    to the gateway's own (MEDVLM_MAX_IMAGE_BYTES and MEDVLM_MAX_IMAGES name the same limits there),
+    so an upload the gateway would refuse is refused here before it is read into memory."""
 
-    host: str = "127.0.0.1"
-    port: int = 8050
-    max_image_bytes: int = 20 << 20
-    max_images: int = 16
-    max_image_pixels: int = 40_000_000  # the vision encoder's limit, for the window preview
+    host: str = setting("127.0.0.1", "Address the page listens on: loopback only, since the page is plain "
+                        "HTTP without authentication (reach it remotely through an SSH tunnel).",
+                        env="MEDVLM_WEB_HOST")
+    port: int = setting(8050, "Port of the page; 0 picks a free one (the URL is logged).", env="MEDVLM_WEB_PORT")
+    max_image_bytes: int = setting(20 << 20, "Largest uploaded image in bytes; the same variable sets the "
+                                   "gateway's limit, so both agree.")
+    max_images: int = setting(16, "Most images in one similarity upload (the gateway's limit).")
+    max_image_pixels: int = setting(40_000_000, "Largest decoded image in pixels for the window preview (the "
+                                    "vision encoder's limit, same variable).")
+    log_level: str = setting("info", "debug, info, warning or error. info logs one line per request "
+                             "(method, path, status, latency).")
 
 
 class PageError(Exception):

@@ -1,12 +1,14 @@
-"""Settings of every service: flags and MEDVLM_* variables, parsed once into a frozen dataclass."""
+"""Settings of every service: flags and MEDVLM_* variables, parsed once into a frozen dataclass
+(declared and parsed with medvlm.settings, as the client's and the page's are)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from medvlm.settings import SettingError, add_flags, read, setting
 
 GATEWAY, VISION, TEXT = "gateway", "vision", "text"
 ENCODERS = (VISION, TEXT)
@@ -19,7 +21,7 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _opt(default: Any, help: str, services: Sequence[str] = ALL) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "services": tuple(services)})
+    return setting(default, help, scope=tuple(services))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,43 +373,13 @@ class Settings:
         return mb * MiB
 
 
-def _env_name(field: str) -> str:
-    return "MEDVLM_" + field.upper()
-
-
-def _flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _fields_for(service: str) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(Settings) if service in f.metadata.get("services", ())]
-
-
 def build_parser(service: str) -> argparse.ArgumentParser:
     """The command line of one service, with the variable name in every help line."""
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{service}",
         description=f"medvlm {service} server. Every flag can also be set by the variable shown.",
     )
-    for f in _fields_for(service):
-        kind = type(f.default)
-        help_text = f"{f.metadata['help']} [{_env_name(f.name)}; default {f.default!r}]"
-        if kind is bool:
-            parser.add_argument(
-                _flag_name(f.name), dest=f.name, default=None,
-                action=argparse.BooleanOptionalAction, help=help_text,
-            )
-        else:
-            parser.add_argument(_flag_name(f.name), dest=f.name, type=kind, default=None, help=help_text)
+    add_flags(parser, Settings, scope=service)
     return parser
 
 
@@ -415,23 +387,11 @@ def parse_settings(
     service: str, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Parse flags, then MEDVLM_* variables, then defaults, once, at start."""
-    environ = os.environ if environ is None else environ
     args = build_parser(service).parse_args(argv)
-    values: dict[str, Any] = {"service": service}
-    for f in _fields_for(service):
-        flag_value = getattr(args, f.name)
-        if flag_value is not None:
-            values[f.name] = flag_value
-            continue
-        raw = environ.get(_env_name(f.name))
-        if raw is None:
-            continue
-        kind = type(f.default)
-        try:
-            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
-        except ValueError as exc:
-            raise SystemExit(f"{_env_name(f.name)}: {exc}") from exc
-    settings = Settings(**values)
+    try:
+        settings = Settings(service=service, **read(Settings, args, environ, scope=service))
+    except SettingError as exc:
+        raise SystemExit(str(exc)) from exc
     if settings.event_loop not in EVENT_LOOPS:
         raise SystemExit(f"--event-loop: {settings.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
     if settings.engine_calls < 1:
@@ -439,7 +399,7 @@ def parse_settings(
     if settings.max_inflight < 0:
         raise SystemExit(f"--max-inflight: {settings.max_inflight} is negative (0 takes the service's default)")
     if service in ENCODERS and not settings.bundle:
-        raise SystemExit(f"{service}: no bundle given (--bundle or {_env_name('bundle')})")
+        raise SystemExit(f"{service}: no bundle given (--bundle or MEDVLM_BUNDLE)")
     _check_security(settings)
     return settings
 
