@@ -195,6 +195,11 @@ class Stack:
     channel: grpc.aio.Channel
 
     @property
+    def target(self) -> str:
+        """The gateway's address, as a client or MEDVLM_TARGET takes it."""
+        return f"127.0.0.1:{self.gateway.port}"
+
+    @property
     def gateway_stub(self) -> gateway_pb2_grpc.GatewayServiceStub:
         return gateway_pb2_grpc.GatewayServiceStub(self.channel)
 
@@ -235,6 +240,14 @@ async def start_stack(bundle: Path, vision_overrides: dict | None = None, encode
     log.info("stack of %s serves %s", bundle.name,
                 ", ".join(f"{tower} on {e.engine} {precision_name(e.precision)}" for tower, e in engines.items()))
     return stack
+
+
+@pytest.fixture(scope="module")
+async def demo_stack(demo_bundle):
+    """The demo bundle's three services, shared by one test module."""
+    stack = await start_stack(demo_bundle)
+    yield stack
+    await stack.stop()
 
 
 async def served_engines(stub: gateway_pb2_grpc.GatewayServiceStub) -> dict[str, types_pb2.EngineInfo]:

@@ -25,21 +25,10 @@ ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PATH": os.environ.get("PATH", "/
        "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-async def demo_stack(demo_bundle):
-    stack = await start_stack(demo_bundle)
-    yield stack
-    await stack.stop()
-
-
-def target(stack) -> str:
-    return f"127.0.0.1:{stack.gateway.port}"
-
-
 async def medvlm(stack, *args: str, cwd: Path = ROOT, timeout: float = 300) -> tuple[int, str, str]:
     """Run the command in its own process against `stack` (target from MEDVLM_TARGET)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "medvlm.client", *args, cwd=cwd, env={**ENV, "MEDVLM_TARGET": target(stack)},
+        sys.executable, "-m", "medvlm.client", *args, cwd=cwd, env={**ENV, "MEDVLM_TARGET": stack.target},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
@@ -101,7 +90,7 @@ async def test_batch_1000_killed_halfway_resumes_without_recomputing(demo_stack,
     args = ["batch", str(folder), "--out", str(out), "--labels", "normal chest radiograph", "cardiomegaly",
             "--no-progress", "--json"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "medvlm.client", *args, cwd=ROOT, env={**ENV, "MEDVLM_TARGET": target(demo_stack)},
+        sys.executable, "-m", "medvlm.client", *args, cwd=ROOT, env={**ENV, "MEDVLM_TARGET": demo_stack.target},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         for _ in range(6000):  # bounded polling of the output, up to 5 minutes
@@ -170,7 +159,7 @@ async def test_evaluate_reproduces_bench_accuracy(demo_stack, tmp_path):
     images, labels = synthetic.generate(accuracy.EVAL_SEED, per_class * synthetic.NUM_CLASSES)
 
     def bench_top1() -> float:
-        with grpc.insecure_channel(target(demo_stack)) as channel:
+        with grpc.insecure_channel(demo_stack.target) as channel:
             predictions = accuracy.classify_all(gateway_pb2_grpc.GatewayServiceStub(channel), images, "{}")
         return 100 * float((predictions == labels).mean())
 
@@ -246,7 +235,7 @@ async def test_readme_command_line_examples_run(demo_stack, tmp_path):
 
 async def test_an_unknown_label_set_is_refused_with_the_servers_message(tiny_stack, capsys):
     code = await asyncio.to_thread(main, ["classify", str(SAMPLES / "chest_normal.png"), "--label-set",
-                                          "chest-findings@1", "--target", f"127.0.0.1:{tiny_stack.gateway.port}"])
+                                          "chest-findings@1", "--target", tiny_stack.target])
     assert code == 1
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "label set" in err
@@ -335,7 +324,7 @@ async def test_window_flags_reach_the_encoder(calibrated_stack):
         code, out, err = await medvlm(calibrated_stack, "classify", dcm, "--labels", *CHEST, "--json", *flags)
         assert code == 0, err
         runs[flags] = json.loads(out)["results"][0]["scores"]
-    async with AsyncClient(target(calibrated_stack)) as client:
+    async with AsyncClient(calibrated_stack.target) as client:
         expected = await client.classify(load_image(dcm, window=Window(-600, 1500)), CHEST)
     assert [s["probability"] for s in runs[("--window=-600,1500",)]] == [s.probability for s in expected.scores]
     assert runs[("--window-preset", "lung")] == runs[("--window=-600,1500",)]

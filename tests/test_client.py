@@ -61,17 +61,6 @@ def dicom_bytes(tmp_path: Path, with_pixels: bool) -> bytes:
     return path.read_bytes()
 
 
-@pytest.fixture(scope="module")
-async def demo_stack(demo_bundle):
-    stack = await start_stack(demo_bundle)
-    yield stack
-    await stack.stop()
-
-
-def target(stack) -> str:
-    return f"127.0.0.1:{stack.gateway.port}"
-
-
 # ----------------------------------------------------------------------------- without a server
 
 def test_sniff_by_content(tmp_path):
@@ -123,7 +112,7 @@ async def test_sync_client_calls(tiny_stack):
     sample = SAMPLES / "chest_normal.png"
 
     def calls():
-        with Client(target(tiny_stack)) as client:
+        with Client(tiny_stack.target) as client:
             return (client.health(), client.model_info(), client.classify(sample, CHEST[:3], top_k=2),
                     client.similarity([sample, sample.read_bytes()], ["a", "b", "c"]),
                     client.embed_images([sample]), client.embed_texts(["x", "y"]))
@@ -145,7 +134,7 @@ async def test_sync_client_calls(tiny_stack):
 
 async def test_errors_carry_the_servers_status_and_message(tiny_stack):
     def bad_image():
-        with Client(target(tiny_stack)) as client:
+        with Client(tiny_stack.target) as client:
             client.classify(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ["a", "b"])
 
     with pytest.raises(InvalidInput) as caught:
@@ -153,7 +142,7 @@ async def test_errors_carry_the_servers_status_and_message(tiny_stack):
     assert caught.value.code == "INVALID_ARGUMENT" and "PNG" in caught.value.message
     assert re.fullmatch(r"[0-9a-f]{32}", caught.value.request_id)
 
-    async with AsyncClient(target(tiny_stack)) as client:
+    async with AsyncClient(tiny_stack.target) as client:
         with pytest.raises(InvalidInput, match="label"):
             await client.classify(SAMPLES / "chest_normal.png", ["only one"])
         with pytest.raises(ValueError):
@@ -173,7 +162,7 @@ async def stack_with_label_sets(demo_bundle, tmp_path_factory):
 
 
 async def test_label_sets_listed_and_classified_with_codes(stack_with_label_sets):
-    async with AsyncClient(target(stack_with_label_sets)) as client:
+    async with AsyncClient(stack_with_label_sets.target) as client:
         names = await client.label_sets()
         assert {"chest-findings@1", "skin-findings@1", "fundus-findings@1"} <= set(names)
         result = await client.classify(SAMPLES / "chest_left_effusion.png", label_set="chest-findings", top_k=2)
@@ -192,7 +181,7 @@ async def test_async_worklist_good_and_bad_items(tiny_stack, tmp_path):
     items = [("good-0", SAMPLES / "chest_normal.png"), ("text", b"not an image at all"),
              ("corrupt", corrupt), ("good-1", png_bytes(2)), ("missing", tmp_path / "nope.png"),
              ("good-2", SAMPLES / "derm_naevus.png")]
-    async with AsyncClient(target(tiny_stack)) as client:
+    async with AsyncClient(tiny_stack.target) as client:
         results = {r.id: r async for r in client.classify_worklist(items, CHEST, top_k=1, window=2)}
     assert set(results) == {i for i, _ in items}
     assert all(results[f"good-{k}"].ok for k in range(3))
@@ -216,7 +205,7 @@ async def test_sync_worklist_keeps_at_most_window_items_in_flight(tiny_stack):
     def run():
         nonlocal peak
         answered = 0
-        with Client(target(tiny_stack)) as client:
+        with Client(tiny_stack.target) as client:
             for result in client.classify_worklist(items(), ["a", "b"], window=window):
                 assert result.ok, result.error
                 peak = max(peak, pulled - answered)
@@ -230,7 +219,7 @@ async def test_sync_worklist_keeps_at_most_window_items_in_flight(tiny_stack):
 
 
 async def test_demo_answers_through_the_client(demo_stack):
-    async with AsyncClient(target(demo_stack)) as client:
+    async with AsyncClient(demo_stack.target) as client:
         for key, label in [("chest_left_effusion", "left pleural effusion"), ("chest_cardiomegaly", "cardiomegaly")]:
             result = await client.classify(SAMPLES / f"{key}.png", CHEST, top_k=1)
             assert result.best.label == label
@@ -249,7 +238,7 @@ async def test_readme_python_client_examples_run(demo_stack):
     assert len(blocks) == 2
     outputs = []
     for code in blocks:
-        code = code.replace("127.0.0.1:50050", target(demo_stack))
+        code = code.replace("127.0.0.1:50050", demo_stack.target)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PATH": "/usr/bin:/bin"})
@@ -382,7 +371,7 @@ async def test_trust_abstain_and_calibrated_probabilities(calibrated_stack, demo
 
     calibration_id = Calibration.read(demo_calibration).calibration_id
     chest, derm = SAMPLES / "chest_left_effusion.png", SAMPLES / "derm_naevus.png"
-    async with AsyncClient(target(calibrated_stack)) as client:
+    async with AsyncClient(calibrated_stack.target) as client:
         trusted = await client.classify(chest, CHEST)
         foreign = await client.classify(derm, CHEST)
         streamed = {r.id: r async for r in client.classify_worklist([("chest", chest), ("derm", derm)], CHEST)}
@@ -406,7 +395,7 @@ async def test_trust_abstain_and_calibrated_probabilities(calibrated_stack, demo
     assert streamed["chest"].result.trust == trusted.trust and not streamed["chest"].result.abstain
 
     # without a calibration: no trust, no calibrated probability, never abstains
-    with Client(target(tiny_stack)) as plain_client:
+    with Client(tiny_stack.target) as plain_client:
         plain = await asyncio.to_thread(plain_client.classify, chest, CHEST[:3])
     assert plain.trust is None and not plain.calibrated and not plain.abstain
     assert all(s.calibrated_probability is None and s.shown_probability == s.probability for s in plain.scores)
@@ -416,7 +405,7 @@ async def test_dicom_window_options_reach_the_encoder(calibrated_stack):
     from medvlm.client import Window
     from medvlm.v1 import types_pb2
 
-    async with AsyncClient(target(calibrated_stack)) as client:
+    async with AsyncClient(calibrated_stack.target) as client:
         default, lung, same_as_lung = (await client.embed_images([
             DICOM_SAMPLE, load_image(DICOM_SAMPLE, window_preset="lung"),
             load_image(DICOM_SAMPLE, window=Window(-600, 1500))])).matrix

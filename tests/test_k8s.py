@@ -1197,7 +1197,7 @@ async def run_smoke(stack, **env: str) -> subprocess.CompletedProcess:
     import os
 
     return await asyncio.to_thread(
-        subprocess.run, [str(ROOT / "scripts" / "smoke.sh"), f"127.0.0.1:{stack.gateway.port}"],
+        subprocess.run, [str(ROOT / "scripts" / "smoke.sh"), stack.target],
         env={**os.environ, "GRPCURL": GRPCURL, **env}, capture_output=True, text=True, timeout=120)
 
 

@@ -172,7 +172,7 @@ async def test_a_flood_is_refused_with_resource_exhausted_never_unavailable(
     "vision encoder is unavailable"."""
     stack = await start_stack(tiny_bundle, vision_overrides=dict(max_inflight=vision_inflight),
                               max_inflight=gateway_inflight)
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.gateway.port}") for _ in range(connections)]
+    channels = [grpc.aio.insecure_channel(stack.target) for _ in range(connections)]
     try:
         labels = ["flood a", "flood b"]
         warm = gateway_pb2_grpc.GatewayServiceStub(channels[0])

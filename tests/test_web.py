@@ -47,13 +47,6 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("MEDV
                                    reason="no chromium: apt-get install chromium (.ci/run does)")
 
 
-@pytest.fixture(scope="module")
-async def demo_stack(demo_bundle):
-    stack = await start_stack(demo_bundle)
-    yield stack
-    await stack.stop()
-
-
 class WebProcess:
     """`python -m medvlm.web` in its own process, in an empty working directory with an empty TMPDIR."""
 

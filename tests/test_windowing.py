@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from conftest import ROOT, start_stack
+from conftest import ROOT
 from engines.build.synthetic import CLASS_LABELS
 from medvlm.imaging.window import Window, to_eight_bit
 from medvlm.v1 import gateway_pb2, types_pb2
@@ -17,13 +16,6 @@ from scripts.make_dicom_samples import sample_dicom
 
 SAMPLES = sorted((ROOT / "samples").glob("*.png"))
 CHEST = [p for p in SAMPLES if p.name.startswith("chest_")]
-
-
-@pytest.fixture(scope="module")
-async def demo_stack(demo_bundle):
-    stack = await start_stack(demo_bundle)
-    yield stack
-    await stack.stop()
 
 
 def _png(array: np.ndarray) -> bytes:
